@@ -1,0 +1,84 @@
+"""features: run the frozen pretrained backbone once over every image and cache pooled features.
+
+Deterministic: eval mode, no augmentation, fp32, a fixed image order; the same inputs give
+bit-identical files on the same device. Device, workers and batch size are resource knobs
+(TLPIPE_DEVICE, TLPIPE_WORKERS, TLPIPE_BATCH_SIZE), not params.
+"""
+
+from pathlib import Path
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+from tlpipe import backbones
+from tlpipe.features import FEATURES, save_split
+from tlpipe.images import ImageFiles, eval_transform, normalize_batch
+from tlpipe.io import atomic_dir, read_json, sha256_file, write_json
+from tlpipe.manifest import PREPARED, image_paths, read_manifest
+from tlpipe.params import load_params
+from tlpipe.runtime import TlpipeError, device, inference_batch_size, progress_enabled, run_stage, workers
+
+STATS = Path("data/stats.json")
+
+
+@torch.inference_mode()
+def extract(trunk: torch.nn.Module, loader, mean, std, dev: torch.device) -> torch.Tensor:
+    # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
+    trunk.to(dev, memory_format=torch.channels_last)
+    chunks = []
+    for images, _ in tqdm(loader, desc="features", disable=not progress_enabled()):
+        x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
+        chunks.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+    return torch.cat(chunks)
+
+
+def main() -> None:
+    params = load_params("features")
+    name, normalize = params.backbone.name, params.backbone.normalize
+    img_size, resize_size = params.image.img_size, params.image.resize_size
+    interpolation = params.image.interpolation
+
+    torch.manual_seed(0)
+    backbone = backbones.build(name)
+    if normalize == "dataset":
+        stats = read_json(STATS)
+        mean, std = tuple(stats["mean"]), tuple(stats["std"])
+    else:
+        mean, std = backbone.mean, backbone.std
+
+    manifest, classes = read_manifest()
+    dev = device()
+    dataset = ImageFiles(image_paths(manifest), eval_transform(img_size, resize_size, interpolation))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=inference_batch_size(dev),
+                                         num_workers=workers(), pin_memory=dev.type == "cuda")
+    features = extract(backbone.trunk, loader, mean, std, dev)
+    if not torch.isfinite(features).all():
+        raise TlpipeError(f"backbone {name} produced non-finite features; check the images and weights")
+
+    meta = {
+        "backbone": name,
+        "weights_file": backbone.weights_file.name,
+        "weights_sha256": backbone.weights_sha256,
+        "feature_dim": backbone.feature_dim,
+        "transform": {"img_size": img_size, "resize_size": resize_size, "interpolation": interpolation},
+        "normalize": normalize,
+        "mean": list(mean),
+        "std": list(std),
+        "classes": classes,
+        "manifest_sha256": sha256_file(PREPARED / "manifest.csv"),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    labels = torch.tensor(manifest["target"].to_numpy(), dtype=torch.int64)
+    with atomic_dir(FEATURES) as out:
+        for split in ("train", "val", "test"):
+            ids = torch.tensor(manifest.index[manifest["split"] == split].to_numpy(), dtype=torch.int64)
+            save_split(out, split, features[ids], labels[ids], ids, meta)
+        write_json(out / "meta.json", meta)
+    print(f"{len(dataset)} images -> {features.shape[1]}-d features ({name}, {dev.type})")
+
+
+if __name__ == "__main__":
+    run_stage(main)

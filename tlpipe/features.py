@@ -1,0 +1,50 @@
+"""Cached backbone features ("CNN codes"): one safetensors file per split, plus shared metadata.
+
+Each split file holds `features` (N x D float32), `labels` (N int64 class indices) and `ids`
+(N int64 row numbers in the manifest); its header carries the metadata as JSON, the same that
+`meta.json` holds, so a file copied on its own still says what produced it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file, safe_open
+
+from tlpipe.io import atomic_path, read_json
+from tlpipe.runtime import TlpipeError
+
+FEATURES = Path("data/features")
+
+# Metadata a consumer must agree with before it uses the features.
+CHECKED_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "normalize", "mean", "std",
+                "classes")
+
+
+def save_split(folder: Path, split: str, features: torch.Tensor, labels: torch.Tensor,
+               ids: torch.Tensor, meta: dict) -> None:
+    with atomic_path(folder / f"{split}.safetensors") as tmp:
+        save_file({"features": features.contiguous(), "labels": labels.contiguous(),
+                   "ids": ids.contiguous()}, str(tmp), metadata={"tlpipe": json.dumps(meta, sort_keys=True)})
+
+
+def load_split(split: str, folder: Path = FEATURES) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of one split, checked against the folder's meta.json."""
+    path = folder / f"{split}.safetensors"
+    try:
+        meta = read_json(folder / "meta.json")
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("tlpipe", "{}"))
+        tensors = load_file(str(path))
+    except FileNotFoundError as e:
+        raise TlpipeError(f"{e.filename}: missing; run the features stage first (dvc repro features)") from None
+    for key in CHECKED_KEYS:
+        if header.get(key) != meta.get(key):
+            raise TlpipeError(f"{path}: metadata {key!r} disagrees with {folder / 'meta.json'} "
+                              "(features from different runs mixed?); rerun the features stage")
+    n = tensors["features"].shape[0]
+    if tensors["features"].shape[1] != meta["feature_dim"] or len(tensors["labels"]) != n:
+        raise TlpipeError(f"{path}: tensor shapes do not match its metadata")
+    return tensors, meta

@@ -1,0 +1,90 @@
+"""Decoding images the same way everywhere, and the deterministic evaluation geometry."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2 as T
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with EXIF orientation applied, transparency composited on white, 16-bit scaled to 8."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def check_image(path: str | Path) -> str | None:
+    """Fully decode one file. Returns None when usable, else the reason it is not."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its pixel limit; treat both as refusals.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                rgb = to_rgb(img)
+        if min(rgb.size) < 1:
+            return "image has no pixels"
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"larger than PIL's pixel limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}".split(". ")[0]
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"cannot decode: {e}"
+    return None
+
+
+INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def eval_transform(img_size: int, resize_size: int, interpolation: str) -> T.Compose:
+    """Resize the short side, centre-crop, uint8 CHW. Normalization happens later, on the device."""
+    return T.Compose([
+        T.Resize(resize_size, interpolation=INTERPOLATION[interpolation], antialias=True),
+        T.CenterCrop(img_size),
+        T.PILToTensor(),
+    ])
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images listed by path; yields (transformed image, index)."""
+
+    def __init__(self, paths: Sequence[str | Path], transform):
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_rgb(self.paths[i])), i
+
+
+def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 NCHW -> float32 normalized, on x's device."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.float().div_(255.0) - m) / s

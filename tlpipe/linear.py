@@ -1,0 +1,59 @@
+"""Multinomial logistic regression on cached features, by full-batch L-BFGS (the linear probe).
+
+Features are standardized with train statistics while fitting (it conditions L-BFGS well and makes
+one L2 grid fit every backbone); the standardization is folded back into the weights at the end, so
+the saved head is a plain Linear layer on raw backbone features, ready to sit on the backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Standardizer:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> "Standardizer":
+        std = x.std(dim=0)
+        # Constant features (e.g. dead ReLUs) carry no signal; dividing by 1 keeps them harmless.
+        return cls(x.mean(dim=0), torch.where(std > 1e-8, std, torch.ones_like(std)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimize mean cross-entropy + l2/2 * ||W||^2 (bias unpenalized). x: standardized, float64."""
+    d = x.shape[1]
+    w = torch.zeros(n_classes, d, dtype=x.dtype) if init is None else init[0].clone()
+    b = torch.zeros(n_classes, dtype=x.dtype) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def fold(w: torch.Tensor, b: torch.Tensor, scaler: Standardizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of the same classifier acting on raw (unstandardized) features."""
+    w_raw = w / scaler.std
+    return w_raw, b - w_raw @ scaler.mean
+
+
+def predict_proba(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x.to(weight.dtype) @ weight.T + bias, dim=1)

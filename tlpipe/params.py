@@ -1,0 +1,139 @@
+"""params.yaml: validated by a schema, read through an accessor that records every leaf read.
+
+Validation happens before a stage does any work, so a typo or a wrong type fails fast with the key
+path. Recording exists so a test can prove that what each stage reads equals what `dvc.yaml`
+declares for it: set TLPIPE_PARAMS_LOG to a file and every stage appends the leaves it read.
+"""
+
+from __future__ import annotations
+
+import atexit
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tlpipe.runtime import TlpipeError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: Literal["digits", "folder", "presplit", "csv", "url"] = "digits"
+    # folder/presplit: the image root; csv: the root that CSV paths are relative to.
+    root: str = "data/sources"
+    csv_file: str = "labels.csv"  # csv source: relative to root
+    file_column: str = "file"
+    label_column: str = "label"
+    url: str = ""
+    sha256: str = ""
+    archive_layout: Literal["folder", "presplit", "csv"] = "folder"
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    on_bad_file: Literal["skip", "fail"] = "skip"
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.source == "url" and (not self.url or len(self.sha256) != 64):
+            raise ValueError("source 'url' needs data.url and a 64-hex-digit data.sha256")
+        return self
+
+
+class ImageParams(_Section):
+    img_size: int = Field(224, ge=8, le=1024)
+    resize_size: int = Field(256, ge=8, le=2048)
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+
+    @model_validator(mode="after")
+    def _geometry(self):
+        if self.resize_size < self.img_size:
+            raise ValueError("resize_size must be >= img_size (resize, then centre-crop)")
+        return self
+
+
+class BackboneParams(_Section):
+    name: str = "tf_efficientnet_lite0"
+    normalize: Literal["backbone", "dataset"] = "backbone"
+
+
+class HeadParams(_Section):
+    l2_min_log10: float = Field(-6.0, ge=-12, le=6)
+    l2_max_log10: float = Field(1.0, ge=-12, le=6)
+    l2_steps: int = Field(15, ge=1, le=200)
+    max_iter: int = Field(300, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.l2_max_log10 < self.l2_min_log10:
+            raise ValueError("l2_max_log10 must be >= l2_min_log10")
+        return self
+
+
+class Params(_Section):
+    seed: int = 0
+    data: DataParams = DataParams()
+    image: ImageParams = ImageParams()
+    backbone: BackboneParams = BackboneParams()
+    head: HeadParams = HeadParams()
+
+
+def _format_error(err: ValidationError, path: Path) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = Params
+            for p in e["loc"][:-1]:
+                parent = parent.model_fields[p].annotation
+            close = difflib.get_close_matches(str(e["loc"][-1]), parent.model_fields, n=3)
+            msg = "unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        parts.append(f"{key}: {msg}")
+    return f"{path}: " + "; ".join(parts)
+
+
+class RecordingParams:
+    """Read-only view of validated params; records the dotted path of every leaf read."""
+
+    def __init__(self, model: BaseModel, prefix: str, reads: set[str]):
+        self._model, self._prefix, self._reads = model, prefix, reads
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        value = getattr(self._model, name)
+        key = f"{self._prefix}{name}"
+        if isinstance(value, BaseModel):
+            return RecordingParams(value, key + ".", self._reads)
+        self._reads.add(key)
+        return value
+
+
+def load_params(stage: str, path: str | Path = "params.yaml") -> RecordingParams:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise TlpipeError(f"{path}: not found (run stages from the project root)") from None
+    except yaml.YAMLError as e:
+        raise TlpipeError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+    try:
+        model = Params.model_validate(raw)
+    except ValidationError as e:
+        raise TlpipeError(_format_error(e, path)) from None
+    reads: set[str] = set()
+    log = os.environ.get("TLPIPE_PARAMS_LOG")
+    if log:
+        def _write_reads():
+            with open(log, "a") as f:
+                f.write(json.dumps({"stage": stage, "params": sorted(reads)}) + "\n")
+        atexit.register(_write_reads)
+    return RecordingParams(model, "", reads)

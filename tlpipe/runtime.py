@@ -1,0 +1,77 @@
+"""Resource knobs and stage plumbing.
+
+Resource knobs come from the environment, never from params.yaml: moving a run from a laptop to a
+GPU box must not invalidate DVC's caches.
+
+    TLPIPE_DEVICE      auto (default: cuda when available, else cpu) | cpu | cuda | cuda:N
+    TLPIPE_WORKERS     data-loading worker processes (default: min(4, CPUs))
+    TLPIPE_BATCH_SIZE  inference batch size (default: 16 on CPU, where larger is slower; 128 on CUDA)
+    TLPIPE_PROGRESS    0 to hide progress bars
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+
+class TlpipeError(Exception):
+    """An error in the user's input or setup, reported as one line without a traceback."""
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(); input errors become one line on stderr and exit status 2."""
+    start = time.perf_counter()
+    try:
+        main()
+    except TlpipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    stage = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    print(f"[{stage}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise TlpipeError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise TlpipeError(f"environment variable {name}={value} must be >= {minimum}")
+    return value
+
+
+def device():
+    import torch
+
+    name = os.environ.get("TLPIPE_DEVICE", "auto").strip() or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TlpipeError(f"environment variable TLPIPE_DEVICE={name!r} is not a device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TlpipeError(f"TLPIPE_DEVICE={name} but CUDA is not available on this machine")
+    return dev
+
+
+def workers() -> int:
+    return _env_int("TLPIPE_WORKERS", min(4, os.cpu_count() or 1), 0)
+
+
+def inference_batch_size(dev=None) -> int:
+    default = 128 if dev is not None and dev.type == "cuda" else 16
+    return _env_int("TLPIPE_BATCH_SIZE", default, 1)
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("TLPIPE_PROGRESS", "1") != "0"

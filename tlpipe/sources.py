@@ -1,0 +1,221 @@
+"""Where labelled images come from, and how they are split.
+
+A source yields Items: a file on disk, the path it gets inside the prepared image folder, its label
+and, for pre-split layouts, the split it was given.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from tlpipe.io import atomic_path, sha256_file
+from tlpipe.runtime import TlpipeError
+
+SPLITS = ("train", "val", "test")
+JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+@dataclass(frozen=True)
+class Item:
+    src: Path
+    rel: str
+    label: str
+    split: str | None = None
+
+
+def _is_junk(path: Path) -> bool:
+    return any(part.startswith(".") or part in JUNK_NAMES for part in path.parts)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not _is_junk(p.relative_to(folder)))
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not _is_junk(Path(p.name)))
+
+
+def from_class_folders(root: Path, prefix: str = "", split: str | None = None) -> list[Item]:
+    """One sub-folder per class; files in nested folders belong to the top class folder."""
+    if not root.is_dir():
+        raise TlpipeError(f"data.root: folder not found: {root}")
+    items = []
+    for cls in _class_folders(root):
+        files = _files_under(cls)
+        if not files:
+            raise TlpipeError(f"class folder {cls} is empty")
+        items += [Item(f, f"{prefix}{f.relative_to(root).as_posix()}", cls.name, split) for f in files]
+    if not items:
+        raise TlpipeError(f"data.root: no class sub-folders with files in {root}")
+    return items
+
+
+def from_presplit(root: Path) -> list[Item]:
+    """`train/` and `val/` (and optionally `test/`) folders, each with one sub-folder per class.
+
+    Without `test/`, the given `val/` becomes the test split and val is carved out of train later,
+    so the split reported as test is never used for any choice.
+    """
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise TlpipeError(f"data.root: a pre-split source needs train/ and val/ folders in {root}")
+    has_test = (root / "test").is_dir()
+    # Without test/, train items get no split yet: stratified_split carves val out of them.
+    items = from_class_folders(root / "train", "train/", "train" if has_test else None)
+    train_classes = {i.label for i in items}
+    items += from_class_folders(root / "val", "val/", "val" if has_test else "test")
+    if has_test:
+        items += from_class_folders(root / "test", "test/", "test")
+    for item in items:
+        if item.label not in train_classes:
+            raise TlpipeError(f"class {item.label!r} appears in {item.split} but not in {root / 'train'}")
+    return items
+
+
+def from_csv(root: Path, csv_file: str, file_column: str, label_column: str) -> list[Item]:
+    csv_path = root / csv_file
+    if not csv_path.is_file():
+        raise TlpipeError(f"data.csv_file: not found: {csv_path}")
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise TlpipeError(f"{csv_path}: not a readable CSV: {e}".splitlines()[0]) from None
+    for param, column in (("data.file_column", file_column), ("data.label_column", label_column)):
+        if column not in table.columns:
+            raise TlpipeError(f"{param}: column {column!r} not in {csv_path} (has {list(table.columns)})")
+    resolved_root = root.resolve()
+    items = []
+    for row, (name, label) in enumerate(zip(table[file_column], table[label_column]), start=2):
+        where = f"{csv_path} line {row}"
+        rel = PurePosixPath(name.replace("\\", "/"))
+        if not name.strip() or not label.strip():
+            raise TlpipeError(f"{where}: empty file or label")
+        if rel.is_absolute() or Path(name).is_absolute():
+            raise TlpipeError(f"{where}: absolute path {name!r}; paths must be relative to {root}")
+        src = root / rel
+        if not src.resolve().is_relative_to(resolved_root):
+            raise TlpipeError(f"{where}: path {name!r} escapes the image root {root}")
+        items.append(Item(src, rel.as_posix(), label.strip()))
+    if not items:
+        raise TlpipeError(f"{csv_path}: no rows")
+    return items
+
+
+def download(url: str, sha256: str, downloads: Path) -> Path:
+    """Fetch `url` once into `downloads/`, verified by sha256; reuse the file when present."""
+    suffix = "".join(PurePosixPath(urllib.parse.urlparse(url).path).suffixes[-2:]) or ".archive"
+    target = downloads / f"{sha256}{suffix}"
+    if target.exists() and sha256_file(target) == sha256:
+        return target
+    print(f"downloading {url}")
+    with atomic_path(target) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise TlpipeError(f"data.url: cannot download {url} ({e}); offline? "
+                              f"place the archive at {target} instead") from None
+        got = sha256_file(tmp)
+        if got != sha256:
+            raise TlpipeError(f"data.sha256: {url} has sha256 {got}, expected {sha256}")
+    return target
+
+
+def _safe_member(name: str, archive: Path) -> PurePosixPath:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or (p.parts and ":" in p.parts[0]):
+        raise TlpipeError(f"{archive}: refusing member with an absolute path: {name!r}")
+    if ".." in p.parts:
+        raise TlpipeError(f"{archive}: refusing member that climbs out with '..': {name!r}")
+    return p
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Extract a zip or tar archive; refuse absolute paths, `..` and links. Returns the data root."""
+    done = dest / ".extracted"
+    if done.exists():
+        return _single_top_folder(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                rel = _safe_member(info.filename, archive)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise TlpipeError(f"{archive}: refusing symlink member {info.filename!r}")
+                if info.is_dir():
+                    continue
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(dest / rel, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            for member in tf.getmembers():
+                rel = _safe_member(member.name, archive)
+                if member.issym() or member.islnk():
+                    raise TlpipeError(f"{archive}: refusing link member {member.name!r}")
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise TlpipeError(f"{archive}: refusing special member {member.name!r}")
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                with tf.extractfile(member) as src, open(dest / rel, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    else:
+        raise TlpipeError(f"data.url: {archive} is neither a zip nor a tar archive")
+    done.touch()
+    return _single_top_folder(dest)
+
+
+def _single_top_folder(dest: Path) -> Path:
+    """Archives usually wrap everything in one folder; treat that folder as the root."""
+    entries = [p for p in dest.iterdir() if not _is_junk(Path(p.name))]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
+
+
+def stratified_split(items: list[Item], val_fraction: float, test_fraction: float,
+                     seed: int) -> list[Item]:
+    """Give every item without a split one, per class by seeded shuffle, each split non-empty.
+
+    Each class gets its own generator seeded from (seed, class name), so adding images to one class
+    never reshuffles another.
+    """
+    by_class: dict[str, list[Item]] = {}
+    for item in items:
+        if item.split is None:
+            by_class.setdefault(item.label, []).append(item)
+    out = [i for i in items if i.split is not None]
+    fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction))}
+    # A pre-split source without test/ has test already: carve only val out of train.
+    carve = [s for s in ("val", "test") if not any(i.split == s for i in out)]
+    for label, group in sorted(by_class.items()):
+        group = sorted(group, key=lambda i: i.rel)
+        n = len(group)
+        counts = {s: max(1, round(n * fractions[s])) for s in carve}
+        if n - sum(counts.values()) < 1:
+            need = ", ".join(f"{s}_fraction={fractions[s]}" for s in carve)
+            raise TlpipeError(f"class {label!r} has {n} usable image(s): too few for train plus "
+                              f"{' and '.join(carve)} ({need}); add images or lower the fractions")
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+        order = rng.permutation(n)
+        start = 0
+        for split in carve:
+            for k in order[start:start + counts[split]]:
+                out.append(Item(group[k].src, group[k].rel, label, split))
+            start += counts[split]
+        for k in order[start:]:
+            out.append(Item(group[k].src, group[k].rel, label, "train"))
+    return sorted(out, key=lambda i: (SPLITS.index(i.split), i.label, i.rel))
