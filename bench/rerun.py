@@ -1,0 +1,62 @@
+"""Cold `dvc repro` on hymenoptera, then the rerun after a head param change, side by side.
+
+    python bench/rerun.py [--dataset ../shared/datasets/hymenoptera] [--keep DIR]
+
+Target (DESIGN.md §8): the incremental rerun takes <= 5 % of the cold run, and runs neither
+features nor fine-tuning.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tlpipe.scaffold import create_project  # noqa: E402
+
+
+def dvc(repo: Path, *args: str) -> tuple[float, list[str]]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "TLPIPE_PROGRESS": "0"}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, text=True,
+                         capture_output=True)
+    elapsed = time.perf_counter() - start
+    if out.returncode:
+        sys.exit(f"dvc {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+    stage_times = re.findall(r"\[(\w+)\] done in ([\d.]+)s", out.stderr)
+    return elapsed, re.findall(r"Running stage '(\w+)'", out.stdout), dict(stage_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default=str(Path(__file__).resolve().parent.parent.parent
+                                                 / "shared" / "datasets" / "hymenoptera"))
+    parser.add_argument("--keep", help="build the project here and keep it")
+    args = parser.parse_args()
+    if not Path(args.dataset).is_dir():
+        sys.exit(f"dataset not found: {args.dataset}")
+    workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tlpipe-bench-"))
+    repo = create_project(workdir / "project", {"data.source": "presplit",
+                                                "data.root": str(Path(args.dataset).resolve())})
+    cold, cold_stages, cold_times = dvc(repo, "repro")
+    head_metrics = json.loads((repo / "metrics" / "test.json").read_text())
+    warm, warm_stages, warm_times = dvc(repo, "exp", "run", "-S", "head.l2_steps=9")
+    rows = [("cold dvc repro", cold, cold_stages, cold_times),
+            ("rerun after head.l2_steps change", warm, warm_stages, warm_times)]
+    print(f"{'run':36} {'wall s':>8}  stages executed (stage seconds)")
+    for name, secs, stages, times in rows:
+        detail = ", ".join(f"{s} ({times.get(s, '?')})" for s in stages)
+        print(f"{name:36} {secs:8.1f}  {detail}")
+    print(f"{'ratio rerun / cold':36} {warm / cold:8.3f}  (target <= 0.05)")
+    print(f"head test accuracy (cold run): {head_metrics['head']['accuracy']:.4f}")
+    print(f"features executed on rerun: {'features' in warm_stages}")
+
+
+if __name__ == "__main__":
+    main()

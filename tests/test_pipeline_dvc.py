@@ -1,0 +1,131 @@
+"""The pipeline through real `dvc` in a temporary git repo on real (tiny) images."""
+
+import ast
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from conftest import TINY, dvc, read_json, tool_env
+from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
+
+STAGES = ["data", "stats", "features", "head", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, digit_folder):
+    """A project after one cold `dvc repro`, committed, with the params each stage read."""
+    root = tmp_path_factory.mktemp("pipeline")
+    project = create_project(root / "project", {
+        **TINY, "data.source": "folder", "data.root": str(digit_folder),
+        "data.val_fraction": 0.25, "data.test_fraction": 0.25})
+    log = root / "params-read.jsonl"
+    cold = dvc(project, "repro", TLPIPE_PARAMS_LOG=str(log))
+    subprocess.run(["git", *GIT_IDENTITY, "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", *GIT_IDENTITY, "commit", "-qm", "baseline"], cwd=project, check=True)
+    return SimpleNamespace(path=project, cold=cold,
+                           params_read=[json.loads(line) for line in log.read_text().splitlines()])
+
+
+@pytest.fixture
+def baseline(repo):
+    """Each test starts from the committed baseline: params, lock, metrics and outputs."""
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo.path, check=True)
+    dvc(repo.path, "checkout", "-q")
+    yield repo.path
+
+
+def test_cold_repro_runs_every_stage_then_nothing(repo, baseline):
+    assert repo.cold.executed == STAGES
+    assert "Data and pipelines are up to date" in dvc(baseline, "status").stdout
+    assert dvc(baseline, "repro").executed == []
+
+
+def test_head_param_change_reruns_head_and_evaluate_only(baseline):
+    result = dvc(baseline, "exp", "run", "-S", "head.l2_steps=3")
+    assert result.executed == ["head", "evaluate"]
+    assert len(read_json(baseline / "metrics" / "head.json")) > 0
+
+
+def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
+    result = dvc(baseline, "exp", "run", "-S", "backbone.normalize=dataset")
+    assert result.executed == ["features", "head", "evaluate"]
+    meta = read_json(baseline / "data" / "features" / "meta.json")
+    stats = read_json(baseline / "data" / "stats.json")
+    assert meta["normalize"] == "dataset" and meta["mean"] == stats["mean"]
+
+
+def test_geometry_change_reruns_stats_and_features(baseline):
+    result = dvc(baseline, "exp", "run", "-S", "image.img_size=28")
+    assert result.executed == ["stats", "features", "head", "evaluate"]
+
+
+def test_params_each_stage_reads_equal_params_it_declares(repo):
+    declared = {name: sorted(stage.get("params", []))
+                for name, stage in yaml.safe_load((repo.path / "dvc.yaml").read_text())["stages"].items()}
+    read = {entry["stage"]: entry["params"] for entry in repo.params_read}
+    assert set(read) == set(STAGES)
+    for stage in STAGES:
+        assert read[stage] == declared[stage], stage
+
+
+def _imported_tlpipe_modules(path: Path, seen: set[str]) -> set[str]:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tlpipe"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            file = PROJECT / (name.replace(".", "/") + ".py")
+            if name.startswith("tlpipe.") and file.is_file() and name not in seen:
+                seen.add(name)
+                _imported_tlpipe_modules(file, seen)
+    return seen
+
+
+def test_code_deps_are_the_stage_module_and_what_it_imports():
+    """Editing one module reruns exactly the stages that import it, directly or not."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = PROJECT / "stages" / f"{name}.py"
+        expected = {f"stages/{name}.py"} | {
+            m.replace(".", "/") + ".py" for m in _imported_tlpipe_modules(module, set())}
+        code_deps = {d for d in stage["deps"] if d.endswith(".py")}
+        assert code_deps == expected, name
+
+
+def test_features_are_bit_identical_when_recomputed(baseline):
+    def feature_hashes():
+        lock = yaml.safe_load((baseline / "dvc.lock").read_text())
+        return lock["stages"]["features"]["outs"]
+    before = feature_hashes()
+    result = dvc(baseline, "repro", "--force", "--single-item", "features")
+    assert result.executed == ["features"]
+    assert feature_hashes() == before
+
+
+def test_exp_show_lists_test_accuracy_and_params(baseline):
+    dvc(baseline, "exp", "run", "-n", "small-grid", "-S", "head.l2_steps=2")
+    rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
+    experiments = [exp for commit in rows for exp in (commit.get("experiments") or [])]
+    names = [e["name"] for e in experiments]
+    assert "small-grid" in names
+    exp = experiments[names.index("small-grid")]["revs"][0]["data"]
+    test_metrics = exp["metrics"]["metrics/test.json"]["data"]
+    assert 0.0 <= test_metrics["head"]["accuracy"] <= 1.0
+    assert exp["params"]["params.yaml"]["data"]["head"]["l2_steps"] == 2
+    table = dvc(baseline, "exp", "show", "--md", "--only-changed").stdout
+    assert "head.accuracy" in table and "head.l2_steps" in table
+
+
+def test_bad_param_fails_the_stage_with_one_line(tiny_project):
+    repo = tiny_project(head__max_iters=10)
+    result = dvc(repo, "repro", check=False)
+    assert result.returncode != 0
+    assert "head.max_iters: unknown key (did you mean max_iter?)" in result.stderr
+    assert "Traceback" not in result.stderr
