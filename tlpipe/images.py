@@ -69,6 +69,20 @@ def eval_transform(img_size: int, resize_size: int, interpolation: str) -> T.Com
     ])
 
 
+def train_transform(img_size: int, interpolation: str, scale_min: float, hflip: bool,
+                    randaugment_magnitude: int) -> T.Compose:
+    """Augmentation for fine-tuning: random resized crop, optional flip and RandAugment; uint8 CHW."""
+    steps = [T.RandomResizedCrop(img_size, scale=(scale_min, 1.0),
+                                 interpolation=INTERPOLATION[interpolation], antialias=True)]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps.append(T.PILToTensor())
+    if randaugment_magnitude > 0:
+        steps.append(T.RandAugment(magnitude=randaugment_magnitude,
+                                   interpolation=INTERPOLATION[interpolation]))
+    return T.Compose(steps)
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Images listed by path; yields (transformed image, index)."""
 

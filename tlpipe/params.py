@@ -77,12 +77,33 @@ class HeadParams(_Section):
         return self
 
 
+class FinetuneParams(_Section):
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)  # the head's LR
+    backbone_lr_mult: float = Field(0.1, ge=0, le=1)  # backbone LR = lr x this
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    schedule: Literal["cosine", "plateau"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0, le=100)  # cosine only
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    unfreeze: Literal["all", "last_n", "gradual"] = "all"
+    unfreeze_last_n: int = Field(2, ge=0, le=1000)  # last_n only
+    crop_scale_min: float = Field(0.5, gt=0, le=1)  # RandomResizedCrop scale lower bound
+    hflip: bool = True
+    randaugment_magnitude: int = Field(0, ge=0, le=30)  # 0 = off
+    patience: int = Field(3, ge=1, le=1000)  # early stopping, epochs without val loss improvement
+    train_bn_stats: bool = False  # update BatchNorm running statistics (large batches only)
+
+
 class Params(_Section):
     seed: int = 0
     data: DataParams = DataParams()
     image: ImageParams = ImageParams()
     backbone: BackboneParams = BackboneParams()
     head: HeadParams = HeadParams()
+    finetune: FinetuneParams = FinetuneParams()
 
 
 def _format_error(err: ValidationError, path: Path) -> str:

@@ -1,0 +1,137 @@
+"""Unit tests for tlpipe.io: atomic file and directory replacement, hashing."""
+
+import hashlib
+import os
+
+import pytest
+
+from tlpipe.io import atomic_dir, atomic_path, read_json, sha256_file, write_json, write_text
+
+
+class Boom(Exception):
+    pass
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------- atomic_path
+
+def test_atomic_path_failure_keeps_old_content_and_no_temp(tmp_path):
+    target = tmp_path / "out" / "model.bin"
+    target.parent.mkdir()
+    target.write_text("old")
+    with pytest.raises(Boom):
+        with atomic_path(target) as tmp:
+            assert tmp != target and tmp.parent == target.parent
+            tmp.write_text("new, half written")
+            raise Boom()
+    assert target.read_text() == "old"
+    assert listing(target.parent) == ["model.bin"]
+
+
+def test_atomic_path_failure_without_old_file_leaves_nothing(tmp_path):
+    target = tmp_path / "sub" / "new.json"
+    with pytest.raises(Boom):
+        with atomic_path(target) as tmp:
+            tmp.write_text("{")
+            raise Boom()
+    assert not target.exists()
+    assert listing(target.parent) == []
+
+
+def test_atomic_path_success_replaces_content(tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_text("old")
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # not visible before the block ends
+    assert target.read_text() == "new"
+    assert listing(tmp_path) == ["model.bin"]
+
+
+def test_atomic_path_creates_missing_parents(tmp_path):
+    target = tmp_path / "a" / "b" / "c.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert listing(target.parent) == ["c.txt"]
+
+
+def test_write_json_and_text_round_trip(tmp_path):
+    write_json(tmp_path / "m.json", {"b": [1, 2.5], "a": "x"})
+    assert read_json(tmp_path / "m.json") == {"b": [1, 2.5], "a": "x"}
+    assert (tmp_path / "m.json").read_text().endswith("\n")
+    write_text(tmp_path / "m.json", "replaced")
+    assert (tmp_path / "m.json").read_text() == "replaced"
+    assert listing(tmp_path) == ["m.json"]
+
+
+# --------------------------------------------------------------------------- atomic_dir
+
+def make_old_dir(path):
+    (path / "nested").mkdir(parents=True)
+    (path / "old.txt").write_text("old")
+    (path / "nested" / "keep.txt").write_text("old nested")
+
+
+def test_atomic_dir_failure_keeps_old_dir_and_no_temp(tmp_path):
+    target = tmp_path / "prepared"
+    make_old_dir(target)
+    before = tree(target)
+    with pytest.raises(Boom):
+        with atomic_dir(target) as tmp:
+            assert tmp.is_dir() and listing(tmp) == [] and tmp.parent == tmp_path
+            (tmp / "new.txt").write_text("new")
+            raise Boom()
+    assert tree(target) == before
+    assert listing(tmp_path) == ["prepared"]
+
+
+def test_atomic_dir_failure_without_old_dir_leaves_nothing(tmp_path):
+    target = tmp_path / "data" / "prepared"
+    with pytest.raises(Boom):
+        with atomic_dir(target) as tmp:
+            (tmp / "x").write_text("x")
+            raise Boom()
+    assert not target.exists()
+    assert listing(tmp_path / "data") == []
+
+
+def test_atomic_dir_success_replaces_the_whole_dir(tmp_path):
+    target = tmp_path / "prepared"
+    make_old_dir(target)
+    with atomic_dir(target) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "images" / "a.png").write_text("png")
+        (tmp / "manifest.csv").write_text("path\n")
+        assert (target / "old.txt").exists()  # the old dir stays in place until the end
+    assert tree(target) == {"images/a.png": "png", "manifest.csv": "path\n"}
+    assert listing(tmp_path) == ["prepared"]  # no temp dir, no .old dir
+
+
+def test_atomic_dir_success_twice(tmp_path):
+    target = tmp_path / "out"
+    for content in ("first", "second"):
+        with atomic_dir(target) as tmp:
+            (tmp / "f.txt").write_text(content)
+        assert tree(target) == {"f.txt": content}
+        assert listing(tmp_path) == ["out"]
+
+
+# --------------------------------------------------------------------------- sha256_file
+
+def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
+    data = os.urandom(10_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == expected
+    assert sha256_file(path, chunk=97) == expected
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
