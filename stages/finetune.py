@@ -127,19 +127,19 @@ def main() -> None:
     val_rows = manifest.index[manifest["split"] == "val"].to_numpy().copy()
     paths = image_paths(manifest)
     train_set = ImageFiles([paths[i] for i in train_rows], train_transform(
-        geometry["img_size"], geometry["interpolation"], crop_scale_min, hflip, randaugment_magnitude))
+        geometry["img_size"], geometry["interpolation"], crop_scale_min, hflip, randaugment_magnitude), seed=seed)
     val_set = ImageFiles([paths[i] for i in val_rows], eval_transform(**geometry))
     train_targets, val_targets = targets[train_rows], targets[val_rows]
 
     dev = device()
     amp = dev.type == "cuda"  # bf16 autocast on CUDA; fp32 on CPU, where bf16 is slow or absent
     n_workers = workers()
-    loader_args = dict(num_workers=n_workers, pin_memory=dev.type == "cuda",
-                       persistent_workers=n_workers > 0)
+    loader_args = dict(num_workers=n_workers, pin_memory=dev.type == "cuda")
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
         generator=torch.Generator().manual_seed(seed), **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=inference_batch_size(dev), **loader_args)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=inference_batch_size(dev),
+                                             persistent_workers=n_workers > 0, **loader_args)
     model.to(dev, memory_format=torch.channels_last)
 
     def param_groups(module, group_lr):
@@ -171,6 +171,7 @@ def main() -> None:
     for epoch in range(1, epochs + 1):
         set_trainable(model, groups, trainable_blocks(unfreeze, unfreeze_last_n, epoch, len(groups)),
                       train_bn_stats)
+        train_set.epoch = epoch
         loss_sum, seen = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress_enabled())
         for step, (images, idx) in enumerate(bar, start=1):

@@ -17,7 +17,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HYMENOPTERA = SHARED / "hymenoptera"
 
 # Small geometry so the real backbone runs in a blink on tiny images.
-TINY = {"image.img_size": 32, "image.resize_size": 36, "head.l2_steps": 4, "head.max_iter": 100}
+TINY = {"image.img_size": 32, "image.resize_size": 36, "head.l2_steps": 4, "head.max_iter": 100,
+        "finetune.epochs": 2, "finetune.batch_size": 8, "finetune.patience": 2}
 
 
 def needs_hymenoptera():

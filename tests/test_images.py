@@ -98,10 +98,6 @@ def test_to_rgb_palette_png_with_transparency(tmp_path):
     assert check_image(path) is None
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG tlpipe/images.py to_rgb: only RGBA/LA/PA and P-with-transparency are composited; an L or "
-    "RGB PNG with a tRNS chunk (img.info['transparency']) keeps its transparent colour instead of "
-    "white, unlike the same image stored as a palette PNG"))
 @pytest.mark.parametrize("mode, opaque, key", [("L", 200, 0), ("RGB", (0, 0, 255), (0, 0, 0))])
 def test_to_rgb_trns_colour_key_becomes_white(tmp_path, mode, opaque, key):
     img = Image.new(mode, (2, 1), key)

@@ -12,7 +12,7 @@ import yaml
 from conftest import TINY, dvc, read_json, tool_env
 from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
 
-STAGES = ["data", "stats", "features", "head", "evaluate"]
+STAGES = ["data", "stats", "features", "head", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,16 @@ def test_cold_repro_runs_every_stage_then_nothing(repo, baseline):
     assert dvc(baseline, "repro").executed == []
 
 
-def test_head_param_change_reruns_head_and_evaluate_only(baseline):
+def test_head_param_change_reruns_head_and_below_never_features(baseline):
     result = dvc(baseline, "exp", "run", "-S", "head.l2_steps=3")
-    assert result.executed == ["head", "evaluate"]
+    # LP-FT: fine-tuning starts from the head, so it depends on it (README says so).
+    assert result.executed == ["head", "finetune", "evaluate"]
     assert len(read_json(baseline / "metrics" / "head.json")) > 0
 
 
 def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
     result = dvc(baseline, "exp", "run", "-S", "backbone.normalize=dataset")
-    assert result.executed == ["features", "head", "evaluate"]
+    assert result.executed == ["features", "head", "finetune", "evaluate"]
     meta = read_json(baseline / "data" / "features" / "meta.json")
     stats = read_json(baseline / "data" / "stats.json")
     assert meta["normalize"] == "dataset" and meta["mean"] == stats["mean"]
@@ -60,7 +61,37 @@ def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
 
 def test_geometry_change_reruns_stats_and_features(baseline):
     result = dvc(baseline, "exp", "run", "-S", "image.img_size=28")
-    assert result.executed == ["stats", "features", "head", "evaluate"]
+    assert result.executed == ["stats", "features", "head", "finetune", "evaluate"]
+
+
+def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
+    result = dvc(baseline, "exp", "run", "-S", "finetune.lr=0.0005")
+    assert result.executed == ["finetune", "evaluate"]
+
+
+def test_evaluate_change_does_not_recompute_the_finetuned_model(baseline):
+    with open(baseline / "stages" / "evaluate.py", "a") as f:
+        f.write("\n# an edit to evaluate only\n")
+    assert dvc(baseline, "repro").executed == ["evaluate"]
+
+
+def test_lpft_starts_where_the_head_ended(baseline):
+    """Before its first step, the fine-tuned model is the head on the frozen backbone."""
+    head = read_json(baseline / "metrics" / "head.json")
+    finetune = read_json(baseline / "metrics" / "finetune.json")
+    assert finetune["initial_val_accuracy"] == pytest.approx(head["val_accuracy"], abs=1e-6)
+    assert finetune["initial_val_loss"] == pytest.approx(head["val_log_loss"], abs=1e-3)
+    assert 1 <= finetune["epochs_run"] <= 2
+
+
+def test_finetune_is_reproducible(baseline):
+    def finetune_outs():
+        return yaml.safe_load((baseline / "dvc.lock").read_text())["stages"]["finetune"]["outs"]
+    before, metrics_before = finetune_outs(), read_json(baseline / "metrics" / "finetune.json")
+    result = dvc(baseline, "repro", "--force", "--single-item", "finetune", TLPIPE_WORKERS="1")
+    assert result.executed == ["finetune"]
+    assert read_json(baseline / "metrics" / "finetune.json") == metrics_before
+    assert finetune_outs() == before
 
 
 def test_params_each_stage_reads_equal_params_it_declares(repo):
@@ -118,9 +149,10 @@ def test_exp_show_lists_test_accuracy_and_params(baseline):
     exp = experiments[names.index("small-grid")]["revs"][0]["data"]
     test_metrics = exp["metrics"]["metrics/test.json"]["data"]
     assert 0.0 <= test_metrics["head"]["accuracy"] <= 1.0
+    assert 0.0 <= test_metrics["finetuned"]["accuracy"] <= 1.0
     assert exp["params"]["params.yaml"]["data"]["head"]["l2_steps"] == 2
     table = dvc(baseline, "exp", "show", "--md", "--only-changed").stdout
-    assert "head.accuracy" in table and "head.l2_steps" in table
+    assert "head.accuracy" in table and "finetuned.accuracy" in table and "head.l2_steps" in table
 
 
 def test_bad_param_fails_the_stage_with_one_line(tiny_project):

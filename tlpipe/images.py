@@ -21,7 +21,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    # "transparency" in info: a palette entry or a tRNS colour key (L and RGB PNGs have those too).
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
@@ -84,17 +85,28 @@ def train_transform(img_size: int, interpolation: str, scale_min: float, hflip: 
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images listed by path; yields (transformed image, index)."""
+    """Images listed by path; yields (transformed image, index).
 
-    def __init__(self, paths: Sequence[str | Path], transform):
+    With a seed, random transforms draw from a generator seeded by (seed, epoch, index), so
+    augmentation is the same whichever worker process loads an image, and however many there are:
+    the worker count is a resource knob and must not change results. Set `epoch` before iterating
+    (with non-persistent workers, each epoch's workers get the dataset as it is then).
+    """
+
+    def __init__(self, paths: Sequence[str | Path], transform, seed: int | None = None):
         self.paths = [Path(p) for p in paths]
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return self.transform(load_rgb(self.paths[i])), i
+        img = load_rgb(self.paths[i])
+        if self.seed is not None:
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        return self.transform(img), i
 
 
 def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

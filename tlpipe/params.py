@@ -11,11 +11,12 @@ import atexit
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.runtime import TlpipeError
 
@@ -38,11 +39,18 @@ class DataParams(_Section):
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     on_bad_file: Literal["skip", "fail"] = "skip"
 
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("must be 64 hexadecimal digits")
+        return value.lower()
+
     @model_validator(mode="after")
     def _fractions(self):
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be below 1")
-        if self.source == "url" and (not self.url or len(self.sha256) != 64):
+        if self.source == "url" and (not self.url or not self.sha256):
             raise ValueError("source 'url' needs data.url and a 64-hex-digit data.sha256")
         return self
 

@@ -4,7 +4,7 @@ Resource knobs come from the environment, never from params.yaml: moving a run f
 GPU box must not invalidate DVC's caches.
 
     TLPIPE_DEVICE      auto (default: cuda when available, else cpu) | cpu | cuda | cuda:N
-    TLPIPE_WORKERS     data-loading worker processes (default: min(4, CPUs))
+    TLPIPE_WORKERS     data-loading worker processes (default: CPUs - 1, at least 1, at most 4)
     TLPIPE_BATCH_SIZE  inference batch size (default: 16 on CPU, where larger is slower; 128 on CUDA)
     TLPIPE_PROGRESS    0 to hide progress bars
 """
@@ -65,7 +65,8 @@ def device():
 
 
 def workers() -> int:
-    return _env_int("TLPIPE_WORKERS", min(4, os.cpu_count() or 1), 0)
+    # One core stays with the main process, which runs the model.
+    return _env_int("TLPIPE_WORKERS", min(4, max(1, (os.cpu_count() or 1) - 1)), 0)
 
 
 def inference_batch_size(dev=None) -> int:

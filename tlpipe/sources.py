@@ -88,7 +88,8 @@ def from_csv(root: Path, csv_file: str, file_column: str, label_column: str) -> 
     if not csv_path.is_file():
         raise TlpipeError(f"data.csv_file: not found: {csv_path}")
     try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        # Blank lines kept (and skipped below) so that row numbers stay the file's line numbers.
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise TlpipeError(f"{csv_path}: not a readable CSV: {e}".splitlines()[0]) from None
     for param, column in (("data.file_column", file_column), ("data.label_column", label_column)):
@@ -99,12 +100,16 @@ def from_csv(root: Path, csv_file: str, file_column: str, label_column: str) -> 
     for row, (name, label) in enumerate(zip(table[file_column], table[label_column]), start=2):
         where = f"{csv_path} line {row}"
         rel = PurePosixPath(name.replace("\\", "/"))
+        if not name.strip() and not label.strip():
+            continue
         if not name.strip() or not label.strip():
             raise TlpipeError(f"{where}: empty file or label")
         if rel.is_absolute() or Path(name).is_absolute():
             raise TlpipeError(f"{where}: absolute path {name!r}; paths must be relative to {root}")
+        if ".." in rel.parts:
+            raise TlpipeError(f"{where}: path {name!r} contains '..'; paths must stay inside {root}")
         src = root / rel
-        if not src.resolve().is_relative_to(resolved_root):
+        if not src.resolve().is_relative_to(resolved_root):  # a symlink pointing out
             raise TlpipeError(f"{where}: path {name!r} escapes the image root {root}")
         items.append(Item(src, rel.as_posix(), label.strip()))
     if not items:
@@ -114,6 +119,7 @@ def from_csv(root: Path, csv_file: str, file_column: str, label_column: str) -> 
 
 def download(url: str, sha256: str, downloads: Path) -> Path:
     """Fetch `url` once into `downloads/`, verified by sha256; reuse the file when present."""
+    sha256 = sha256.lower()
     suffix = "".join(PurePosixPath(urllib.parse.urlparse(url).path).suffixes[-2:]) or ".archive"
     target = downloads / f"{sha256}{suffix}"
     if target.exists() and sha256_file(target) == sha256:
@@ -126,7 +132,7 @@ def download(url: str, sha256: str, downloads: Path) -> Path:
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise TlpipeError(f"data.url: cannot download {url} ({e}); offline? "
                               f"place the archive at {target} instead") from None
-        got = sha256_file(tmp)
+        got = sha256_file(tmp)  # hexdigest() is lower case
         if got != sha256:
             raise TlpipeError(f"data.sha256: {url} has sha256 {got}, expected {sha256}")
     return target
