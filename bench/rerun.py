@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tlpipe.scaffold import create_project  # noqa: E402
 
@@ -43,14 +45,14 @@ def main() -> None:
                                                  / "shared" / "datasets" / "hymenoptera"))
     parser.add_argument("--keep", help="build the project here and keep it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra param override (string value)")
+                        help="extra param override (value parsed as YAML)")
     args = parser.parse_args()
     if not Path(args.dataset).is_dir():
         sys.exit(f"dataset not found: {args.dataset}")
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tlpipe-bench-"))
     repo = create_project(workdir / "project", {
         "data.source": "presplit", "data.root": str(Path(args.dataset).resolve()),
-        **PHOTO_PARAMS, **dict(kv.split("=", 1) for kv in args.set)})
+        **PHOTO_PARAMS, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}})
     cold, cold_stages, cold_times = dvc(repo, "repro")
     head_metrics = json.loads((repo / "metrics" / "test.json").read_text())
     warm, warm_stages, warm_times = dvc(repo, "exp", "run", "-S", "head.l2_steps=9")

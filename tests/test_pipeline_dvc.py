@@ -45,10 +45,23 @@ def test_cold_repro_runs_every_stage_then_nothing(repo, baseline):
 
 
 def test_head_param_change_reruns_head_and_below_never_features(baseline):
-    result = dvc(baseline, "exp", "run", "-S", "head.l2_steps=3")
+    result = dvc(baseline, "exp", "run", "-n", "small-grid", "-S", "head.l2_steps=3")
     # LP-FT: fine-tuning starts from the head, so it depends on it (README says so).
     assert result.executed == ["head", "finetune", "evaluate"]
-    assert len(read_json(baseline / "metrics" / "head.json")) > 0
+
+    # dvc exp show lists the experiment with both models' test accuracy and the params.
+    rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
+    experiments = [exp for commit in rows for exp in (commit.get("experiments") or [])]
+    names = [e["name"] for e in experiments]
+    assert "small-grid" in names
+    exp = experiments[names.index("small-grid")]["revs"][0]["data"]
+    test_metrics = exp["metrics"]["metrics/test.json"]["data"]
+    assert 0.0 <= test_metrics["head"]["accuracy"] <= 1.0
+    assert 0.0 <= test_metrics["finetuned"]["accuracy"] <= 1.0
+    assert exp["params"]["params.yaml"]["data"]["head"]["l2_steps"] == 3
+    table = dvc(baseline, "exp", "show", "--md").stdout
+    assert "head.accuracy" in table and "finetuned.accuracy" in table
+    assert "head.l2_steps" in dvc(baseline, "exp", "show", "--md", "--only-changed").stdout
 
 
 def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
@@ -65,8 +78,13 @@ def test_geometry_change_reruns_stats_and_features(baseline):
 
 
 def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
-    result = dvc(baseline, "exp", "run", "-S", "finetune.lr=0.0005")
+    # Also exercises the other code paths: SGD, plateau schedule, gradual unfreezing, RandAugment.
+    result = dvc(baseline, "exp", "run", "-S", "finetune.optimizer=sgd", "-S", "finetune.schedule=plateau",
+                 "-S", "finetune.unfreeze=gradual", "-S", "finetune.randaugment_magnitude=9",
+                 "-S", "finetune.hflip=true", "-S", "finetune.train_bn_stats=true")
     assert result.executed == ["finetune", "evaluate"]
+    lr = (baseline / "metrics/finetune_curves/plots/metrics/lr/head.tsv").read_text().splitlines()
+    assert lr[0].split() == ["step", "head"] and len(lr) == 3  # header + 2 epochs
 
 
 def test_evaluate_change_does_not_recompute_the_finetuned_model(baseline):
@@ -138,21 +156,6 @@ def test_features_are_bit_identical_when_recomputed(baseline):
     result = dvc(baseline, "repro", "--force", "--single-item", "features")
     assert result.executed == ["features"]
     assert feature_hashes() == before
-
-
-def test_exp_show_lists_test_accuracy_and_params(baseline):
-    dvc(baseline, "exp", "run", "-n", "small-grid", "-S", "head.l2_steps=2")
-    rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
-    experiments = [exp for commit in rows for exp in (commit.get("experiments") or [])]
-    names = [e["name"] for e in experiments]
-    assert "small-grid" in names
-    exp = experiments[names.index("small-grid")]["revs"][0]["data"]
-    test_metrics = exp["metrics"]["metrics/test.json"]["data"]
-    assert 0.0 <= test_metrics["head"]["accuracy"] <= 1.0
-    assert 0.0 <= test_metrics["finetuned"]["accuracy"] <= 1.0
-    assert exp["params"]["params.yaml"]["data"]["head"]["l2_steps"] == 2
-    table = dvc(baseline, "exp", "show", "--md", "--only-changed").stdout
-    assert "head.accuracy" in table and "finetuned.accuracy" in table and "head.l2_steps" in table
 
 
 def test_bad_param_fails_the_stage_with_one_line(tiny_project):

@@ -77,10 +77,11 @@ def train_transform(img_size: int, interpolation: str, scale_min: float, hflip: 
                                  interpolation=INTERPOLATION[interpolation], antialias=True)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
-    steps.append(T.PILToTensor())
     if randaugment_magnitude > 0:
+        # On the PIL image: tensor inputs support only nearest/bilinear for its geometric ops.
         steps.append(T.RandAugment(magnitude=randaugment_magnitude,
                                    interpolation=INTERPOLATION[interpolation]))
+    steps.append(T.PILToTensor())
     return T.Compose(steps)
 
 
