@@ -21,6 +21,12 @@ TINY = {"image.img_size": 32, "image.resize_size": 36, "head.l2_steps": 4, "head
         "finetune.epochs": 2, "finetune.batch_size": 8, "finetune.patience": 2}
 
 
+def tiny_params(image_folder: Path) -> dict:
+    """Params of a tiny, fast project on a class-folder source (see the digit_folder fixture)."""
+    return {**TINY, "data.source": "folder", "data.root": str(image_folder),
+            "data.val_fraction": 0.25, "data.test_fraction": 0.25}
+
+
 def needs_hymenoptera():
     return pytest.mark.skipif(not HYMENOPTERA.is_dir(),
                               reason=f"real dataset not available: {HYMENOPTERA} (../shared is absent)")
@@ -74,8 +80,7 @@ def digit_folder(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_project(tmp_path, digit_folder):
     def make(**overrides):
-        params = {**TINY, "data.source": "folder", "data.root": str(digit_folder),
-                  "data.val_fraction": 0.25, "data.test_fraction": 0.25}
+        params = tiny_params(digit_folder)
         params.update({k.replace("__", "."): v for k, v in overrides.items()})
         return create_project(tmp_path / "project", params)
     return make

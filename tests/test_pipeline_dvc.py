@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import TINY, dvc, read_json, tool_env
+from conftest import dvc, read_json, tiny_params, tool_env
 from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
 
 STAGES = ["data", "stats", "features", "head", "finetune", "evaluate"]
@@ -19,9 +19,7 @@ STAGES = ["data", "stats", "features", "head", "finetune", "evaluate"]
 def repo(tmp_path_factory, digit_folder):
     """A project after one cold `dvc repro`, committed, with the params each stage read."""
     root = tmp_path_factory.mktemp("pipeline")
-    project = create_project(root / "project", {
-        **TINY, "data.source": "folder", "data.root": str(digit_folder),
-        "data.val_fraction": 0.25, "data.test_fraction": 0.25})
+    project = create_project(root / "project", tiny_params(digit_folder))
     log = root / "params-read.jsonl"
     cold = dvc(project, "repro", TLPIPE_PARAMS_LOG=str(log))
     subprocess.run(["git", *GIT_IDENTITY, "add", "-A"], cwd=project, check=True)

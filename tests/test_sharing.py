@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import TINY, dvc, tool_env
+from conftest import dvc, tiny_params, tool_env
 from tlpipe.scaffold import GIT_IDENTITY, create_project
 
 STAGES = ["data", "stats", "features", "head", "finetune", "evaluate"]
@@ -43,9 +43,7 @@ def digests(repo: Path) -> dict[str, str]:
 def shared(tmp_path_factory, digit_folder):
     """The owner: project created, local remote set, `dvc repro`, git push to a bare repo, `dvc push`."""
     root = tmp_path_factory.mktemp("sharing")
-    owner = create_project(root / "owner", {
-        **TINY, "data.source": "folder", "data.root": str(digit_folder),
-        "data.val_fraction": 0.25, "data.test_fraction": 0.25})
+    owner = create_project(root / "owner", tiny_params(digit_folder))
     origin = root / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
     dvc(owner, "remote", "add", "-d", "storage", str(root / "storage"))
