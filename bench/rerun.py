@@ -68,7 +68,7 @@ def main() -> None:
           f"fine-tuned {head_metrics['finetuned']['accuracy']:.4f} "
           f"(fine-tuning: {finetune['epochs_run']} epochs run, best epoch {finetune['best_epoch']})")
     print(f"features executed on rerun: {'features' in warm_stages}; "
-          f"fine-tuning executed on rerun: {'finetune' in warm_stages} (LP-FT: it starts from the head)")
+          f"fine-tuning executed on rerun: {'finetune' in warm_stages}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """evaluate: score both models on the test split, the one split no choice was made on.
 
-The head is scored on the cached test features; the fine-tuned model on the test images, with the
-evaluation transform the features used. metrics/test.json holds one block per model
+The head is scored on the cached test features; the fine-tuned model by the probabilities the infer
+stage computed on the test images. Evaluate itself runs no network, so re-scoring after a head-only
+change takes a second. metrics/test.json holds one block per model
 ({"head": {...}, "finetuned": {...}}), so `dvc exp show` puts their numbers side by side;
 per-class scores and per-image predictions (for the confusion plots) sit beside it.
 """
@@ -11,23 +12,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from tlpipe import linear
 from tlpipe.features import load_split
-from tlpipe.images import ImageFiles, eval_transform, normalize_batch
 from tlpipe.io import atomic_path, read_json, write_json
-from tlpipe.manifest import image_paths, read_manifest
+from tlpipe.manifest import read_manifest
 from tlpipe.metrics import per_class, summary
-from tlpipe.models import load_classifier
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, device, inference_batch_size, progress_enabled, run_stage, workers
+from tlpipe.runtime import TlpipeError, run_stage
 
 HEAD = Path("models/head.safetensors")
 HEAD_CONFIG = Path("models/head.json")
 METRICS = Path("metrics/test.json")
-FINETUNED = Path("models/finetuned.safetensors")
-FINETUNED_CONFIG = Path("models/finetuned.json")
+FINETUNED_PREDICTIONS = Path("data/predictions/finetuned_test.safetensors")
 PER_CLASS = Path("metrics/test_per_class.json")
 PREDICTIONS = Path("metrics/predictions")
 
@@ -44,21 +41,15 @@ def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, cl
         table.to_csv(tmp, index=False)
 
 
-@torch.inference_mode()
-def finetuned_proba(manifest: pd.DataFrame, ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
-    model, cfg = load_classifier(FINETUNED, FINETUNED_CONFIG)
-    if cfg["classes"] != classes:
-        raise TlpipeError(f"{FINETUNED_CONFIG}: classes differ from the manifest's; rerun finetune")
-    dev = device()
-    model.to(dev, memory_format=torch.channels_last)
-    paths = image_paths(manifest.loc[ids.numpy()])
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, eval_transform(**cfg["transform"])),
-                                         batch_size=inference_batch_size(dev), num_workers=workers())
-    chunks = []
-    for images, _ in tqdm(loader, desc="fine-tuned on test", disable=not progress_enabled()):
-        x = normalize_batch(images.to(dev), cfg["mean"], cfg["std"])
-        chunks.append(torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), 1).cpu())
-    return torch.cat(chunks)
+def finetuned_proba(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
+    try:
+        predictions = load_file(str(FINETUNED_PREDICTIONS))
+    except FileNotFoundError:
+        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: missing; run the infer stage first") from None
+    if not torch.equal(predictions["ids"], test_ids) or predictions["proba"].shape[1] != len(classes):
+        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: not the test images of the current features; "
+                          "rerun the infer stage")
+    return predictions["proba"]
 
 
 def main() -> None:
@@ -74,7 +65,7 @@ def main() -> None:
     y_true = test["labels"].numpy()
     proba = linear.predict_proba(test["features"], head["weight"], head["bias"]).numpy()
 
-    probas = {"head": proba, "finetuned": finetuned_proba(manifest, test["ids"], classes).numpy()}
+    probas = {"head": proba, "finetuned": finetuned_proba(test["ids"], classes).numpy()}
 
     scores = {name: summary(y_true, p) for name, p in probas.items()}
     write_json(METRICS, scores)

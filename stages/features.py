@@ -3,6 +3,10 @@
 Deterministic: eval mode, no augmentation, fp32, a fixed image order; the same inputs give
 bit-identical files on the same device. Device, workers and batch size are resource knobs
 (TLPIPE_DEVICE, TLPIPE_WORKERS, TLPIPE_BATCH_SIZE), not params.
+
+With TLPIPE_NPROC / TLPIPE_NNODES (tlpipe.distributed) the batches are dealt out to several
+processes round-robin and gathered back in order on rank 0, which alone writes: every image is
+computed in the same batch as by one process, so the files are the same.
 """
 
 from pathlib import Path
@@ -11,30 +15,47 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from tlpipe import backbones
+from tlpipe import backbones, distributed
 from tlpipe.features import FEATURES, save_split
 from tlpipe.images import ImageFiles, eval_transform, normalize_batch
 from tlpipe.io import atomic_dir, read_json, sha256_file, write_json
 from tlpipe.manifest import PREPARED, image_paths, read_manifest
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, device, inference_batch_size, progress_enabled, run_stage, workers
+from tlpipe.runtime import TlpipeError, inference_batch_size, progress_enabled, run_stage, workers
 
 STATS = Path("data/stats.json")
 
 
 @torch.inference_mode()
-def extract(trunk: torch.nn.Module, loader, mean, std, dev: torch.device) -> torch.Tensor:
+def extract(trunk: torch.nn.Module, loader, mean, std, dev: torch.device, progress: bool) -> list[torch.Tensor]:
+    """Features of each batch the loader yields, in order."""
     # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
     trunk.to(dev, memory_format=torch.channels_last)
     chunks = []
-    for images, _ in tqdm(loader, desc="features", disable=not progress_enabled()):
+    for images, _ in tqdm(loader, desc="features", disable=not progress):
         x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
         chunks.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu())
-    return torch.cat(chunks)
+    return chunks
+
+
+def gather_batches(group: distributed.Group, mine: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All ranks' batches in global order (batch k was computed by rank k % world); rank 0 only."""
+    if group.world == 1:
+        return mine
+    everyone = [None] * group.world if group.is_main else None
+    torch.distributed.gather_object(mine, everyone, dst=0)
+    if not group.is_main:
+        return []
+    total = sum(len(chunks) for chunks in everyone)
+    return [everyone[k % group.world][k // group.world] for k in range(total)]
 
 
 def main() -> None:
     params = load_params("features")
+    if distributed.requested() != (1, 1) and not distributed.launched():
+        distributed.launch("stages.features")
+        return
+    group = distributed.join()
     name, normalize = params.backbone.name, params.backbone.normalize
     img_size, resize_size = params.image.img_size, params.image.resize_size
     interpolation = params.image.interpolation
@@ -48,11 +69,18 @@ def main() -> None:
         mean, std = backbone.mean, backbone.std
 
     manifest, classes = read_manifest()
-    dev = device()
+    dev = group.device
     dataset = ImageFiles(image_paths(manifest), eval_transform(img_size, resize_size, interpolation))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=inference_batch_size(dev),
+    size = inference_batch_size(dev)
+    batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[group.rank::group.world],
                                          num_workers=workers(), pin_memory=dev.type == "cuda")
-    features = extract(backbone.trunk, loader, mean, std, dev)
+    chunks = gather_batches(group, extract(backbone.trunk, loader, mean, std, dev,
+                                           progress_enabled() and group.is_main))
+    distributed.leave(group)
+    if not group.is_main:
+        return
+    features = torch.cat(chunks)
     if not torch.isfinite(features).all():
         raise TlpipeError(f"backbone {name} produced non-finite features; check the images and weights")
 

@@ -12,7 +12,7 @@ import yaml
 from conftest import dvc, read_json, tiny_params, tool_env
 from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
 
-STAGES = ["data", "stats", "features", "head", "finetune", "evaluate"]
+STAGES = ["data", "stats", "features", "head", "finetune", "infer", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,10 @@ def test_cold_repro_runs_every_stage_then_nothing(repo, baseline):
     assert dvc(baseline, "repro").executed == []
 
 
-def test_head_param_change_reruns_head_and_below_never_features(baseline):
+def test_head_param_change_reruns_head_and_evaluate_only(baseline):
     result = dvc(baseline, "exp", "run", "-n", "small-grid", "-S", "head.l2_steps=3")
-    # LP-FT: fine-tuning starts from the head, so it depends on it (README says so).
-    assert result.executed == ["head", "finetune", "evaluate"]
+    # Neither features nor fine-tuning, nor the fine-tuned model's inference on test images.
+    assert result.executed == ["head", "evaluate"]
 
     # dvc exp show lists the experiment with both models' test accuracy and the params.
     rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
@@ -64,7 +64,7 @@ def test_head_param_change_reruns_head_and_below_never_features(baseline):
 
 def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
     result = dvc(baseline, "exp", "run", "-S", "backbone.normalize=dataset")
-    assert result.executed == ["features", "head", "finetune", "evaluate"]
+    assert result.executed == ["features", "head", "finetune", "infer", "evaluate"]
     meta = read_json(baseline / "data" / "features" / "meta.json")
     stats = read_json(baseline / "data" / "stats.json")
     assert meta["normalize"] == "dataset" and meta["mean"] == stats["mean"]
@@ -72,7 +72,7 @@ def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
 
 def test_geometry_change_reruns_stats_and_features(baseline):
     result = dvc(baseline, "exp", "run", "-S", "image.img_size=28")
-    assert result.executed == ["stats", "features", "head", "finetune", "evaluate"]
+    assert result.executed == ["stats", "features", "head", "finetune", "infer", "evaluate"]
 
 
 def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
@@ -80,7 +80,7 @@ def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
     result = dvc(baseline, "exp", "run", "-S", "finetune.optimizer=sgd", "-S", "finetune.schedule=plateau",
                  "-S", "finetune.unfreeze=gradual", "-S", "finetune.randaugment_magnitude=9",
                  "-S", "finetune.hflip=true", "-S", "finetune.train_bn_stats=true")
-    assert result.executed == ["finetune", "evaluate"]
+    assert result.executed == ["finetune", "infer", "evaluate"]
     lr = (baseline / "metrics/finetune_curves/plots/metrics/lr/head.tsv").read_text().splitlines()
     assert lr[0].split() == ["step", "head"] and len(lr) == 3  # header + 2 epochs
 
@@ -92,11 +92,19 @@ def test_evaluate_change_does_not_recompute_the_finetuned_model(baseline):
 
 
 def test_lpft_starts_where_the_head_ended(baseline):
-    """Before its first step, the fine-tuned model is the head on the frozen backbone."""
+    """Before its first step, the fine-tuned model is the head on the frozen backbone.
+
+    Fine-tuning fits its probe from the cached features at finetune.probe_l2 (so head params do not
+    rerun it); with the head's grid narrowed to that one L2, the two are the same classifier.
+    """
+    result = dvc(baseline, "exp", "run", "-S", "head.l2_min_log10=-1.5", "-S", "head.l2_max_log10=-1.5",
+                 "-S", "head.l2_steps=1", "-S", "head.max_iter=1000", "-S", f"finetune.probe_l2={10 ** -1.5!r}")
+    assert result.executed == ["head", "finetune", "infer", "evaluate"]
     head = read_json(baseline / "metrics" / "head.json")
     finetune = read_json(baseline / "metrics" / "finetune.json")
+    assert head["l2"] == pytest.approx(10 ** -1.5)
     assert finetune["initial_val_accuracy"] == pytest.approx(head["val_accuracy"], abs=1e-6)
-    assert finetune["initial_val_loss"] == pytest.approx(head["val_log_loss"], abs=1e-3)
+    assert finetune["initial_val_loss"] == pytest.approx(head["val_log_loss"], abs=1e-4)
     assert 1 <= finetune["epochs_run"] <= 2
 
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import dvc, tiny_params, tool_env
 from tlpipe.scaffold import GIT_IDENTITY, create_project
 
-STAGES = ["data", "stats", "features", "head", "finetune", "evaluate"]
+STAGES = ["data", "stats", "features", "head", "finetune", "infer", "evaluate"]
 UP_TO_DATE = "Data and pipelines are up to date"
 BUCKET = "tlpipe-share"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}
@@ -66,7 +66,7 @@ def clone(shared, dest: Path) -> Path:
 
 # --- local directory remote ----------------------------------------------------------------------
 
-@pytest.mark.slow  # a head + finetune + evaluate run on top of the shared cold repro
+@pytest.mark.slow  # a head + evaluate run on top of the shared cold repro
 def test_teammate_pulls_and_recomputes_nothing(shared, tmp_path):
     mate = clone(shared, tmp_path / "mate")
     assert not (mate / "data" / "features").exists()
@@ -75,10 +75,10 @@ def test_teammate_pulls_and_recomputes_nothing(shared, tmp_path):
     assert UP_TO_DATE in dvc(mate, "status").stdout
     assert dvc(mate, "repro").executed == []
 
-    # A head change: fine-tuning starts from the head (LP-FT), so head, finetune and evaluate
-    # rerun; the pulled features are used as they are, in a clone that never computed them.
+    # A head change reruns head and evaluate only; the pulled features and fine-tuned model are
+    # used as they are, in a clone that never computed them.
     result = dvc(mate, "exp", "run", "-S", "head.l2_steps=3")
-    assert result.executed == ["head", "finetune", "evaluate"]
+    assert result.executed == ["head", "evaluate"]
     assert "Stage 'features' didn't change, skipping" in result.stdout
 
 
@@ -106,7 +106,7 @@ def test_run_cache_restores_features_in_a_fresh_clone(shared, tmp_path):
     runs = [p.read_text().partition("\n")[0] for p in (shared.storage / "runs").rglob("*")
             if p.is_file()]
     assert sorted(runs) == sorted(f"cmd: python -m stages.{s}" for s in
-                                  ("data", "stats", "features", "head", "finetune", "evaluate",
+                                  ("data", "stats", "features", "head", "finetune", "infer", "evaluate",
                                    "features", "head"))
 
     # Teammate: fresh clone, run-cache pulled, the same params combination run again.

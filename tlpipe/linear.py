@@ -57,3 +57,14 @@ def fold(w: torch.Tensor, b: torch.Tensor, scaler: Standardizer) -> tuple[torch.
 
 def predict_proba(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x.to(weight.dtype) @ weight.T + bias, dim=1)
+
+
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, n_classes: int, l2: float,
+              max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One linear probe at a given L2 strength: standardize, fit, fold. Returns raw-feature weights.
+
+    The head stage's grid fit at a single L2 point, cold-started, gives the same weights.
+    """
+    x = features.double()
+    scaler = Standardizer.fit(x)
+    return fold(*fit_logistic(scaler(x), labels, n_classes, l2, max_iter), scaler)

@@ -103,6 +103,7 @@ class FinetuneParams(_Section):
     randaugment_magnitude: int = Field(0, ge=0, le=30)  # 0 = off
     patience: int = Field(3, ge=1, le=1000)  # early stopping, epochs without val loss improvement
     train_bn_stats: bool = False  # update BatchNorm running statistics (large batches only)
+    probe_l2: float = Field(0.01, gt=0, le=1e6)  # L2 of the linear probe fine-tuning starts from
 
 
 class Params(_Section):
@@ -144,6 +145,12 @@ class RecordingParams:
             return RecordingParams(value, key + ".", self._reads)
         self._reads.add(key)
         return value
+
+    def dump(self) -> dict[str, Any]:
+        """Every leaf under this section, as plain values (each recorded as read)."""
+        return {name: (getattr(self, name).dump() if isinstance(getattr(self._model, name), BaseModel)
+                       else getattr(self, name))
+                for name in type(self._model).model_fields}
 
 
 def load_params(stage: str, path: str | Path = "params.yaml") -> RecordingParams:

@@ -1,0 +1,40 @@
+"""infer: run the fine-tuned model once over the test images; per-image class probabilities.
+
+A stage of its own, so that evaluate only turns predictions into metrics: a head-only change then
+re-scores the head from cached features and never re-runs the fine-tuned model.
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tlpipe.io import atomic_path
+from tlpipe.manifest import image_paths, read_manifest
+from tlpipe.models import load_classifier, predict_proba
+from tlpipe.params import load_params
+from tlpipe.runtime import TlpipeError, device, inference_batch_size, progress_enabled, run_stage, workers
+
+MODEL = Path("models/finetuned.safetensors")
+MODEL_CONFIG = Path("models/finetuned.json")
+PREDICTIONS = Path("data/predictions/finetuned_test.safetensors")
+
+
+def main() -> None:
+    load_params("infer")  # validates params.yaml; inference reads no params (the model has its config)
+    model, cfg = load_classifier(MODEL, MODEL_CONFIG)
+    manifest, classes = read_manifest()
+    if cfg["classes"] != classes:
+        raise TlpipeError(f"{MODEL_CONFIG}: classes differ from data/prepared/classes.json; rerun finetune")
+    test = manifest[manifest["split"] == "test"]
+    dev = device()
+    proba = predict_proba(model, cfg, image_paths(test), dev, inference_batch_size(dev), workers(),
+                          progress_enabled())
+    with atomic_path(PREDICTIONS) as tmp:
+        save_file({"proba": proba.contiguous(),
+                   "ids": torch.tensor(test.index.to_numpy(), dtype=torch.int64)}, str(tmp))
+    print(f"fine-tuned model on {len(test)} test images ({dev.type})")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,85 @@
+"""Epoch checkpoints that let a killed fine-tuning run resume where it stopped.
+
+They live beside, not inside, the stage's declared outputs: DVC deletes declared outputs before it
+runs a stage, and `persist: true` (which would keep them) disables the stage's run-cache. Each run
+gets a folder named by a hash of everything its result depends on, so a run resumes only from its
+own epochs, never from another run's. The folder is written whole and renamed into place each
+epoch (a kill leaves the previous epoch intact) and removed once the stage's outputs are written.
+Tensors go to safetensors and the rest to JSON: nothing is unpickled on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tlpipe.io import atomic_dir, write_json
+
+RESUME = Path("models/.resume")
+
+
+def run_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict as (tensors by name, JSON-able rest)."""
+    tensors, rest = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entries in state["state"].items():
+        rest["state"][str(pid)] = {}
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value
+                rest["state"][str(pid)][name] = {"tensor": f"{pid}.{name}"}
+            else:
+                rest["state"][str(pid)][name] = {"value": value}
+    return tensors, rest
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state = {int(pid): {name: tensors[v["tensor"]] if "tensor" in v else v["value"]
+                        for name, v in entries.items()}
+             for pid, entries in rest["state"].items()}
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+class EpochCheckpoint:
+    """The state after the last finished epoch: named tensor groups plus a JSON record."""
+
+    def __init__(self, key: str, root: Path = RESUME):
+        self.root, self.folder = root, root / key
+
+    def save(self, groups: dict[str, dict[str, torch.Tensor]], record: dict) -> None:
+        tensors = {f"{group}/{name}": t.detach().cpu().contiguous()
+                   for group, named in groups.items() for name, t in named.items()}
+        with atomic_dir(self.folder) as tmp:
+            save_file(tensors, str(tmp / "tensors.safetensors"))
+            write_json(tmp / "state.json", record)
+
+    def load(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
+        if not (self.folder / "state.json").is_file():
+            return None
+        record = json.loads((self.folder / "state.json").read_text())
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(str(self.folder / "tensors.safetensors")).items():
+            group, name = key.split("/", 1)
+            groups.setdefault(group, {})[name] = tensor
+        return groups, record
+
+    def remove_others(self) -> None:
+        """Checkpoints of other runs (other params or inputs) can never be resumed by this one."""
+        if self.root.is_dir():
+            for other in self.root.iterdir():
+                if other != self.folder:
+                    shutil.rmtree(other, ignore_errors=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
