@@ -258,7 +258,7 @@ def test_val_class_missing_from_train_is_an_error(project, tmp_path):
     write_class(root / "val" / "a", 1)
     write_class(root / "val" / "ghost", 1, seed=2)
     project(source="presplit", root=str(root))
-    with pytest.raises(TlpipeError, match=rf"^class 'ghost' appears in test but not in {root / 'train'}$"):
+    with pytest.raises(TlpipeError, match=rf"^class 'ghost' is in {root / 'val'} but not in {root / 'train'}$"):
         data.main()
 
 
@@ -324,3 +324,44 @@ def test_bad_input_through_the_stage_command_is_one_line_on_stderr(tmp_path):
     assert proc.stderr == (f"error: {root / 'a' / 'notes.jpg'}: not an image PIL can read (1 bad file(s) "
                            "in all; set data.on_bad_file: skip to skip and report them)\n")
     assert list((folder / "data").iterdir()) == []  # no prepared folder, no temp leftovers
+
+
+def test_url_archive_with_junk_and_a_bad_file_goes_through_the_same_checks(project, tmp_path):
+    import hashlib
+    import zipfile
+
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for k, label in enumerate("ab"):
+            for i in range(4):
+                buf = io.BytesIO()
+                noisy(seed=10 * k + i).save(buf, "PNG")
+                zf.writestr(f"pets/{label}/{i}.png", buf.getvalue())
+        zf.writestr("pets/a/broken.jpg", b"\xff\xd8\xff\xe0 not really")
+        zf.writestr("__MACOSX/pets/a/._0.png", b"resource fork")
+        zf.writestr("pets/b/.DS_Store", b"junk")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    folder = project(source="url", url=archive.as_uri(), sha256=digest)
+    data.main()
+    manifest, skipped, metrics = read_prepared(folder)
+    assert len(manifest) == 8 and metrics["skipped"] == 1
+    extracted = Path("data") / "downloads" / digest / "pets"  # relative to the project
+    assert skipped["file"].tolist() == [str(extracted / "a" / "broken.jpg")]
+    assert skipped["reason"].tolist()[0].startswith("cannot decode")
+
+
+def test_url_archive_with_an_escaping_member_names_archive_and_member(project, tmp_path):
+    import hashlib
+    import zipfile
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("pets/a/0.png", b"x")
+        zf.writestr("pets/../../../escape.txt", b"x")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    folder = project(source="url", url=archive.as_uri(), sha256=digest)
+    with pytest.raises(TlpipeError) as err:
+        data.main()
+    assert str(err.value) == (f"data/downloads/{digest}.zip: refusing member that climbs out with '..': "
+                              "'pets/../../../escape.txt'")
+    assert not (folder.parent / "escape.txt").exists() and not (folder / "escape.txt").exists()

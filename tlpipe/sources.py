@@ -84,7 +84,8 @@ def from_presplit(root: Path) -> list[Item]:
         items += from_class_folders(root / "test", "test/", "test")
     for item in items:
         if item.label not in train_classes:
-            raise TlpipeError(f"class {item.label!r} appears in {item.split} but not in {root / 'train'}")
+            folder = root / item.rel.split("/")[0]  # val/ may have become the test split: name the folder
+            raise TlpipeError(f"class {item.label!r} is in {folder} but not in {root / 'train'}")
     return items
 
 
