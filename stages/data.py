@@ -119,10 +119,10 @@ def main() -> None:
         if not usable:
             raise TlpipeError("no usable images in the source")
         split = sources.stratified_split(usable, val_fraction, test_fraction, seed)
+        check_classes(items, reasons, split)  # first: a class lost to bad files is the better message
         classes = sorted({i.label for i in split})
         if len(classes) < 2:
             raise TlpipeError(f"only one class ({classes[0]!r}) found; classification needs two or more")
-        check_classes(items, reasons, split)
 
         rows = []
         for item in tqdm(split, desc="copy", disable=not progress_enabled()):

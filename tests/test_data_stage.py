@@ -365,3 +365,15 @@ def test_url_archive_with_an_escaping_member_names_archive_and_member(project, t
     assert str(err.value) == (f"data/downloads/{digest}.zip: refusing member that climbs out with '..': "
                               "'pets/../../../escape.txt'")
     assert not (folder.parent / "escape.txt").exists() and not (folder / "escape.txt").exists()
+
+
+def test_two_classes_one_all_bad_names_the_lost_class_not_only_one_class(project, tmp_path):
+    root = tmp_path / "src"
+    write_class(root / "a", 6)
+    (root / "b").mkdir()
+    for i in range(3):
+        (root / "b" / f"{i}.jpg").write_text("not an image")
+    project(source="folder", root=str(root))
+    with pytest.raises(TlpipeError, match=r"^class 'b' has no usable training image \(3 file\(s\), 3 unusable; "
+                                          rf"first: {root / 'b' / '0.jpg'}: not an image PIL can read\)$"):
+        data.main()
