@@ -1,7 +1,9 @@
 """data: ingest labelled images, check every file, write a stratified train/val/test manifest.
 
 Outputs (data/prepared/): images/ (the usable files, byte-for-byte copies), manifest.csv
-(path, label, split, sha256), classes.json, skipped.csv (file, reason); metrics/data.json counts.
+(path, label, split, sha256), classes.json, skipped.csv (file, reason), duplicates.csv (images whose
+bytes are identical to another's: sha256, path, label, split, across_splits);
+metrics/data.json counts.
 """
 
 import shutil
@@ -39,31 +41,61 @@ def write_digits(folder: Path) -> list[sources.Item]:
     return items
 
 
-def collect(p, images: Path) -> list[sources.Item]:
+def collect(p, images: Path) -> tuple[list[sources.Item], Path]:
+    """The source's items, and the root they must all resolve inside."""
     source, root = p.source, Path(p.root)
     csv_file, file_column, label_column = p.csv_file, p.file_column, p.label_column
     url, sha256, layout = p.url, p.sha256, p.archive_layout
     if source == "digits":
-        return write_digits(images)
+        return write_digits(images), images
     if source == "url":
         archive = sources.download(url, sha256, DOWNLOADS)
         root = sources.extract(archive, DOWNLOADS / sha256)
         source = layout
     if source == "folder":
-        return sources.from_class_folders(root)
+        return sources.from_class_folders(root), root
     if source == "presplit":
-        return sources.from_presplit(root)
-    return sources.from_csv(root, csv_file, file_column, label_column)
+        return sources.from_presplit(root), root
+    return sources.from_csv(root, csv_file, file_column, label_column), root
 
 
-def check_all(items: list[sources.Item]) -> list[str | None]:
+def check_all(items: list[sources.Item], root: Path) -> list[str | None]:
     paths = [str(i.src) for i in items]
+    roots = [str(root)] * len(paths)
     n_workers = workers()
     bar = dict(total=len(paths), desc="decode check", disable=not progress_enabled())
     if n_workers <= 1:
-        return [check_image(p) for p in tqdm(paths, **bar)]
-    with ProcessPoolExecutor(n_workers) as pool:
-        return list(tqdm(pool.map(check_image, paths, chunksize=16), **bar))
+        reasons = [check_image(p, r) for p, r in tqdm(zip(paths, roots), **bar)]
+    else:
+        with ProcessPoolExecutor(n_workers) as pool:
+            reasons = list(tqdm(pool.map(check_image, paths, roots, chunksize=16), **bar))
+    # A CSV row's line number goes with its file's reason.
+    return [r if r is None or not i.where else f"{r} ({i.where})" for i, r in zip(items, reasons)]
+
+
+def check_classes(items: list[sources.Item], reasons: list[str | None], split: list[sources.Item]) -> None:
+    """Every class the source names keeps at least one usable training image.
+
+    Skipping bad files must not silently drop a class (or leave one the head cannot learn).
+    """
+    train = {i.label for i in split if i.split == "train"}
+    for label in sorted({i.label for i in items} - train):
+        mine = [(i, r) for i, r in zip(items, reasons) if i.label == label]
+        bad = [(i, r) for i, r in mine if r is not None]
+        first = f"; first: {bad[0][0].src}: {bad[0][1]}" if bad else ""
+        raise TlpipeError(f"class {label!r} has no usable training image ({len(mine)} file(s), "
+                          f"{len(bad)} unusable{first})")
+
+
+def duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images whose bytes equal another image's, each with whether its copies span two splits.
+
+    Copies across splits leak (the same image trained on and scored); copies within one split only
+    weigh an image twice. Both are listed; only the first kind is warned about.
+    """
+    dup = manifest[manifest.duplicated("sha256", keep=False)].copy()
+    dup["across_splits"] = dup.groupby("sha256")["split"].transform("nunique") > 1
+    return dup.sort_values(["sha256", "path"])[["sha256", "path", "label", "split", "across_splits"]]
 
 
 def main() -> None:
@@ -74,8 +106,8 @@ def main() -> None:
 
     with atomic_dir(PREPARED) as out:
         images = out / "images"
-        items = collect(p, images)
-        reasons = check_all(items)
+        items, root = collect(p, images)
+        reasons = check_all(items, root)
         skipped = [(i, r) for i, r in zip(items, reasons) if r is not None]
         if skipped and on_bad_file == "fail":
             item, reason = skipped[0]
@@ -87,6 +119,7 @@ def main() -> None:
         if not usable:
             raise TlpipeError("no usable images in the source")
         split = sources.stratified_split(usable, val_fraction, test_fraction, seed)
+        check_classes(items, reasons, split)  # first: a class lost to bad files is the better message
         classes = sorted({i.label for i in split})
         if len(classes) < 2:
             raise TlpipeError(f"only one class ({classes[0]!r}) found; classification needs two or more")
@@ -106,17 +139,27 @@ def main() -> None:
         write_json(out / "classes.json", classes)
         pd.DataFrame([(str(i.src), r) for i, r in skipped], columns=["file", "reason"]).to_csv(
             out / "skipped.csv", index=False)
+        dup = duplicates(manifest)
+        dup.to_csv(out / "duplicates.csv", index=False)
 
     counts = manifest.groupby("split").size()
+    leaking = dup[dup["across_splits"]]
     write_json(METRICS, {
         "files": len(items),
         "skipped": len(skipped),
         "classes": len(classes),
         **{f"{s}_images": int(counts.get(s, 0)) for s in sources.SPLITS},
+        # distinct contents that occur more than once: in two or more splits / within one split
+        "duplicates_across_splits": int(leaking["sha256"].nunique()),
+        "duplicates_within_split": int(dup[~dup["across_splits"]]["sha256"].nunique()),
     })
     print(f"{len(manifest)} images in {len(classes)} classes "
           f"({', '.join(f'{s} {int(counts.get(s, 0))}' for s in sources.SPLITS)}); "
           f"{len(skipped)} skipped")
+    if len(leaking):
+        print(f"warning: {leaking['sha256'].nunique()} image(s) have identical copies in more than one "
+              f"split ({len(leaking)} files, e.g. {', '.join(leaking['path'].head(2))}): train/test "
+              f"leakage; listed in {PREPARED / 'duplicates.csv'}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tlpipe import linear
-from tlpipe.features import load_split
+from tlpipe.features import check_trained_on, load_split
 from tlpipe.io import atomic_path, read_json, write_json
 from tlpipe.manifest import read_manifest
 from tlpipe.metrics import per_class, summary
@@ -56,11 +56,7 @@ def main() -> None:
     load_params("evaluate")  # validates params.yaml; evaluate reads no params of its own yet
     manifest, classes = read_manifest()
     test, meta = load_split("test")
-    head_config = read_json(HEAD_CONFIG)
-    for key, value in head_config["features"].items():
-        if meta[key] != value:
-            raise TlpipeError(f"{HEAD_CONFIG}: trained on features with {key}={value!r}, but the "
-                              f"test features have {meta[key]!r}; rerun the head stage")
+    check_trained_on(HEAD_CONFIG, read_json(HEAD_CONFIG), meta)
     head = load_file(str(HEAD))
     y_true = test["labels"].numpy()
     proba = linear.predict_proba(test["features"], head["weight"], head["bias"]).numpy()

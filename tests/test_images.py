@@ -176,3 +176,112 @@ def test_eval_transform_is_resize_then_centre_crop():
     assert tuple(out.shape) == (3, 32, 32)
     assert (out[0, :, :15] == 255).all() and (out[2, :, :15] == 0).all()
     assert (out[2, :, 17:] == 255).all() and (out[0, :, 17:] == 0).all()
+
+
+# --------------------------------------------------------------------------- messy inputs
+
+def test_cmyk_jpeg_converts_to_the_right_rgb(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(path, "JPEG", quality=95)  # pure red ink
+    with Image.open(path) as loaded:
+        assert loaded.mode == "CMYK"
+    assert check_image(path) is None
+    r, g, b = pixel(load_rgb(path), (8, 8))
+    assert r > 240 and g < 15 and b < 15
+
+
+def test_16_bit_mode_i_pgm_scales_by_16_bit_range_not_clipped(tmp_path):
+    # A 16-bit PGM opens as mode I (32-bit int); PIL's convert("L") would clip it all to white.
+    path = tmp_path / "g16.pgm"
+    values = np.array([0, 65535, 32768, 1000], dtype=">u2")
+    path.write_bytes(b"P5\n4 1\n65535\n" + values.tobytes())
+    with Image.open(path) as loaded:
+        assert loaded.mode == "I"
+        rgb = np.asarray(to_rgb(loaded))
+    assert rgb[0, :, 0].tolist() == [0, 255, 128, 4]
+    assert check_image(path) is None
+
+
+def test_mode_i_tiff_with_8_bit_values_is_unchanged(tmp_path):
+    path = tmp_path / "i8.tif"
+    Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32)).save(path)
+    with Image.open(path) as loaded:
+        assert loaded.mode == "I"
+        assert np.asarray(to_rgb(loaded))[0, :, 1].tolist() == [0, 100, 255]
+
+
+def test_mode_i_beyond_16_bit_scales_by_its_maximum():
+    img = Image.fromarray(np.array([[0, 100_000, 200_000]], dtype=np.int32))
+    assert np.asarray(to_rgb(img))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_float_tiff_in_unit_range_scales_to_8_bit(tmp_path):
+    path = tmp_path / "f.tif"
+    Image.fromarray(np.array([[0.0, 0.5, 1.0, np.nan]], dtype=np.float32)).save(path)
+    with Image.open(path) as loaded:
+        assert loaded.mode == "F"
+        assert np.asarray(to_rgb(loaded))[0, :, 2].tolist() == [0, 128, 255, 0]
+    assert check_image(path) is None
+
+
+def test_one_by_one_image_is_usable_and_resized_to_the_input_geometry(tmp_path):
+    path = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(path)
+    assert check_image(path) is None
+    out = eval_transform(32, 36, "bicubic")(load_rgb(path))
+    assert tuple(out.shape) == (3, 32, 32)
+    assert out[:, 16, 16].tolist() == [10, 200, 30]
+
+
+def test_exif_rotated_jpeg_through_the_eval_transform_keeps_portrait_orientation(tmp_path):
+    img = Image.new("RGB", (64, 32), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 32, 32))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display
+    path = tmp_path / "rot8.jpg"
+    img.save(path, "JPEG", exif=exif, quality=95)
+    rgb = load_rgb(path)
+    assert rgb.size == (32, 64)
+    # counter-clockwise: the left (blue) half ends at the bottom
+    assert pixel(rgb, (16, 60))[2] > 200 and pixel(rgb, (16, 4))[0] > 200
+
+
+@pytest.mark.parametrize("side, warns", [(40, True), (100, False)])
+def test_decompression_bomb_is_refused_with_pixel_count(tmp_path, monkeypatch, side, warns):
+    # 40x40 = 1600 pixels is between 1x and 2x the limit (PIL only warns), 100x100 beyond 2x (error):
+    # both are refused.
+    path = tmp_path / "bomb.png"
+    Image.new("L", (side, side)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    reason = check_image(path)
+    assert reason == f"{side * side} pixels, more than PIL's limit of 1000 (a decompression bomb?)"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)
+    assert check_image(path) is None
+
+
+def test_missing_file_and_broken_symlink(tmp_path):
+    assert check_image(tmp_path / "absent.png") == "file not found"
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    assert check_image(tmp_path / "dangling.png") == "file not found (broken symlink)"
+
+
+def test_symlink_pointing_outside_the_root_is_refused_unread(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (4, 4)).save(outside)
+    Image.new("RGB", (4, 4)).save(root / "inside.png")
+    (root / "link.png").symlink_to(outside)
+    (root / "ok_link.png").symlink_to(root / "inside.png")
+    (root / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
+    reason = check_image(root / "link.png", root)
+    assert reason == f"symlink to {outside.resolve()}, outside the data root {root}"
+    assert check_image(root / "linked_dir" / "secret.png", root).startswith("symlink to")
+    assert check_image(root / "ok_link.png", root) is None
+    assert check_image(root / "link.png") is None  # without a root, nothing to escape from
+
+
+def test_directory_named_like_an_image_is_a_one_line_reason(tmp_path):
+    (tmp_path / "folder.jpg").mkdir()
+    reason = check_image(tmp_path / "folder.jpg")
+    assert reason.startswith("cannot decode") and "\n" not in reason

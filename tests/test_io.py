@@ -135,3 +135,37 @@ def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
     assert sha256_file(path, chunk=97) == expected
     (tmp_path / "empty").write_bytes(b"")
     assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+# --------------------------------------------------------------------------- leftovers of killed writers
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.parametrize("use_dir", [False, True])
+def test_next_writer_removes_temps_of_a_killed_writer_only(tmp_path, use_dir):
+    name = "features" if use_dir else "model.bin"
+    dead, live = dead_pid(), os.getppid()  # our parent (pytest's runner) is alive
+    stale_dir = tmp_path / f".{name}.{dead}.abc123.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "train.safetensors").write_text("half")
+    stale_file = tmp_path / f".{name}.{dead}.old.tmp"
+    stale_file.write_text("old")
+    live_tmp = tmp_path / f".{name}.{live}.xyz.tmp"
+    live_tmp.write_text("being written")
+    other = tmp_path / f".other.{dead}.q.tmp"  # another output's temp: not ours to judge
+    other.write_text("x")
+
+    context = atomic_dir if use_dir else atomic_path
+    with context(tmp_path / name) as tmp:
+        assert f".{name}.{os.getpid()}." in tmp.name  # our own temp carries our pid
+        if use_dir:
+            (tmp / "f").write_text("new")
+        else:
+            tmp.write_text("new")
+    assert listing(tmp_path) == sorted([name, live_tmp.name, other.name])

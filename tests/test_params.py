@@ -137,7 +137,7 @@ def test_url_source_needs_url_and_sha256(tmp_path):
         message = error_of(tmp_path, f"data: {data}\n")
         assert "data.sha256" in message and "data.url" in message
     message = error_of(tmp_path, 'data: {source: url, url: "https://example.org/a.zip", sha256: abc}\n')
-    assert "data.sha256: Value error, must be 64 hexadecimal digits" in message
+    assert "data.sha256: must be 64 hexadecimal digits" in message
 
 
 def test_url_source_rejects_non_hex_sha256(tmp_path):
@@ -224,4 +224,59 @@ def test_params_log_not_written_without_env(tmp_path, monkeypatch):
     proc = run_python(f"from tlpipe.params import load_params; load_params('s', {str(path)!r}).seed",
                       tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_unknown_backbone_is_refused_at_load_with_nearest_names(tmp_path):
+    message = error_of(tmp_path, "backbone:\n  name: resnet19\n")
+    assert "backbone.name: unknown backbone 'resnet19'; did you mean resnet18, resnet50" in message
+    assert "known: tf_efficientnet_lite0, resnet18" in message
+    message = error_of(tmp_path, "backbone:\n  name: efficientnet_lite0\n")
+    assert "did you mean tf_efficientnet_lite0" in message
+    assert "did you mean" not in error_of(tmp_path, "backbone:\n  name: zzzzzzzz\n")
+
+
+def test_backbone_names_are_exactly_what_the_registry_builds():
+    # The schema's names live in tlpipe.params (cheap to import); tlpipe.backbones builds them.
+    from tlpipe import backbones
+    from tlpipe.params import BACKBONE_NAMES
+
+    assert backbones.NAMES == BACKBONE_NAMES
+    with pytest.raises(TlpipeError, match="unknown backbone 'nope'"):
+        backbones.build("nope")
+    # every torchvision name has its classifier location (building them all is slow: vgg16)
+    assert set(backbones._TORCHVISION_CLASSIFIER) == set(backbones.TORCHVISION)
+    assert backbones.build("resnet18", pretrained=False).feature_dim == 512
+
+
+def test_params_import_does_not_import_torch():
+    proc = run_python("import sys, tlpipe.params; print('torch' in sys.modules)", PROJECT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_several_errors_are_reported_together_on_one_line(tmp_path):
+    message = error_of(tmp_path, "data:\n  on_bad_file: ignore\n  val_fractoin: 0.1\nimage:\n  img_size: 4\n")
+    assert "data.on_bad_file: Input should be 'skip' or 'fail'" in message
+    assert "data.val_fractoin: unknown key (did you mean val_fraction" in message
+    assert "image.img_size: Input should be greater than or equal to 8" in message
+
+
+@pytest.mark.parametrize("yaml_text, key", [
+    ("image: 5\n", "image"),                  # a section that is not a mapping
+    ("- a\n- b\n", "(top level)"),            # a file that is not a mapping
+    ("head:\n  l2_steps: 2.5\n", "head.l2_steps"),  # a fraction for an integer
+    ("finetune:\n  hflip: maybe\n", "finetune.hflip"),
+])
+def test_wrong_shapes_name_the_key(tmp_path, yaml_text, key):
+    assert f"{key}: " in error_of(tmp_path, yaml_text)
+
+
+def test_a_stage_with_bad_params_fails_before_any_work(tmp_path, monkeypatch):
+    from stages import data
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "backbone:\n  name: resnet_18\n")
+    with pytest.raises(TlpipeError, match=r"backbone\.name: unknown backbone 'resnet_18'; did you mean resnet18"):
+        data.main()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

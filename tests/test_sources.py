@@ -179,8 +179,9 @@ def test_from_csv_dotdot_escaping_root_names_line(tmp_path):
 def test_from_csv_absolute_path_names_line(tmp_path):
     root = tmp_path / "imgs"
     write_image(root / "a.png")
+    write_image(root / "b.png")
     absolute = write_image(tmp_path / "abs.png")
-    write_csv(root, f"file,label\na.png,cat\na.png,dog\n{absolute},cat\n")
+    write_csv(root, f"file,label\na.png,cat\nb.png,dog\n{absolute},cat\n")
     with pytest.raises(TlpipeError, match=r"line 4") as err:
         sources.from_csv(root, "labels.csv", "file", "label")
     assert "absolute" in str(err.value)
@@ -204,7 +205,7 @@ def test_from_csv_missing_file_and_empty_label(tmp_path):
     with pytest.raises(TlpipeError, match="data.csv_file"):
         sources.from_csv(root, "labels.csv", "file", "label")
     write_csv(root, "file,label\na.png,cat\nb.png,\n")
-    with pytest.raises(TlpipeError, match=r"line 3: empty"):
+    with pytest.raises(TlpipeError, match=r"line 3: no label for 'b.png'"):
         sources.from_csv(root, "labels.csv", "file", "label")
 
 
@@ -481,3 +482,127 @@ def test_download_accepts_uppercase_sha256(tmp_path):
     digest = hashlib.sha256(b"some bytes").hexdigest().upper()
     target = sources.download(src.as_uri(), digest, tmp_path / "downloads")
     assert target.read_bytes() == b"some bytes"
+
+
+# --------------------------------------------------------------------------- messy CSVs and archives
+
+@pytest.mark.parametrize("label", ["", "  ", "NaN", "nan", "NA", "N/A", "None", "null"])
+def test_from_csv_missing_label_names_the_line_and_file(tmp_path, label):
+    root = tmp_path / "imgs"
+    write_image(root / "a.png")
+    write_image(root / "b.png")
+    write_csv(root, f"file,label\na.png,cat\nb.png,{label}\n")
+    with pytest.raises(TlpipeError) as err:
+        sources.from_csv(root, "labels.csv", "file", "label")
+    assert str(err.value).startswith(f"{root / 'labels.csv'} line 3: no label for 'b.png'")
+
+
+def test_from_csv_label_that_merely_contains_nan_is_a_class(tmp_path):
+    root = tmp_path / "imgs"
+    write_image(root / "a.png")
+    write_csv(root, "file,label\na.png,banana\n")
+    assert [i.label for i in sources.from_csv(root, "labels.csv", "file", "label")] == ["banana"]
+
+
+def test_from_csv_missing_file_is_left_to_the_decode_check_with_its_line(tmp_path):
+    root = tmp_path / "imgs"
+    write_image(root / "a.png")
+    write_csv(root, "file,label\na.png,cat\nghost.png,dog\n")
+    items = sources.from_csv(root, "labels.csv", "file", "label")
+    assert [(i.rel, i.where) for i in items] == [("a.png", "labels.csv line 2"),
+                                                 ("ghost.png", "labels.csv line 3")]
+    assert not items[1].src.exists()
+
+
+def test_from_csv_file_listed_twice_names_both_lines(tmp_path):
+    root = tmp_path / "imgs"
+    write_image(root / "a.png")
+    write_csv(root, "file,label\na.png,cat\n\n./a.png,dog\n")
+    with pytest.raises(TlpipeError, match=r"line 4: file './a.png' is already listed on line 2"):
+        sources.from_csv(root, "labels.csv", "file", "label")
+
+
+@pytest.mark.parametrize("csv_file", ["../labels.csv", "/etc/passwd", "sub/../../x.csv"])
+def test_csv_file_param_outside_the_root_is_refused(tmp_path, csv_file):
+    root = tmp_path / "imgs"
+    write_csv(root, "file,label\n")
+    write_csv(tmp_path, "file,label\nimgs/a.png,cat\n")
+    with pytest.raises(TlpipeError, match=r"^data\.csv_file: .* must be a path inside data\.root"):
+        sources.from_csv(root, csv_file, "file", "label")
+
+
+def test_from_csv_with_byte_order_mark_finds_the_header(tmp_path):
+    root = tmp_path / "imgs"
+    write_image(root / "a.png")
+    root.joinpath("labels.csv").write_bytes("file,label\na.png,cat\n".encode("utf-8-sig"))
+    assert sources.from_csv(root, "labels.csv", "file", "label") == [Item(root / "a.png", "a.png", "cat")]
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "empty file"),
+    (b"file,label\n", "no rows"),
+    (b"file,label\n\xff\xfe\x00bad,cat\n", "not a readable CSV"),
+    (b'file,label\n"a.png,cat\n', "not a readable CSV"),
+])
+def test_from_csv_unreadable_files_are_one_line_errors(tmp_path, content, match):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "labels.csv").write_bytes(content)
+    with pytest.raises(TlpipeError, match=match) as err:
+        sources.from_csv(root, "labels.csv", "file", "label")
+    assert "\n" not in str(err.value) and str(root / "labels.csv") in str(err.value)
+
+
+def test_from_csv_symlink_out_of_the_root_is_left_to_the_decode_check(tmp_path):
+    # The path itself is clean; where it resolves is checked per file (skipped or failed, listed).
+    root = tmp_path / "imgs"
+    write_image(tmp_path / "outside.png")
+    root.mkdir()
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    write_csv(root, "file,label\nlink.png,cat\n")
+    assert [i.rel for i in sources.from_csv(root, "labels.csv", "file", "label")] == ["link.png"]
+
+
+def test_from_class_folders_lists_broken_symlinks_so_they_are_reported(tmp_path):
+    root = make_class_folder(tmp_path / "src", {"cat": 1, "dog": 1})
+    (root / "cat" / "dangling.png").symlink_to(tmp_path / "gone.png")
+    assert sorted(i.rel for i in sources.from_class_folders(root)) == [
+        "cat/dangling.png", "cat/img000.png", "dog/img000.png"]
+
+
+@pytest.mark.parametrize("member", ["..\\evil", "top\\..\\..\\evil", "C:/evil", "C:\\evil"])
+def test_extract_zip_refuses_windows_style_escapes(tmp_path, member):
+    archive = zip_with(tmp_path / "a.zip", [("top/ok.txt", b"ok"), (member, b"bad")])
+    with pytest.raises(TlpipeError) as err:
+        sources.extract(archive, tmp_path / "out" / "x")
+    assert str(err.value).startswith(f"{archive}: refusing member")
+    assert repr(member) in str(err.value)
+    assert not (tmp_path / "out" / "evil").exists() and not (tmp_path / "evil").exists()
+
+
+def test_extract_tar_refuses_hardlink_and_device_members(tmp_path):
+    link = tarfile.TarInfo("top/hard")
+    link.type = tarfile.LNKTYPE
+    link.linkname = "top/a.txt"
+    archive = tar_with(tmp_path / "h.tar", [tar_file_member("top/a.txt", b"a"), (link, None)])
+    assert_refused(archive, tmp_path / "out", r"refusing link member 'top/hard'")
+    fifo = tarfile.TarInfo("top/pipe")
+    fifo.type = tarfile.FIFOTYPE
+    archive = tar_with(tmp_path / "f.tar", [(fifo, None)])
+    assert_refused(archive, tmp_path / "out2", r"refusing special member 'top/pipe'")
+
+
+def test_refusals_name_the_archive_and_the_member(tmp_path):
+    link = zipfile.ZipInfo("top/link")
+    link.external_attr = 0o120777 << 16
+    cases = [
+        (zip_with(tmp_path / "dotdot.zip", [("top/../../evil", b"x")]), "'top/../../evil'"),
+        (zip_with(tmp_path / "abs.zip", [(zipfile.ZipInfo("/etc/x"), b"x")]), "'/etc/x'"),
+        (zip_with(tmp_path / "sym.zip", [(link, b"/etc/passwd")]), "'top/link'"),
+        (tar_with(tmp_path / "abs.tar", [tar_file_member("/tmp/evil", b"x")]), "'/tmp/evil'"),
+    ]
+    for archive, member in cases:
+        with pytest.raises(TlpipeError) as err:
+            sources.extract(archive, tmp_path / "out" / archive.name)
+        message = str(err.value)
+        assert message.startswith(f"{archive}: refusing") and message.endswith(member), message

@@ -11,7 +11,6 @@ are downloaded only when TLPIPE_ALLOW_DOWNLOAD=1 (torch checks the sha256 prefix
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,13 @@ import torch
 from torch import nn
 
 from tlpipe.io import sha256_file
+from tlpipe.params import BACKBONE_NAMES as NAMES
+from tlpipe.params import TORCHVISION_BACKBONES as TORCHVISION
+from tlpipe.params import unknown_backbone
 from tlpipe.runtime import TlpipeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TORCHVISION = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "vgg16", "convnext_tiny")
-NAMES = ("tf_efficientnet_lite0",) + TORCHVISION
 
 
 @dataclass
@@ -47,10 +47,8 @@ def build(name: str, pretrained: bool = True) -> Backbone:
         backbone = _efficientnet_lite0(pretrained)
     elif name in TORCHVISION:
         backbone = _torchvision(name, pretrained)
-    else:
-        close = difflib.get_close_matches(name, NAMES, n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise TlpipeError(f"backbone.name: unknown backbone {name!r}; {hint}known: {', '.join(NAMES)}")
+    else:  # params.yaml is validated against the same names; this guards other callers
+        raise TlpipeError(f"backbone.name: {unknown_backbone(name)}")
     backbone.trunk.eval()
     backbone.classifier.eval()
     return backbone

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
 from tlpipe.io import atomic_path, read_json
@@ -40,11 +41,25 @@ def load_split(split: str, folder: Path = FEATURES) -> tuple[dict[str, torch.Ten
         tensors = load_file(str(path))
     except FileNotFoundError as e:
         raise TlpipeError(f"{e.filename}: missing; run the features stage first (dvc repro features)") from None
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise TlpipeError(f"{path}: unreadable features ({e}); rerun the features stage") from None
     for key in CHECKED_KEYS:
         if header.get(key) != meta.get(key):
             raise TlpipeError(f"{path}: metadata {key!r} disagrees with {folder / 'meta.json'} "
                               "(features from different runs mixed?); rerun the features stage")
+    if set(tensors) != {"features", "labels", "ids"}:
+        raise TlpipeError(f"{path}: holds {sorted(tensors)}, not features, labels and ids")
     n = tensors["features"].shape[0]
-    if tensors["features"].shape[1] != meta["feature_dim"] or len(tensors["labels"]) != n:
+    if tensors["features"].shape[1:] != (meta["feature_dim"],) or len(tensors["labels"]) != n:
         raise TlpipeError(f"{path}: tensor shapes do not match its metadata")
     return tensors, meta
+
+
+def check_trained_on(config_path: Path, config: dict, meta: dict) -> None:
+    """A model config (head.json) must describe the features it is about to be applied to."""
+    recorded = {**config.get("features", {}), "classes": config.get("classes"),
+                "feature_dim": config.get("in_features", config.get("features", {}).get("feature_dim"))}
+    for key in CHECKED_KEYS:
+        if recorded.get(key) != meta.get(key):
+            raise TlpipeError(f"{config_path}: trained on features with {key}={recorded.get(key)!r}, "
+                              f"but these features have {meta.get(key)!r}; rerun the stage that wrote it")

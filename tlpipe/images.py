@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -14,13 +15,32 @@ from torchvision.transforms import v2 as T
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float grayscale -> 8-bit L, by the range the values can span.
+
+    A fixed scale per depth (not per-image min-max) keeps brightness comparable across images;
+    PIL's own convert("L") would clip everything above 255 to white.
+    """
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(arr.max()) if arr.size else 0.0
+    if img.mode.startswith("I;16"):
+        scale = 65535.0
+    elif img.mode == "F" and top <= 1.0:
+        scale = 1.0  # float images are conventionally 0..1
+    elif top <= 255.0:
+        scale = 255.0  # 8-bit values stored in a wider mode
+    elif top <= 65535.0:
+        scale = 65535.0  # e.g. 16-bit PGM, which PIL opens as mode I
+    else:
+        scale = top  # 32-bit data: no standard range, so its own maximum
+    return Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB with EXIF orientation applied, transparency composited on white, 16-bit scaled to 8."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        img = _high_bit_depth_to_l(img)
     # "transparency" in info: a palette entry or a tRNS colour key (L and RGB PNGs have those too).
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
@@ -35,10 +55,16 @@ def load_rgb(path: str | Path) -> Image.Image:
         return to_rgb(img)
 
 
-def check_image(path: str | Path) -> str | None:
-    """Fully decode one file. Returns None when usable, else the reason it is not."""
+def check_image(path: str | Path, root: str | Path | None = None) -> str | None:
+    """Fully decode one file. Returns None when usable, else the reason it is not.
+
+    With `root`, a file that resolves outside it (a symlink, or a folder on its path that is one,
+    pointing elsewhere) is refused unread: the data root is the only place images come from.
+    """
     path = Path(path)
     try:
+        if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+            return f"symlink to {path.resolve()}, outside the data root {root}"
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
         with warnings.catch_warnings():
@@ -49,12 +75,16 @@ def check_image(path: str | Path) -> str | None:
                 rgb = to_rgb(img)
         if min(rgb.size) < 1:
             return "image has no pixels"
+    except FileNotFoundError:
+        return "file not found" + (" (broken symlink)" if path.is_symlink() else "")
     except UnidentifiedImageError:
         return "not an image PIL can read"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return f"larger than PIL's pixel limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}".split(". ")[0]
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{pixels.group(1)} pixels" if pixels else "too many pixels"
+        return f"{size}, more than PIL's limit of {Image.MAX_IMAGE_PIXELS} (a decompression bomb?)"
     except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot decode: {e}"
+        return f"cannot decode: {e}".splitlines()[0]
     return None
 
 

@@ -1,11 +1,14 @@
 """Atomic file output and content hashing.
 
 Every artifact is written to a temporary name in its final directory and renamed into place, so a
-killed stage never leaves a partial file where a later stage could read it.
+killed stage never leaves a partial file where a later stage could read it. Temporary names carry
+the writer's pid (`.<name>.<pid>.<random>.tmp`), so the next writer of the same path removes what a
+killed one left behind (a half-copied data/prepared can be large) without touching a live one's.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -22,12 +25,35 @@ def _umask() -> int:
     return mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temporaries of `path` left by writers that no longer run (killed, e.g. by kill -9)."""
+    prefix = f".{path.name}."
+    for entry in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = entry.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -56,13 +82,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `path` as a whole when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(f".{path.name}.{os.getpid()}.old.tmp")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)

@@ -67,9 +67,29 @@ class ImageParams(_Section):
         return self
 
 
+# The backbone registry's names, here rather than in tlpipe.backbones (which imports torch) so that
+# params.yaml is checked cheaply before any work; tlpipe.backbones builds exactly these.
+TORCHVISION_BACKBONES = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "vgg16",
+                         "convnext_tiny")
+BACKBONE_NAMES = ("tf_efficientnet_lite0",) + TORCHVISION_BACKBONES
+
+
+def unknown_backbone(name: str) -> str:
+    close = difflib.get_close_matches(name, BACKBONE_NAMES, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown backbone {name!r}; {hint}known: {', '.join(BACKBONE_NAMES)}"
+
+
 class BackboneParams(_Section):
     name: str = "tf_efficientnet_lite0"
     normalize: Literal["backbone", "dataset"] = "backbone"
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in BACKBONE_NAMES:
+            raise ValueError(unknown_backbone(value))
+        return value
 
 
 class HeadParams(_Section):
@@ -119,7 +139,7 @@ def _format_error(err: ValidationError, path: Path) -> str:
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
         if e["type"] == "extra_forbidden":
             parent = Params
             for p in e["loc"][:-1]:

@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -25,6 +25,8 @@ from tlpipe.runtime import TlpipeError
 
 SPLITS = ("train", "val", "test")
 JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
+# CSV labels that mean "no value" (what spreadsheets and pandas write for a missing cell).
+MISSING_LABELS = {"nan", "na", "n/a", "#n/a", "<na>", "none", "null"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Item:
     rel: str
     label: str
     split: str | None = None
+    where: str = field(default="", compare=False)  # e.g. "labels.csv line 7", for messages
 
 
 def _is_junk(path: Path) -> bool:
@@ -40,7 +43,9 @@ def _is_junk(path: Path) -> bool:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not _is_junk(p.relative_to(folder)))
+    # Broken symlinks are listed too, so that the decode check reports them instead of them vanishing.
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not _is_junk(p.relative_to(folder)))
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -79,39 +84,52 @@ def from_presplit(root: Path) -> list[Item]:
         items += from_class_folders(root / "test", "test/", "test")
     for item in items:
         if item.label not in train_classes:
-            raise TlpipeError(f"class {item.label!r} appears in {item.split} but not in {root / 'train'}")
+            folder = root / item.rel.split("/")[0]  # val/ may have become the test split: name the folder
+            raise TlpipeError(f"class {item.label!r} is in {folder} but not in {root / 'train'}")
     return items
 
 
 def from_csv(root: Path, csv_file: str, file_column: str, label_column: str) -> list[Item]:
-    csv_path = root / csv_file
+    """Rows of (file, label). A row's errors name its line; a missing file is left to the decode
+    check, which skips or fails it like any other bad file."""
+    csv_rel = PurePosixPath(csv_file.replace("\\", "/"))
+    if csv_rel.is_absolute() or Path(csv_file).is_absolute() or ".." in csv_rel.parts:
+        raise TlpipeError(f"data.csv_file: {csv_file!r} must be a path inside data.root, without '..'")
+    csv_path = root / csv_rel
     if not csv_path.is_file():
         raise TlpipeError(f"data.csv_file: not found: {csv_path}")
     try:
-        # Blank lines kept (and skipped below) so that row numbers stay the file's line numbers.
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+        # Blank lines kept (and skipped below) so that row numbers stay the file's line numbers;
+        # utf-8-sig drops the byte-order mark spreadsheet programs put before the first header.
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=False,
+                            encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise TlpipeError(f"{csv_path}: empty file (no header line)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise TlpipeError(f"{csv_path}: not a readable CSV: {e}".splitlines()[0]) from None
     for param, column in (("data.file_column", file_column), ("data.label_column", label_column)):
         if column not in table.columns:
             raise TlpipeError(f"{param}: column {column!r} not in {csv_path} (has {list(table.columns)})")
-    resolved_root = root.resolve()
-    items = []
+    items, first_line = [], {}
     for row, (name, label) in enumerate(zip(table[file_column], table[label_column]), start=2):
         where = f"{csv_path} line {row}"
         rel = PurePosixPath(name.replace("\\", "/"))
         if not name.strip() and not label.strip():
             continue
-        if not name.strip() or not label.strip():
-            raise TlpipeError(f"{where}: empty file or label")
+        if not name.strip():
+            raise TlpipeError(f"{where}: empty file name")
+        if not label.strip() or label.strip().lower() in MISSING_LABELS:
+            raise TlpipeError(f"{where}: no label for {name!r} (got {label!r}); "
+                              f"label every row or remove the unlabelled ones")
         if rel.is_absolute() or Path(name).is_absolute():
             raise TlpipeError(f"{where}: absolute path {name!r}; paths must be relative to {root}")
         if ".." in rel.parts:
             raise TlpipeError(f"{where}: path {name!r} contains '..'; paths must stay inside {root}")
-        src = root / rel
-        if not src.resolve().is_relative_to(resolved_root):  # a symlink pointing out
-            raise TlpipeError(f"{where}: path {name!r} escapes the image root {root}")
-        items.append(Item(src, rel.as_posix(), label.strip()))
+        # The same file twice would be copied once but could land in two splits, or two classes.
+        if rel in first_line:
+            raise TlpipeError(f"{where}: file {name!r} is already listed on line {first_line[rel]}")
+        first_line[rel] = row
+        items.append(Item(root / rel, rel.as_posix(), label.strip(), where=f"{csv_file} line {row}"))
     if not items:
         raise TlpipeError(f"{csv_path}: no rows")
     return items
