@@ -109,8 +109,8 @@ def trained(workdir):
 
 
 def test_evaluate_accepts_the_matching_head_then_needs_the_finetuned_model(trained):
-    # The metadata checks pass; the next thing evaluate needs is the fine-tuned model.
-    with pytest.raises(TlpipeError, match=r"finetuned\.json: missing"):
+    # The metadata checks pass; the next thing evaluate needs is the fine-tuned model's predictions.
+    with pytest.raises(TlpipeError, match=r"finetuned_test\.safetensors: missing; run the infer stage"):
         evaluate.main()
 
 
