@@ -106,5 +106,6 @@ def test_a_rank_that_dies_fails_the_run_with_one_line_and_no_outputs(project):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 2
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: stages.finetune: rank 1 exit code -9 (of 2 processes)"), err[-2000:]
+    assert last == ("error: stages.finetune: rank 1 of 2 failed (killed by SIGKILL); the other "
+                    "processes were stopped and no outputs were written"), err[-2000:]
     assert not (project / "models/finetuned.safetensors").exists()

@@ -18,7 +18,9 @@ by `torchrun` directly, a stage simply joins the process group it finds in the e
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
@@ -69,12 +71,17 @@ def launch(module: str) -> None:
     # on it, and the outputs must not depend on the number of processes (slower, but CPU processes
     # are for testing the distributed path; GPUs are what it is for).
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    # The agent logs each step of a failure at length; the one line below says what matters.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", module)
     except ChildFailedError as e:
-        failures = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(e.failures.items()))
-        raise TlpipeError(f"{module}: {failures} (of {nproc * nnodes} processes); the others were "
-                          "stopped and no outputs were written") from None
+        # The first failure is the cause; the agent then stops the others (they fail with SIGTERM).
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        raise TlpipeError(f"{module}: rank {rank} of {nproc * nnodes} failed ({how}); the other "
+                          "processes were stopped and no outputs were written") from None
 
 
 def join() -> Group:
