@@ -22,8 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tlpipe.scaffold import create_project  # noqa: E402
 
 
-# ImageNet geometry and photo augmentation for real photos (the defaults suit 8x8 digit scans).
-PHOTO_PARAMS = {"image.img_size": 224, "image.resize_size": 256, "finetune.hflip": True}
+# ImageNet geometry and photo augmentation for real photos (the defaults suit 8x8 digit scans);
+# the same settings as the README's hymenoptera example.
+PHOTO_PARAMS = {"image.img_size": 224, "image.resize_size": 256, "finetune.hflip": True,
+                "finetune.randaugment_magnitude": 9, "finetune.crop_scale_min": 0.25,
+                "finetune.label_smoothing": 0.0, "finetune.lr": 3e-4, "finetune.probe_l2": 1.0,
+                "finetune.epochs": 12, "finetune.patience": 5}
 
 
 def dvc(repo: Path, *args: str) -> tuple[float, list[str]]:
