@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from tlpipe import linear
+from tlpipe import gallery, linear
 from tlpipe.features import load_split
 from tlpipe.images import ImageFiles, eval_transform, normalize_batch
 from tlpipe.io import atomic_path, read_json, write_json
@@ -30,6 +30,7 @@ FINETUNED = Path("models/finetuned.safetensors")
 FINETUNED_CONFIG = Path("models/finetuned.json")
 PER_CLASS = Path("metrics/test_per_class.json")
 PREDICTIONS = Path("metrics/predictions")
+GALLERY = Path("metrics/gallery")  # PNGs of the misclassified test images, one per model
 
 
 def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, classes) -> None:
@@ -81,6 +82,7 @@ def main() -> None:
     write_json(PER_CLASS, {name: per_class(y_true, p, classes) for name, p in probas.items()})
     for name, p in probas.items():
         write_predictions(PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, p, classes)
+        gallery.write(PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
     for model, s in scores.items():
         print(f"{model}: test accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, "
               f"log loss {s['log_loss']:.4f} ({len(y_true)} images)")

@@ -9,28 +9,16 @@ from pathlib import Path
 
 import torch
 import torchvision
-from tqdm import tqdm
 
 from tlpipe import backbones
 from tlpipe.features import FEATURES, save_split
-from tlpipe.images import ImageFiles, eval_transform, normalize_batch
+from tlpipe.images import ImageFiles, eval_transform
 from tlpipe.io import atomic_dir, read_json, sha256_file, write_json
 from tlpipe.manifest import PREPARED, image_paths, read_manifest
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, device, inference_batch_size, progress_enabled, run_stage, workers
+from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage, workers
 
 STATS = Path("data/stats.json")
-
-
-@torch.inference_mode()
-def extract(trunk: torch.nn.Module, loader, mean, std, dev: torch.device) -> torch.Tensor:
-    # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
-    trunk.to(dev, memory_format=torch.channels_last)
-    chunks = []
-    for images, _ in tqdm(loader, desc="features", disable=not progress_enabled()):
-        x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
-        chunks.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu())
-    return torch.cat(chunks)
 
 
 def main() -> None:
@@ -52,7 +40,7 @@ def main() -> None:
     dataset = ImageFiles(image_paths(manifest), eval_transform(img_size, resize_size, interpolation))
     loader = torch.utils.data.DataLoader(dataset, batch_size=inference_batch_size(dev),
                                          num_workers=workers(), pin_memory=dev.type == "cuda")
-    features = extract(backbone.trunk, loader, mean, std, dev)
+    features = backbones.extract_features(backbone.trunk, loader, mean, std, dev)
     if not torch.isfinite(features).all():
         raise TlpipeError(f"backbone {name} produced non-finite features; check the images and weights")
 
