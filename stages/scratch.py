@@ -41,7 +41,7 @@ def main() -> None:
     paths = image_paths(manifest)
     targets = torch.tensor(manifest["target"].to_numpy(), dtype=torch.int64)
     images = scratch.decode(paths, geometry)
-    split = {name: torch.from_numpy((manifest["split"] == name).to_numpy()) for name in ("train", "val", "test")}
+    split = {name: torch.tensor((manifest["split"] == name).to_numpy()) for name in ("train", "val", "test")}
     dev = device()
     model, run = scratch.train(images[split["train"]], targets[split["train"]], images[split["val"]],
                                targets[split["val"]], len(classes), mean=stats["mean"], std=stats["std"],

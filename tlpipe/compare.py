@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tlpipe.runtime import TlpipeError
 
@@ -222,6 +223,7 @@ def curves_figure(exps: list[Experiment], files: Files) -> tuple[str | None, lis
             ax.plot(df["step"], df.iloc[:, -1], marker="o", ms=3, color=f"C{i % 10}", label=exp.name)
             drawn += 1
         ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (0 = the head before fine-tuning)", fontsize=8)
     if not drawn:
         return None, missing

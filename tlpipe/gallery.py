@@ -38,7 +38,7 @@ def write(predictions_csv: Path, out: Path, title: str, images: Path = PREPARED 
     else:
         cols = min(COLUMNS, len(shown))
         rows = math.ceil(len(shown) / cols)
-        fig = Figure(figsize=(1.7 * cols, 2.0 * rows + 0.4))
+        fig = Figure(figsize=(max(1.7 * cols, 6.0), 2.0 * rows + 0.4))  # wide enough for the title
         axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.set_axis_off()

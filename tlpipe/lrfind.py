@@ -1,10 +1,12 @@
 """`tlpipe lr-find`: the learning-rate range test (Smith 2015; fastai's lr_find).
 
 Train from the pipeline's starting point while the LR grows exponentially from `start_lr` to
-`end_lr`, one batch per step, and record the loss; stop when the smoothed loss exceeds
-`stop_factor` x its best (it has diverged). The suggestion is the LR where the smoothed loss falls
-fastest (steepest negative slope against log10 LR, up to the minimum); when the minimum comes too
-early for a slope, it is the LR at the minimum / 10. The rule used is printed.
+`end_lr`, one batch per step, and record the loss; stop when the running (exponential moving
+average) loss exceeds `stop_factor` x its best (it has diverged). The curve is then smoothed
+without lag (a running median, then the moving average run forward and backward), and the
+suggestion is the LR where that smoothed loss falls fastest (steepest negative slope against
+log10 LR, up to its minimum); when the minimum comes too early for a slope, it is the LR at the
+minimum / 10 (never below the start LR). The rule used is printed.
 
 - `head`: a zero-initialized linear layer on the cached train features (data/features), with the
   fine-tuning optimizer settings (finetune.optimizer, weight_decay, momentum, batch_size,
@@ -36,7 +38,7 @@ from tlpipe.models import Classifier, load_head
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError, device, progress_enabled, workers
 
-BETA = 0.98  # loss smoothing: exponential moving average with bias correction (as fastai)
+BETA = 0.9  # loss smoothing: exponential moving average (bias-corrected) over ~10 steps
 
 
 def lr_grid(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
@@ -47,7 +49,7 @@ def lr_grid(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
     return np.geomspace(start_lr, end_lr, steps)
 
 
-def smooth(losses: list[float], beta: float = BETA) -> np.ndarray:
+def ema(losses, beta: float = BETA) -> np.ndarray:
     avg, out = 0.0, []
     for i, loss in enumerate(losses, start=1):
         avg = beta * avg + (1 - beta) * loss
@@ -55,22 +57,30 @@ def smooth(losses: list[float], beta: float = BETA) -> np.ndarray:
     return np.array(out)
 
 
+def smooth(losses, beta: float = BETA) -> np.ndarray:
+    """Zero-lag smoothing. A centred running median (5 steps) first removes single-batch spikes;
+    then the moving average, forward and backward: a causal average alone lags by ~1/(1-beta)
+    steps, which would shift the suggestion to larger LRs."""
+    median = pd.Series(losses, dtype=float).rolling(5, center=True, min_periods=1).median().to_numpy()
+    return ema(ema(median, beta)[::-1], beta)[::-1]
+
+
 def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str]:
     """(suggested LR, the rule that chose it)."""
     best = int(np.argmin(smoothed))
-    skip = max(2, len(smoothed) // 20)  # the first points mostly show the EMA settling
+    skip = max(2, len(smoothed) // 20)  # the ends of a smoothed curve are the least reliable
     if best - skip >= 3:
         slope = np.gradient(smoothed[skip:best + 1], np.log10(lrs[skip:best + 1]))
         return float(lrs[skip + int(np.argmin(slope))]), "steepest descent of the smoothed loss"
-    return float(lrs[best] / 10), "LR at the minimum smoothed loss / 10"
+    return float(max(lrs[best] / 10, lrs[0])), "LR at the minimum smoothed loss / 10"
 
 
 def range_test(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, lrs: np.ndarray,
                stop_factor: float, desc: str) -> pd.DataFrame:
     """Run `step` (one batch: forward, return the loss) at each LR until the loss diverges."""
     mults = [g.get("lr_mult", 1.0) for g in optimizer.param_groups]
-    losses, best = [], math.inf
-    for lr in tqdm(lrs, desc=desc, disable=not progress_enabled()):
+    losses, best, running = [], math.inf, 0.0
+    for i, lr in enumerate(tqdm(lrs, desc=desc, disable=not progress_enabled()), start=1):
         for group, mult in zip(optimizer.param_groups, mults):
             group["lr"] = float(lr) * mult
         loss = step()
@@ -79,8 +89,9 @@ def range_test(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimize
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
-        current = smooth(losses)[-1]
+        losses.append(float(loss.detach()))
+        running = BETA * running + (1 - BETA) * losses[-1]
+        current = running / (1 - BETA ** i)
         best = min(best, current)
         if current > stop_factor * best:
             break
@@ -145,11 +156,12 @@ def finetune_test(lrs: np.ndarray, stop_factor: float, models: Path = Path("mode
     geometry = feat["transform"]
     train_set = ImageFiles([paths[i] for i in rows], train_transform(
         geometry["img_size"], geometry["interpolation"], f.crop_scale_min, f.hflip, f.randaugment_magnitude),
-        seed=seed)
+        seed=None)  # augmentation from the workers' seeded RNGs: persistent workers keep their state
     targets = torch.tensor(manifest["target"].to_numpy()[rows], dtype=torch.int64)
     dev = device()
     loader = torch.utils.data.DataLoader(train_set, batch_size=f.batch_size, shuffle=True,
                                          drop_last=len(train_set) > f.batch_size, num_workers=workers(),
+                                         persistent_workers=workers() > 0,  # no worker start-up per pass
                                          generator=torch.Generator().manual_seed(seed))
     model.to(dev, memory_format=torch.channels_last).train()
     if not f.train_bn_stats:  # as finetune: pretrained BatchNorm statistics stay frozen
@@ -161,10 +173,7 @@ def finetune_test(lrs: np.ndarray, stop_factor: float, models: Path = Path("mode
     label_smoothing, mean, std = f.label_smoothing, feat["mean"], feat["std"]
 
     def batches():
-        epoch = 0
         while True:
-            epoch += 1
-            train_set.epoch = epoch
             yield from loader
     stream = batches()
 
