@@ -1,8 +1,8 @@
 """scratch: optional baseline, a small CNN trained from scratch on the same train/val/test split.
 
 DVC cannot skip a stage by param, so with `scratch.enabled: false` (the default) this stage runs
-anyway but only writes metrics/scratch.json saying so, in a fraction of a second: torch is imported
-only when the baseline is trained. Every scratch param is read up front either way, so the params
+anyway but only writes metrics/scratch.json saying so ({"scratch": {"trained": false}}), in a
+fraction of a second: torch is imported only when the baseline is trained. Every scratch param is read up front either way, so the params
 the stage reads are exactly the params it declares. Normalized with the train split's own
 statistics (data/stats.json): a network trained from scratch has no pretraining statistics.
 """
@@ -25,7 +25,7 @@ def main() -> None:
     geometry = {"img_size": params.image.img_size, "resize_size": params.image.resize_size,
                 "interpolation": params.image.interpolation}
     if not s.enabled:
-        write_json(METRICS, {"enabled": False})
+        write_json(METRICS, {"scratch": {"trained": False}})
         print("scratch baseline disabled (scratch.enabled: false); wrote metrics/scratch.json")
         return
 
@@ -48,9 +48,10 @@ def main() -> None:
                                dev=dev, **settings)
     proba = scratch.predict_proba(model, images[split["test"]], stats["mean"], stats["std"], dev)
     test = summary(targets[split["test"]].numpy(), proba.numpy())
-    write_json(METRICS, {"enabled": True, "test": test, "best_epoch": run["epoch"],
-                         "val_loss": round(run["val_loss"], 6), "val_accuracy": round(run["val_accuracy"], 6),
-                         "parameters": run["parameters"]})
+    # One "scratch" block, so `dvc exp show` has scratch.accuracy beside head.* and finetuned.*
+    write_json(METRICS, {"scratch": {"trained": True, **test, "val_accuracy": round(run["val_accuracy"], 6),
+                                     "val_loss": round(run["val_loss"], 6), "best_epoch": run["epoch"],
+                                     "parameters": run["parameters"]}})
     print(f"scratch CNN ({run['parameters']} parameters): kept epoch {run['epoch']}, test accuracy "
           f"{test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}")
 

@@ -121,9 +121,8 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
         test = e.metrics.get("metrics/test.json", {})
         row = {k: v for k, v in test.items() if k.split(".")[-1] in ("accuracy", "macro_f1", "log_loss")}
         scratch = e.metrics.get("metrics/scratch.json", {})
-        if scratch.get("enabled"):
-            row.update({f"scratch.{k[5:]}": v for k, v in scratch.items()
-                        if k.startswith("test.") and k.split(".")[-1] in ("accuracy", "macro_f1", "log_loss")})
+        row.update({k: v for k, v in scratch.items() if k in ("scratch.accuracy", "scratch.macro_f1",
+                                                               "scratch.log_loss")})
         if "val_accuracy" in e.metrics.get("metrics/head.json", {}):
             row["head.val_accuracy"] = e.metrics["metrics/head.json"]["val_accuracy"]
         if "val_accuracy" in e.metrics.get("metrics/finetune.json", {}):
