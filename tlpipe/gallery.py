@@ -22,12 +22,17 @@ COLUMNS = 8
 THUMB = 96
 
 
+def mistakes(table: pd.DataFrame) -> pd.DataFrame:
+    """The misclassified rows, most confident first."""
+    wrong = table[table["actual"] != table["predicted"]]
+    return wrong.sort_values("confidence", ascending=False, kind="stable")
+
+
 def write(predictions_csv: Path, out: Path, title: str, images: Path = PREPARED / "images",
           max_images: int = MAX_IMAGES) -> int:
     """Draw the gallery of `predictions_csv` into the PNG `out`; return how many images are wrong."""
     table = pd.read_csv(predictions_csv, dtype={"actual": str, "predicted": str}, keep_default_na=False)
-    wrong = table[table["actual"] != table["predicted"]].sort_values("confidence", ascending=False,
-                                                                     kind="stable")
+    wrong = mistakes(table)
     shown = wrong.head(max_images)
     header = f"{title}: {len(wrong)} of {len(table)} test images wrong"
     if len(shown) < len(wrong):
