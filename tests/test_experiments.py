@@ -36,9 +36,11 @@ def reset(repo: Path) -> None:
     dvc(repo, "checkout", "-q")
 
 
-def tlpipe(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # `python -m` from the project root: the project's own copy of the package, as a user runs it.
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.cli", *args], cwd=repo, env=tool_env(),
+def tlpipe(repo: Path, *args: str, check: bool = True, code: Path | None = None) -> subprocess.CompletedProcess:
+    # `python -m` from the project root: the project's own copy of the package, as a user runs it
+    # (elsewhere, `code` names the project whose package to use).
+    env = tool_env(PYTHONPATH=str(code)) if code else tool_env()
+    proc = subprocess.run([sys.executable, "-m", "tlpipe.cli", *args], cwd=repo, env=env,
                           text=True, capture_output=True)
     if check and proc.returncode:
         raise AssertionError(f"tlpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -315,8 +317,9 @@ def test_predict_folder_and_errors(repo, tmp_path):
     got = pd.read_csv(out, keep_default_na=False)
     assert len(got) == 12 + 1 and got["error"].tolist()[-1] == "no such file"
     assert "12 images predicted with the head model, 1 errors" in proc.stdout
+    # outside a project: no models, one line
     bad = tlpipe(tmp_path, "predict", "--model", "head", str(repo / "data/prepared/images/class0"),
-                 "--out", str(out), check=False)
+                 "--out", str(out), check=False, code=repo)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: models/head.json")
 
 

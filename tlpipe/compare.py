@@ -151,6 +151,8 @@ def best_mask(table: pd.DataFrame) -> pd.DataFrame:
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # counts and epochs: pandas turns ints into floats beside missing cells
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
     return str(value)
