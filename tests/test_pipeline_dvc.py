@@ -12,7 +12,7 @@ import yaml
 from conftest import dvc, read_json, tiny_params, tool_env
 from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
 
-STAGES = ["data", "stats", "features", "head", "finetune", "evaluate"]
+STAGES = ["data", "stats", "features", "head", "finetune", "evaluate", "scratch"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
 
 def test_geometry_change_reruns_stats_and_features(baseline):
     result = dvc(baseline, "exp", "run", "-S", "image.img_size=28")
-    assert result.executed == ["stats", "features", "head", "finetune", "evaluate"]
+    assert result.executed == ["stats", "features", "head", "finetune", "evaluate", "scratch"]
 
 
 def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
