@@ -108,6 +108,13 @@ def test_exp_show_has_test_metrics_of_every_model_and_the_params(repo):
         assert unchanged not in header
     assert "[lr-high]" in table and "[scratch-on]" in table
 
+    # the README's focused view: test accuracy and macro-F1 of every model, backbone, key params
+    keep = r"(head|finetuned|scratch)\.(accuracy|macro_f1)$|backbone\.name|head\.l2_steps|finetune\.(lr|epochs)$|Experiment"
+    table = dvc(repo, "exp", "show", "--md", "--hide-workspace", "--drop", ".*", "--keep", keep).stdout
+    assert [c.strip() for c in table.splitlines()[0].split("|")[1:-1]] == [
+        "Experiment", "head.accuracy", "head.macro_f1", "finetuned.accuracy", "finetuned.macro_f1",
+        "scratch.accuracy", "scratch.macro_f1", "backbone.name", "head.l2_steps", "finetune.epochs", "finetune.lr"]
+
 
 def test_exp_diff_and_metrics_diff_show_deltas(repo):
     rows = exp_rows(repo)
@@ -370,7 +377,7 @@ def test_lr_find_suggestion_rules():
 # --- a queued sweep -------------------------------------------------------------------------------
 
 @pytest.mark.slow  # two queued experiments run by a DVC queue worker
-def test_queued_sweep_reuses_cached_features(repo):
+def test_queued_sweep_reuses_cached_features(repo, tmp_path):
     dvc(repo, "exp", "run", "--queue", "-S", "head.l2_steps=3,4")
     dvc(repo, "queue", "start")
     deadline = time.monotonic() + 600
@@ -392,3 +399,8 @@ def test_queued_sweep_reuses_cached_features(repo):
     grids = [len(pd.read_csv(io.StringIO(git(repo, "show", f"{exp_rev(repo, n)}:metrics/head_grid.csv"))))
              for n in names]
     assert sorted(grids) == [3, 4]
+
+    # finished queued experiments are compared like the others
+    md = tlpipe(repo, "compare", "--out", str(tmp_path / "sweep.html")).stdout
+    for name in names:
+        assert f"| {name} |" in md

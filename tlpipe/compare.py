@@ -76,8 +76,10 @@ def load_experiments(selected: list[str], repo: Path = Path(".")) -> list[Experi
             found.append(_experiment(commit.get("name") or commit["rev"][:7], commit["rev"], commit["data"]))
         for exp in commit.get("experiments") or []:
             rev = exp["revs"][0]
-            # Queued, running and failed experiments have no results to compare yet.
-            if exp.get("executor") or rev.get("error") or not rev.get("data", {}).get("metrics"):
+            # Queued, running and failed experiments have no results to compare; a finished queued
+            # one keeps its executor record, with state "success".
+            state = (exp.get("executor") or {}).get("state", "success")
+            if state != "success" or rev.get("error") or not (rev.get("data") or {}).get("metrics"):
                 skipped.append(exp.get("name") or rev["rev"][:7])
                 continue
             found.append(_experiment(exp.get("name") or rev["rev"][:7], rev["rev"], rev["data"]))
