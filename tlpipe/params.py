@@ -108,7 +108,7 @@ class FinetuneParams(_Section):
 class ScratchParams(_Section):
     """A small CNN trained from scratch on the same split: the baseline pretraining must beat."""
     enabled: bool = False  # DVC cannot skip a stage by param: disabled, the stage only says so
-    epochs: int = Field(15, ge=1, le=1000)
+    epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
     lr: float = Field(3e-3, gt=0, le=10)  # AdamW, cosine decay to 0
     weight_decay: float = Field(1e-4, ge=0, le=1)
