@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from tlpipe import linear
+from tlpipe import gallery, linear
 from tlpipe.features import check_trained_on, load_split
 from tlpipe.io import atomic_path, read_json, write_json
 from tlpipe.manifest import read_manifest
@@ -27,6 +27,7 @@ METRICS = Path("metrics/test.json")
 FINETUNED_PREDICTIONS = Path("data/predictions/finetuned_test.safetensors")
 PER_CLASS = Path("metrics/test_per_class.json")
 PREDICTIONS = Path("metrics/predictions")
+GALLERY = Path("metrics/gallery")  # PNGs of the misclassified test images, one per model
 
 
 def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, classes) -> None:
@@ -68,6 +69,7 @@ def main() -> None:
     write_json(PER_CLASS, {name: per_class(y_true, p, classes) for name, p in probas.items()})
     for name, p in probas.items():
         write_predictions(PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, p, classes)
+        gallery.write(PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
     for model, s in scores.items():
         print(f"{model}: test accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, "
               f"log loss {s['log_loss']:.4f} ({len(y_true)} images)")

@@ -13,41 +13,29 @@ from pathlib import Path
 
 import torch
 import torchvision
-from tqdm import tqdm
 
 from tlpipe import backbones, distributed
 from tlpipe.features import FEATURES, save_split
-from tlpipe.images import ImageFiles, eval_transform, normalize_batch
+from tlpipe.images import ImageFiles, eval_transform
 from tlpipe.io import atomic_dir, read_json, sha256_file, write_json
 from tlpipe.manifest import PREPARED, image_paths, read_manifest
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, inference_batch_size, progress_enabled, run_stage, workers
+from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage, workers
 
 STATS = Path("data/stats.json")
 
 
-@torch.inference_mode()
-def extract(trunk: torch.nn.Module, loader, mean, std, dev: torch.device, progress: bool) -> list[torch.Tensor]:
-    """Features of each batch the loader yields, in order."""
-    # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
-    trunk.to(dev, memory_format=torch.channels_last)
-    chunks = []
-    for images, _ in tqdm(loader, desc="features", disable=not progress):
-        x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
-        chunks.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu())
-    return chunks
-
-
-def gather_batches(group: distributed.Group, mine: list[torch.Tensor]) -> list[torch.Tensor]:
-    """All ranks' batches in global order (batch k was computed by rank k % world); rank 0 only."""
+def gather_batches(group: distributed.Group, mine: torch.Tensor, batches: list[list[int]]) -> torch.Tensor:
+    """All ranks' features in image order on rank 0 (batch k was computed by rank k % world)."""
     if group.world == 1:
         return mine
     everyone = [None] * group.world if group.is_main else None
     torch.distributed.gather_object(mine, everyone, dst=0)
     if not group.is_main:
-        return []
-    total = sum(len(chunks) for chunks in everyone)
-    return [everyone[k % group.world][k // group.world] for k in range(total)]
+        return torch.empty(0)
+    per_rank = [list(torch.split(t, [len(b) for b in batches[r::group.world]]))
+                for r, t in enumerate(everyone)]
+    return torch.cat([per_rank[k % group.world][k // group.world] for k in range(len(batches))])
 
 
 def main() -> None:
@@ -75,12 +63,11 @@ def main() -> None:
     batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[group.rank::group.world],
                                          num_workers=workers(), pin_memory=dev.type == "cuda")
-    chunks = gather_batches(group, extract(backbone.trunk, loader, mean, std, dev,
-                                           progress_enabled() and group.is_main))
+    mine = backbones.extract_features(backbone.trunk, loader, mean, std, dev, progress=group.is_main)
+    features = gather_batches(group, mine, batches)
     distributed.leave(group)
     if not group.is_main:
         return
-    features = torch.cat(chunks)
     if not torch.isfinite(features).all():
         raise TlpipeError(f"backbone {name} produced non-finite features; check the images and weights")
 

@@ -45,7 +45,6 @@ MODEL = Path("models/finetuned.safetensors")
 MODEL_CONFIG = Path("models/finetuned.json")
 CURVES = Path("metrics/finetune_curves")
 METRICS = Path("metrics/finetune.json")
-PROBE_MAX_ITER = 1000  # L-BFGS stops on its tolerances long before this; a cap, not a knob
 
 
 def trainable_blocks(strategy: str, last_n: int, epoch: int, total: int) -> int:
@@ -135,7 +134,7 @@ def main() -> None:
     train_features, meta = load_split("train")
     classes = meta["classes"]
     weight, bias = linear.fit_probe(train_features["features"], train_features["labels"], len(classes),
-                                    probe_l2, PROBE_MAX_ITER)
+                                    probe_l2)
     backbone = backbones.build(meta["backbone"])
     if backbone.weights_sha256 != meta["weights_sha256"]:
         raise TlpipeError(f"data/features/meta.json: features come from other {meta['backbone']} "

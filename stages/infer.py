@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tlpipe import backbones
+from tlpipe.images import ImageFiles, eval_transform
 from tlpipe.io import atomic_path
 from tlpipe.manifest import image_paths, read_manifest
-from tlpipe.models import load_classifier, predict_proba
+from tlpipe.models import load_classifier
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, device, inference_batch_size, progress_enabled, run_stage, workers
+from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage, workers
 
 MODEL = Path("models/finetuned.safetensors")
 MODEL_CONFIG = Path("models/finetuned.json")
@@ -28,8 +30,12 @@ def main() -> None:
         raise TlpipeError(f"{MODEL_CONFIG}: classes differ from data/prepared/classes.json; rerun finetune")
     test = manifest[manifest["split"] == "test"]
     dev = device()
-    proba = predict_proba(model, cfg, image_paths(test), dev, inference_batch_size(dev), workers(),
-                          progress_enabled())
+    loader = torch.utils.data.DataLoader(ImageFiles(image_paths(test), eval_transform(**cfg["transform"])),
+                                         batch_size=inference_batch_size(dev), num_workers=workers(),
+                                         pin_memory=dev.type == "cuda")
+    # The whole classifier through the one feature-extraction loop: its "features" are the logits.
+    logits = backbones.extract_features(model, loader, cfg["mean"], cfg["std"], dev, desc="fine-tuned on test")
+    proba = torch.softmax(logits, dim=1)
     with atomic_path(PREDICTIONS) as tmp:
         save_file({"proba": proba.contiguous(),
                    "ids": torch.tensor(test.index.to_numpy(), dtype=torch.int64)}, str(tmp))

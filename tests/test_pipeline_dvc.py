@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from conftest import dvc, read_json, tiny_params, tool_env
+from tlpipe.linear import PROBE_MAX_ITER
 from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
 
-STAGES = ["data", "stats", "features", "head", "finetune", "infer", "evaluate"]
+STAGES = ["data", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
 
 def test_geometry_change_reruns_stats_and_features(baseline):
     result = dvc(baseline, "exp", "run", "-S", "image.img_size=28")
-    assert result.executed == ["stats", "features", "head", "finetune", "infer", "evaluate"]
+    assert result.executed == ["stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
 
 
 def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
@@ -98,7 +99,7 @@ def test_lpft_starts_where_the_head_ended(baseline):
     rerun it); with the head's grid narrowed to that one L2, the two are the same classifier.
     """
     result = dvc(baseline, "exp", "run", "-S", "head.l2_min_log10=-1.5", "-S", "head.l2_max_log10=-1.5",
-                 "-S", "head.l2_steps=1", "-S", "head.max_iter=1000", "-S", f"finetune.probe_l2={10 ** -1.5!r}")
+                 "-S", "head.l2_steps=1", "-S", f"head.max_iter={PROBE_MAX_ITER}", "-S", f"finetune.probe_l2={10 ** -1.5!r}")
     assert result.executed == ["head", "finetune", "infer", "evaluate"]
     head = read_json(baseline / "metrics" / "head.json")
     finetune = read_json(baseline / "metrics" / "finetune.json")

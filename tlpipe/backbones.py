@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from tlpipe.images import normalize_batch
 from tlpipe.io import sha256_file
 from tlpipe.params import BACKBONE_NAMES as NAMES
 from tlpipe.params import TORCHVISION_BACKBONES as TORCHVISION
 from tlpipe.params import unknown_backbone
-from tlpipe.runtime import TlpipeError
+from tlpipe.runtime import TlpipeError, progress_enabled
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,3 +159,20 @@ def blocks(name: str, trunk: nn.Module) -> list[list[nn.Module]]:
     else:  # torchvision families with `features` + `classifier`
         groups = [[m] for m in trunk.features] + [[m] for m in trunk.classifier]
     return [g for g in groups if any(p.numel() for m in g for p in m.parameters())]
+
+
+@torch.inference_mode()
+def extract_features(trunk: nn.Module, loader, mean, std, dev: torch.device,
+                     desc: str = "features", progress: bool = True) -> torch.Tensor:
+    """Pooled features of every (uint8 image, index) batch of `loader`, in order, fp32 on the CPU.
+
+    The one definition of "the backbone's features": the features stage caches them, and
+    `tlpipe predict` computes them the same way for new images.
+    """
+    # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
+    trunk.to(dev, memory_format=torch.channels_last)
+    chunks = []
+    for images, _ in tqdm(loader, desc=desc, disable=not (progress and progress_enabled())):
+        x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
+        chunks.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+    return torch.cat(chunks)

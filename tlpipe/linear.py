@@ -59,8 +59,11 @@ def predict_proba(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     return torch.softmax(x.to(weight.dtype) @ weight.T + bias, dim=1)
 
 
+PROBE_MAX_ITER = 1000  # L-BFGS stops on its tolerances long before this; a cap, not a knob
+
+
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, n_classes: int, l2: float,
-              max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+              max_iter: int = PROBE_MAX_ITER) -> tuple[torch.Tensor, torch.Tensor]:
     """One linear probe at a given L2 strength: standardize, fit, fold. Returns raw-feature weights.
 
     The head stage's grid fit at a single L2 point, cold-started, gives the same weights.

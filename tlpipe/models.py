@@ -59,23 +59,3 @@ def load_classifier(weights: Path, config: Path) -> tuple[Classifier, dict]:
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg
 
-
-@torch.inference_mode()
-def predict_proba(model: Classifier, cfg: dict, paths: list[Path], dev: torch.device,
-                  batch_size: int, num_workers: int, progress: bool = False) -> torch.Tensor:
-    """Class probabilities (N x C, float32, CPU) for images, with the model's evaluation transform."""
-    from tqdm import tqdm
-
-    from tlpipe.images import ImageFiles, eval_transform, normalize_batch
-
-    model.to(dev, memory_format=torch.channels_last).eval()
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, eval_transform(**cfg["transform"])),
-                                         batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=dev.type == "cuda")
-    chunks = []
-    for images, _ in tqdm(loader, desc="predict", disable=not progress):
-        x = normalize_batch(images.to(dev, non_blocking=True), cfg["mean"], cfg["std"])
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-        chunks.append(torch.softmax(logits.float(), 1).cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, len(cfg["classes"]))

@@ -126,6 +126,17 @@ class FinetuneParams(_Section):
     probe_l2: float = Field(0.01, gt=0, le=1e6)  # L2 of the linear probe fine-tuning starts from
 
 
+class ScratchParams(_Section):
+    """A small CNN trained from scratch on the same split: the baseline pretraining must beat."""
+    enabled: bool = False  # DVC cannot skip a stage by param: disabled, the stage only says so
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(3e-3, gt=0, le=10)  # AdamW, cosine decay to 0
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    width: int = Field(16, ge=4, le=256)  # channels of the first conv block; doubled per block
+    hflip: bool = False  # random horizontal flips while training
+
+
 class Params(_Section):
     seed: int = 0
     data: DataParams = DataParams()
@@ -133,6 +144,7 @@ class Params(_Section):
     backbone: BackboneParams = BackboneParams()
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
+    scratch: ScratchParams = ScratchParams()
 
 
 def _format_error(err: ValidationError, path: Path) -> str:

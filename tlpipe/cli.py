@@ -1,0 +1,93 @@
+"""The `tlpipe` command: tools around the pipeline, run from the project root.
+
+    tlpipe compare [EXP ...] [--out compare.html]
+    tlpipe lr-find head|finetune [--steps N] [--start-lr 1e-7] [--end-lr 10] [--out-dir lr_find]
+    tlpipe predict --model head|finetuned IMAGE_OR_FOLDER ... [--top-k K] [--out preds.csv]
+
+The heavy imports (torch, dvc) happen inside each command, so `tlpipe --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tlpipe.runtime import TlpipeError
+
+
+def _compare(args) -> None:
+    from tlpipe import compare
+
+    exps = compare.load_experiments(args.experiments)
+    print(compare.report(exps, Path("."), Path(args.out)))
+
+
+def _lr_find(args) -> None:
+    from tlpipe import lrfind
+
+    lr, rule, curve = lrfind.run(args.target, args.steps, args.start_lr, args.end_lr, args.stop_factor,
+                                 Path(args.out_dir))
+    stopped = "" if len(curve) == args.steps else f", stopped at step {len(curve)} (loss diverged)"
+    print(f"LR range test ({args.target}): {len(curve)} steps from {curve['lr'].iloc[0]:.1e} to "
+          f"{curve['lr'].iloc[-1]:.1e}{stopped}; curve: {args.out_dir}/{args.target}.csv, .png")
+    print(f"suggested LR: {lr:.3g}  (rule: {rule})")
+    if args.target == "finetune":
+        print(f"  for finetune.lr; the backbone then gets finetune.lr x finetune.backbone_lr_mult")
+
+
+def _predict(args) -> None:
+    from tlpipe import predict
+
+    if args.top_k < 1:
+        raise TlpipeError("--top-k must be at least 1")
+    predict.predict(args.inputs, args.model, args.top_k, Path(args.out))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tlpipe", description="Tools around the tlpipe pipeline "
+                                "(run from the project root).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="compare experiments: Markdown on stdout, an HTML report")
+    c.add_argument("experiments", nargs="*", metavar="EXP",
+                   help="experiment names or revs (default: the baseline commit and all its experiments; "
+                        "'workspace' for the workspace)")
+    c.add_argument("--out", default="compare.html", help="HTML report (default: %(default)s)")
+    c.set_defaults(func=_compare)
+
+    lr = sub.add_parser("lr-find", help="learning-rate range test for the head or for fine-tuning")
+    lr.add_argument("target", choices=["head", "finetune"])
+    lr.add_argument("--steps", type=int, default=None, help="LR steps (default: 200 head, 60 finetune)")
+    lr.add_argument("--start-lr", type=float, default=1e-7)
+    lr.add_argument("--end-lr", type=float, default=10.0)
+    lr.add_argument("--stop-factor", type=float, default=4.0,
+                    help="stop when the smoothed loss exceeds this x its best (default: %(default)s)")
+    lr.add_argument("--out-dir", default="lr_find", help="where <target>.csv and .png go (default: %(default)s)")
+    lr.set_defaults(func=_lr_find)
+
+    pr = sub.add_parser("predict", help="top-k classes of images with the head or the fine-tuned model")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    pr.add_argument("--model", choices=["head", "finetuned"], required=True)
+    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("--out", default="preds.csv", help="CSV (default: %(default)s)")
+    pr.set_defaults(func=_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if getattr(args, "target", None) and args.steps is None:
+        args.steps = 200 if args.target == "head" else 60
+    try:
+        args.func(args)
+    except TlpipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""`tlpipe compare`: which experiment to keep. Markdown on stdout, one self-contained HTML report.
+
+Built on `dvc exp show --json` (params and metrics of the baseline commit and its experiments);
+files of an experiment are read at its git revision with DVC's file system, which serves
+git-tracked files (the fine-tuning curves) from git and DVC-tracked ones (the per-image
+predictions) from the local DVC cache. Figures are matplotlib PNGs embedded as base64, so the
+report is a single file that can be mailed or attached to a pull request.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from tlpipe.runtime import TlpipeError
+
+CURVES = "metrics/finetune_curves/plots/metrics"
+CURVE_FILES = {"train loss": "train/loss.tsv", "val loss": "val/loss.tsv", "val accuracy": "val/accuracy.tsv"}
+PREDICTIONS = {"head": "metrics/predictions/head.csv", "finetuned": "metrics/predictions/finetuned.csv"}
+GALLERIES = {"head": "metrics/gallery/head.png", "finetuned": "metrics/gallery/finetuned.png"}
+
+
+@dataclass
+class Experiment:
+    name: str
+    rev: str  # full git sha, or "workspace"
+    params: dict[str, object]
+    metrics: dict[str, dict[str, object]]  # metrics file -> flat {dotted key: value}
+    notes: list[str] = field(default_factory=list)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _experiment(name: str, rev: str, data: dict) -> Experiment:
+    params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
+    metrics = {file: flatten(entry.get("data") or {}) for file, entry in (data.get("metrics") or {}).items()}
+    return Experiment(name, rev, params, metrics)
+
+
+def load_experiments(selected: list[str], repo: Path = Path(".")) -> list[Experiment]:
+    """The baseline commit and its finished experiments (or the `selected` ones, by name or rev)."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise TlpipeError(f"dvc exp show failed: {last}")
+    rows = json.loads(proc.stdout)
+    found: list[Experiment] = []
+    skipped = []
+    for commit in rows:
+        if commit["rev"] == "workspace":
+            if "workspace" in selected:
+                found.append(_experiment("workspace", "workspace", commit["data"]))
+            continue
+        if commit.get("data"):
+            found.append(_experiment(commit.get("name") or commit["rev"][:7], commit["rev"], commit["data"]))
+        for exp in commit.get("experiments") or []:
+            rev = exp["revs"][0]
+            # Queued, running and failed experiments have no results to compare; a finished queued
+            # one keeps its executor record, with state "success".
+            state = (exp.get("executor") or {}).get("state", "success")
+            if state != "success" or rev.get("error") or not (rev.get("data") or {}).get("metrics"):
+                skipped.append(exp.get("name") or rev["rev"][:7])
+                continue
+            found.append(_experiment(exp.get("name") or rev["rev"][:7], rev["rev"], rev["data"]))
+    if skipped:
+        print(f"note: not finished (queued, running or failed), left out: {', '.join(skipped)}", file=sys.stderr)
+    if not selected:
+        return found
+    chosen = []
+    for want in selected:
+        match = [e for e in found if want in (e.name, e.rev) or (len(want) >= 7 and e.rev.startswith(want))]
+        if not match:
+            known = ", ".join(e.name for e in found) or "none"
+            raise TlpipeError(f"compare: no finished experiment {want!r} (known: {known})")
+        chosen.append(match[0])
+    return chosen
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def direction(column: str) -> int:
+    """+1 when higher is better, -1 when lower is, 0 when neither (counts, chosen L2, epochs)."""
+    leaf = column.rsplit(".", 1)[-1].split(":")[-1]
+    if "loss" in leaf:
+        return -1
+    if "accuracy" in leaf or "f1" in leaf:
+        return 1
+    return 0
+
+
+def differing_params(exps: list[Experiment]) -> pd.DataFrame:
+    keys = sorted({k for e in exps for k in e.params})
+    keep = [k for k in keys if len({json.dumps(e.params.get(k)) for e in exps}) > 1]
+    return pd.DataFrame([[e.params.get(k, "-") for k in keep] for e in exps], index=[e.name for e in exps],
+                        columns=keep)
+
+
+def headline(exps: list[Experiment]) -> pd.DataFrame:
+    """The columns to decide on: test accuracy, macro-F1 and log loss of every model, val accuracy."""
+    rows = []
+    for e in exps:
+        test = e.metrics.get("metrics/test.json", {})
+        row = {k: v for k, v in test.items() if k.split(".")[-1] in ("accuracy", "macro_f1", "log_loss")}
+        scratch = e.metrics.get("metrics/scratch.json", {})
+        row.update({k: v for k, v in scratch.items() if k in ("scratch.accuracy", "scratch.macro_f1",
+                                                               "scratch.log_loss")})
+        if "val_accuracy" in e.metrics.get("metrics/head.json", {}):
+            row["head.val_accuracy"] = e.metrics["metrics/head.json"]["val_accuracy"]
+        if "val_accuracy" in e.metrics.get("metrics/finetune.json", {}):
+            row["finetuned.val_accuracy"] = e.metrics["metrics/finetune.json"]["val_accuracy"]
+        rows.append(row)
+    return pd.DataFrame(rows, index=[e.name for e in exps])
+
+
+def metrics_file_table(exps: list[Experiment], file: str) -> pd.DataFrame:
+    return pd.DataFrame([e.metrics.get(file, {}) for e in exps], index=[e.name for e in exps])
+
+
+def best_mask(table: pd.DataFrame) -> pd.DataFrame:
+    """True where a value is the best of its column (all ties marked); only where values differ."""
+    mask = pd.DataFrame(False, index=table.index, columns=table.columns)
+    for col in table.columns:
+        sign = direction(col)
+        values = pd.to_numeric(table[col], errors="coerce")
+        if sign == 0 or values.notna().sum() < 2 or values.nunique() < 2:
+            continue
+        best = values.max() if sign > 0 else values.min()
+        mask[col] = np.isclose(values, best, rtol=0, atol=1e-12) & values.notna()
+    return mask
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # counts and epochs: pandas turns ints into floats beside missing cells
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def markdown_table(table: pd.DataFrame, mark_best: bool) -> str:
+    mask = best_mask(table) if mark_best else None
+    lines = ["| Experiment | " + " | ".join(table.columns) + " |",
+             "|---|" + "---:|" * len(table.columns)]
+    for name, row in table.iterrows():
+        cells = []
+        for col in table.columns:
+            text = _fmt(row[col])
+            cells.append(f"**{text}**" if mask is not None and mask.at[name, col] else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def html_table(table: pd.DataFrame, mark_best: bool) -> str:
+    mask = best_mask(table) if mark_best else None
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    body = []
+    for name, row in table.iterrows():
+        cells = "".join(
+            f'<td class="{"best" if mask is not None and mask.at[name, col] else ""}">{html.escape(_fmt(row[col]))}</td>'
+            for col in table.columns)
+        body.append(f"<tr><th>{html.escape(str(name))}</th>{cells}</tr>")
+    return f"<table><tr><th>experiment</th>{head}</tr>{''.join(body)}</table>"
+
+
+# --- files at an experiment's revision ----------------------------------------------------------
+
+class Files:
+    """Read a repository file as of an experiment: git-tracked from git, DVC-tracked from the cache."""
+
+    def __init__(self, repo: Path):
+        self.repo, self._fs = repo, {}
+
+    def read(self, exp: Experiment, path: str) -> bytes | None:
+        try:
+            if exp.rev == "workspace":
+                return (self.repo / path).read_bytes()
+            if exp.rev not in self._fs:
+                from dvc.api import DVCFileSystem
+                self._fs[exp.rev] = DVCFileSystem(str(self.repo), rev=exp.rev)
+            with self._fs[exp.rev].open(path, "rb") as f:
+                return f.read()
+        except Exception:  # missing in that revision, or not in the local cache: both mean "unavailable"
+            return None
+
+
+def png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def curves_figure(exps: list[Experiment], files: Files) -> tuple[str | None, list[str]]:
+    fig = Figure(figsize=(4.2 * len(CURVE_FILES), 3.4))
+    axes = fig.subplots(1, len(CURVE_FILES), squeeze=False)[0]
+    missing, drawn = [], 0
+    for ax, (title, rel) in zip(axes, CURVE_FILES.items()):
+        for i, exp in enumerate(exps):
+            raw = files.read(exp, f"{CURVES}/{rel}")
+            if raw is None:
+                missing.append(f"{exp.name}: {rel}")
+                continue
+            df = pd.read_csv(io.BytesIO(raw), sep="\t")
+            ax.plot(df["step"], df.iloc[:, -1], marker="o", ms=3, color=f"C{i % 10}", label=exp.name)
+            drawn += 1
+        ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (0 = the head before fine-tuning)", fontsize=8)
+    if not drawn:
+        return None, missing
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig), missing
+
+
+def confusion_figure(exp: Experiment, files: Files) -> tuple[str | None, str | None]:
+    tables = {}
+    for model, rel in PREDICTIONS.items():
+        raw = files.read(exp, rel)
+        if raw is not None:
+            tables[model] = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+    if not tables:
+        return None, (f"{exp.name}: per-image predictions not in the local DVC cache "
+                      "(`dvc pull` or `dvc exp pull <remote> <exp>`), confusion matrices skipped")
+    labels = sorted({v for t in tables.values() for v in pd.concat([t["actual"], t["predicted"]])})
+    index = {c: i for i, c in enumerate(labels)}
+    fig = Figure(figsize=(4.2 * len(tables), 3.8))
+    axes = fig.subplots(1, len(tables), squeeze=False)[0]
+    for ax, (model, t) in zip(axes, tables.items()):
+        counts = np.zeros((len(labels), len(labels)), dtype=int)
+        np.add.at(counts, (t["actual"].map(index).to_numpy(), t["predicted"].map(index).to_numpy()), 1)
+        rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # row-normalized: recall per class
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        if len(labels) <= 20:
+            for (r, c), n in np.ndenumerate(counts):
+                ax.text(c, r, str(n), ha="center", va="center", fontsize=7,
+                        color="white" if rates[r, c] > 0.5 else "black")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        acc = np.trace(counts) / max(counts.sum(), 1)
+        ax.set_title(f"{model} (accuracy {acc:.3f})", fontsize=9)
+    fig.suptitle(exp.name, fontsize=10)
+    fig.tight_layout()
+    note = None if len(tables) == len(PREDICTIONS) else f"{exp.name}: predictions of one model unavailable"
+    return png(fig), note
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}td.best{font-weight:bold;background:#dfd}
+.note{color:#a60}img{max-width:100%}"""
+
+
+def report(exps: list[Experiment], repo: Path = Path("."), out: Path = Path("compare.html")) -> str:
+    """Write the HTML report to `out`; return the Markdown summary."""
+    if not exps:
+        raise TlpipeError("compare: no finished experiments (run `dvc exp run` first)")
+    from tlpipe.io import write_text
+
+    files = Files(repo)
+    params = differing_params(exps)
+    main = headline(exps)
+    names = ", ".join(e.name for e in exps)
+    md = [f"# Experiments: {names}", "", "## Params that differ", ""]
+    md.append(markdown_table(params, mark_best=False) if len(params.columns) else "(none: same params)")
+    md += ["", "## Test metrics (best per column in bold; higher is better, lower for log loss)", "",
+           markdown_table(main, mark_best=True), ""]
+
+    parts = [f"<h1>Experiments: {html.escape(names)}</h1>", "<h2>Params that differ</h2>",
+             html_table(params, False) if len(params.columns) else "<p>none: same params</p>",
+             "<h2>Test metrics</h2><p>Best per column highlighted: higher is better for accuracy and F1, "
+             "lower for loss.</p>", html_table(main, True), "<h2>All metrics</h2>"]
+    for file in sorted({f for e in exps for f in e.metrics}):
+        parts += [f"<h3>{html.escape(file)}</h3>", html_table(metrics_file_table(exps, file), True)]
+
+    notes = []
+    curves, missing = curves_figure(exps, files)
+    parts.append("<h2>Fine-tuning curves</h2>")
+    parts.append(f'<img src="data:image/png;base64,{curves}">' if curves else "<p>no curves found</p>")
+    if missing:
+        notes.append("fine-tuning curves missing for " + "; ".join(missing))
+    parts.append("<h2>Confusion matrices (test; colour: share of the actual class, numbers: counts)</h2>")
+    for exp in exps:
+        image, note = confusion_figure(exp, files)
+        if image:
+            parts.append(f'<img src="data:image/png;base64,{image}">')
+        if note:
+            notes.append(note)
+            parts.append(f'<p class="note">{html.escape(note)}</p>')
+    parts.append("<h2>Misclassified test images</h2>")
+    for exp in exps:
+        for model, rel in GALLERIES.items():
+            raw = files.read(exp, rel)
+            if raw is not None:
+                parts.append(f"<h3>{html.escape(exp.name)}: {model}</h3>"
+                             f'<img src="data:image/png;base64,{base64.b64encode(raw).decode()}">')
+    if notes:
+        parts.insert(1, "<div class='note'>" + "<br>".join(html.escape(n) for n in notes) + "</div>")
+    write_text(out, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tlpipe compare</title>"
+                    f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    md += [f"Report with all metrics, fine-tuning curves and confusion matrices: {out}"]
+    md += [f"> note: {n}" for n in notes]
+    return "\n".join(md)

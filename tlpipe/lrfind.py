@@ -1,0 +1,219 @@
+"""`tlpipe lr-find`: the learning-rate range test (Smith 2015; fastai's lr_find).
+
+Train from the pipeline's starting point while the LR grows exponentially from `start_lr` to
+`end_lr`, one batch per step, and record the loss; stop when the running (exponential moving
+average) loss exceeds `stop_factor` x its best (it has diverged). The curve is then smoothed
+without lag (a running median, then the moving average run forward and backward), and the
+suggestion is the LR where that smoothed loss falls fastest (steepest negative slope against
+log10 LR, up to its minimum); when the minimum comes too early for a slope, it is the LR at the
+minimum / 10 (never below the start LR). The rule used is printed.
+
+- `head`: a zero-initialized linear layer on the cached train features (data/features), with the
+  fine-tuning optimizer settings (finetune.optimizer, weight_decay, momentum, batch_size,
+  label_smoothing): the head LR (finetune.lr) when the head trains alone. Seconds.
+- `finetune`: LP-FT's start (the finetune stage's probe at finetune.probe_l2 on the backbone), all blocks trainable (BatchNorm statistics
+  frozen unless finetune.train_bn_stats), the fine-tuning augmentation and optimizer, backbone LR
+  = LR x finetune.backbone_lr_mult: the suggestion is for finetune.lr. Nothing is saved.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from tlpipe import backbones, linear
+from tlpipe.features import load_split
+from tlpipe.images import ImageFiles, normalize_batch, train_transform
+from tlpipe.io import atomic_path
+from tlpipe.manifest import image_paths, read_manifest
+from tlpipe.models import Classifier, linear_from
+from tlpipe.params import load_params
+from tlpipe.runtime import TlpipeError, device, progress_enabled, workers
+
+BETA = 0.9  # loss smoothing: exponential moving average (bias-corrected) over ~10 steps
+
+
+def lr_grid(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
+    if not 0 < start_lr < end_lr:
+        raise TlpipeError(f"lr-find: need 0 < start LR < end LR, got {start_lr:g} and {end_lr:g}")
+    if steps < 10:
+        raise TlpipeError(f"lr-find: --steps must be at least 10, got {steps}")
+    return np.geomspace(start_lr, end_lr, steps)
+
+
+def ema(losses, beta: float = BETA) -> np.ndarray:
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** i))
+    return np.array(out)
+
+
+def smooth(losses, beta: float = BETA) -> np.ndarray:
+    """Zero-lag smoothing. A centred running median (5 steps) first removes single-batch spikes;
+    then the moving average, forward and backward: a causal average alone lags by ~1/(1-beta)
+    steps, which would shift the suggestion to larger LRs."""
+    median = pd.Series(losses, dtype=float).rolling(5, center=True, min_periods=1).median().to_numpy()
+    return ema(ema(median, beta)[::-1], beta)[::-1]
+
+
+def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str]:
+    """(suggested LR, the rule that chose it)."""
+    best = int(np.argmin(smoothed))
+    skip = max(2, len(smoothed) // 20)  # the ends of a smoothed curve are the least reliable
+    if best - skip >= 3:
+        slope = np.gradient(smoothed[skip:best + 1], np.log10(lrs[skip:best + 1]))
+        return float(lrs[skip + int(np.argmin(slope))]), "steepest descent of the smoothed loss"
+    return float(max(lrs[best] / 10, lrs[0])), "LR at the minimum smoothed loss / 10"
+
+
+def range_test(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, lrs: np.ndarray,
+               stop_factor: float, desc: str) -> pd.DataFrame:
+    """Run `step` (one batch: forward, return the loss) at each LR until the loss diverges."""
+    mults = [g.get("lr_mult", 1.0) for g in optimizer.param_groups]
+    losses, best, running = [], math.inf, 0.0
+    for i, lr in enumerate(tqdm(lrs, desc=desc, disable=not progress_enabled()), start=1):
+        for group, mult in zip(optimizer.param_groups, mults):
+            group["lr"] = float(lr) * mult
+        loss = step()
+        if not torch.isfinite(loss):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        running = BETA * running + (1 - BETA) * losses[-1]
+        current = running / (1 - BETA ** i)
+        best = min(best, current)
+        if current > stop_factor * best:
+            break
+    n = len(losses)
+    return pd.DataFrame({"step": np.arange(n), "lr": lrs[:n], "loss": losses, "smoothed_loss": smooth(losses)})
+
+
+def _optimizer(groups: list[dict], f) -> torch.optim.Optimizer:
+    """The fine-tuning optimizer: decay on weights only, not on biases and norms (as finetune)."""
+    cfg = []
+    for g in groups:
+        params = [p for p in g["params"] if p.requires_grad]
+        cfg += [{"params": [p for p in params if p.ndim > 1], "lr_mult": g["lr_mult"], "weight_decay": f.weight_decay},
+                {"params": [p for p in params if p.ndim <= 1], "lr_mult": g["lr_mult"], "weight_decay": 0.0}]
+    if f.optimizer == "adamw":
+        return torch.optim.AdamW(cfg, lr=1e-3)
+    return torch.optim.SGD(cfg, lr=1e-3, momentum=f.momentum, nesterov=f.momentum > 0)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+
+def head_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
+    params = load_params("lr-find")
+    f = params.finetune
+    torch.manual_seed(params.seed)
+    train, meta = load_split("train")
+    x, y = train["features"], train["labels"]
+    layer = torch.nn.Linear(x.shape[1], len(meta["classes"]))
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    optimizer = _optimizer([{"params": list(layer.parameters()), "lr_mult": 1.0}], f)
+    batches = _batches(len(x), f.batch_size, torch.Generator().manual_seed(params.seed))
+    label_smoothing = f.label_smoothing
+
+    def step():
+        idx = next(batches)
+        return F.cross_entropy(layer(x[idx]), y[idx], label_smoothing=label_smoothing)
+    return range_test(step, optimizer, lrs, stop_factor, "lr-find head")
+
+
+def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
+    params = load_params("lr-find")
+    f = params.finetune
+    seed = params.seed
+    torch.manual_seed(seed)
+    # The finetune stage's starting point: the probe at finetune.probe_l2 on the backbone.
+    train_features, feat = load_split("train")
+    classes = feat["classes"]
+    weight, bias = linear.fit_probe(train_features["features"], train_features["labels"], len(classes),
+                                    f.probe_l2)
+    backbone = backbones.build(feat["backbone"])
+    if backbone.weights_sha256 != feat["weights_sha256"]:
+        raise TlpipeError("data/features/meta.json: features of other weights; rerun the features stage")
+    model = Classifier(backbone.trunk, linear_from(weight.float(), bias.float()))
+    manifest, manifest_classes = read_manifest()
+    if manifest_classes != classes:
+        raise TlpipeError("data/features/meta.json: classes differ from data/prepared/classes.json; rerun features")
+    rows = manifest.index[manifest["split"] == "train"].to_numpy()
+    paths = image_paths(manifest)
+    geometry = feat["transform"]
+    train_set = ImageFiles([paths[i] for i in rows], train_transform(
+        geometry["img_size"], geometry["interpolation"], f.crop_scale_min, f.hflip, f.randaugment_magnitude),
+        seed=None)  # augmentation from the workers' seeded RNGs: persistent workers keep their state
+    targets = torch.tensor(manifest["target"].to_numpy()[rows], dtype=torch.int64)
+    dev = device()
+    loader = torch.utils.data.DataLoader(train_set, batch_size=f.batch_size, shuffle=True,
+                                         drop_last=len(train_set) > f.batch_size, num_workers=workers(),
+                                         persistent_workers=workers() > 0,  # no worker start-up per pass
+                                         generator=torch.Generator().manual_seed(seed))
+    model.to(dev, memory_format=torch.channels_last).train()
+    if not f.train_bn_stats:  # as finetune: pretrained BatchNorm statistics stay frozen
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    optimizer = _optimizer([{"params": list(model.trunk.parameters()), "lr_mult": f.backbone_lr_mult},
+                            {"params": list(model.head.parameters()), "lr_mult": 1.0}], f)
+    label_smoothing, mean, std = f.label_smoothing, feat["mean"], feat["std"]
+
+    def batches():
+        while True:
+            yield from loader
+    stream = batches()
+
+    def step():
+        images, idx = next(stream)
+        x = normalize_batch(images.to(dev), mean, std).contiguous(memory_format=torch.channels_last)
+        return F.cross_entropy(model(x).float(), targets[idx].to(dev), label_smoothing=label_smoothing)
+    return range_test(step, optimizer, lrs, stop_factor, "lr-find finetune")
+
+
+def plot(curve: pd.DataFrame, lr: float, rule: str, title: str, out: Path) -> None:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot(curve["lr"], curve["loss"], color="0.75", lw=0.8, label="loss")
+    ax.plot(curve["lr"], curve["smoothed_loss"], color="C0", label="smoothed loss")
+    ax.axvline(lr, color="C3", ls="--", label=f"suggested {lr:.2g}")
+    ax.set_xscale("log")
+    # Divergence makes the last losses huge; keep the informative part in view.
+    low, first = curve["smoothed_loss"].min(), curve["smoothed_loss"].iloc[0]
+    ax.set_ylim(low - 0.05 * abs(low), max(first, low) * 1.5 + 1e-3)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{title}\n({rule})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def run(target: str, steps: int, start_lr: float, end_lr: float, stop_factor: float,
+        out_dir: Path) -> tuple[float, str, pd.DataFrame]:
+    lrs = lr_grid(start_lr, end_lr, steps)
+    curve = (head_test if target == "head" else finetune_test)(lrs, stop_factor)
+    if len(curve) < 5:
+        raise TlpipeError(f"lr-find {target}: the loss diverged after {len(curve)} steps; lower the start LR")
+    lr, rule = suggest(curve["lr"].to_numpy(), curve["smoothed_loss"].to_numpy())
+    with atomic_path(out_dir / f"{target}.csv") as tmp:
+        curve.to_csv(tmp, index=False)
+    plot(curve, lr, rule, f"LR range test: {target}", out_dir / f"{target}.png")
+    return lr, rule, curve

@@ -1,0 +1,103 @@
+"""`tlpipe predict`: top-k classes of new images with the head or the fine-tuned model.
+
+Exactly the evaluation path: the model config's geometry (`eval_transform`) and mean/std; for the
+head, the backbone's features computed by `backbones.extract_features` (what the features stage
+caches) and then the head's linear layer (what evaluate applies to the cached test features).
+Files that are not decodable images are reported, on stderr and as CSV rows with an error, and do
+not stop the run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from tlpipe import backbones, linear
+from tlpipe.images import IMAGE_EXTENSIONS, ImageFiles, check_image, eval_transform
+from tlpipe.io import atomic_path, read_json
+from tlpipe.models import load_classifier
+from tlpipe.runtime import TlpipeError, device, inference_batch_size, workers
+
+MODELS = Path("models")
+
+
+def collect(inputs: list[str]) -> list[Path]:
+    """Files named on the command line as they are; folders searched for image files, recursively."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.is_file()
+                            and f.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        else:
+            files.append(path)  # a missing file becomes an error row, like an unreadable one
+    return files
+
+
+def _loader(paths: list[Path], transform, dev: torch.device):
+    return torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=inference_batch_size(dev),
+                                       num_workers=workers())
+
+
+def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+    config = models / "head.json"
+    try:
+        cfg = read_json(config)
+        tensors = load_file(str(models / "head.safetensors"))
+    except FileNotFoundError as e:
+        raise TlpipeError(f"{e.filename}: missing; run the head stage first (dvc repro head)") from None
+    feat = cfg["features"]
+    backbone = backbones.build(feat["backbone"])
+    if backbone.weights_sha256 != feat["weights_sha256"]:
+        raise TlpipeError(f"{config}: the head was trained on features of other {feat['backbone']} weights")
+    dev = device()
+    features = backbones.extract_features(backbone.trunk, _loader(paths, eval_transform(**feat["transform"]), dev),
+                                          feat["mean"], feat["std"], dev)
+    return linear.predict_proba(features, tensors["weight"], tensors["bias"]), cfg["classes"]
+
+
+def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+    model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
+    dev = device()
+    # The classifier maps images to logits, so the features helper is the evaluation loop as well.
+    logits = backbones.extract_features(model, _loader(paths, eval_transform(**cfg["transform"]), dev),
+                                        cfg["mean"], cfg["std"], dev, desc="fine-tuned")
+    return torch.softmax(logits, dim=1), cfg["classes"]
+
+
+def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> pd.DataFrame:
+    files = collect(inputs)
+    if not files:
+        raise TlpipeError("no image files found in " + ", ".join(inputs))
+    errors = {}
+    for path in files:
+        reason = "no such file" if not path.exists() else check_image(path)
+        if reason:
+            errors[path] = reason
+            print(f"error: {path}: {reason}", file=sys.stderr)
+    good = [p for p in files if p not in errors]
+    proba, classes = (None, [])
+    if good:
+        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models)
+    k = min(top_k, len(classes)) if classes else top_k
+    rows, good_index = [], {p: i for i, p in enumerate(good)}
+    for path in files:
+        row = {"path": str(path)}
+        if path in good_index:
+            p, idx = proba[good_index[path]].topk(k)
+            for rank in range(k):
+                row[f"label_{rank + 1}"] = classes[int(idx[rank])]
+                row[f"prob_{rank + 1}"] = round(float(p[rank]), 6)
+        row["error"] = errors.get(path, "")
+        rows.append(row)
+    columns = ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
+    table = pd.DataFrame(rows, columns=columns)
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
+    print(f"{len(good)} images predicted with the {model} model, {len(errors)} errors -> {out}")
+    return table
