@@ -45,7 +45,7 @@ def create_project(dest: str | Path, overrides: dict[str, Any] | None = None) ->
         for key, value in overrides.items():
             set_param(params, key, value)
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dest / ".gitignore").write_text("__pycache__/\n/models/\n/data/downloads/\n")
+    (dest / ".gitignore").write_text("__pycache__/\n/models/\n/data/downloads/\n/compare.html\n/lr_find/\n/dvc_plots/\n")
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     run("git", "init", "-q", "-b", "main")
     run(sys.executable, "-m", "dvc", "init", "-q")
