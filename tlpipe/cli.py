@@ -10,10 +10,9 @@ The heavy imports (torch, dvc) happen inside each command, so `tlpipe --help` is
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from tlpipe.runtime import TlpipeError
+from tlpipe.runtime import TlpipeError, report_errors
 
 
 def _compare(args) -> None:
@@ -79,14 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if getattr(args, "target", None) and args.steps is None:
         args.steps = 200 if args.target == "head" else 60
-    try:
-        args.func(args)
-    except TlpipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    report_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,8 @@ class TlpipeError(Exception):
     """An error in the user's input or setup, reported as one line without a traceback."""
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); input errors become one line on stderr and exit status 2."""
-    start = time.perf_counter()
+def report_errors(main: Callable[[], None]) -> None:
+    """Run main(); input errors become one line on stderr and exit status 2."""
     try:
         main()
     except TlpipeError as e:
@@ -32,6 +31,12 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main() through report_errors, then say how long it took."""
+    start = time.perf_counter()
+    report_errors(main)
     stage = os.path.splitext(os.path.basename(sys.argv[0]))[0]
     print(f"[{stage}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
