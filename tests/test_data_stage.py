@@ -5,7 +5,6 @@ counted in metrics/data.json) or as one TlpipeError line naming the file, CSV li
 """
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path

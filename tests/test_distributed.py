@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import dvc, read_json, tool_env
+from conftest import dvc, tool_env
 
 VAL_LOSS = Path("metrics/finetune_curves/plots/metrics/val/loss.tsv")
 

@@ -3,7 +3,6 @@ ends with exactly the result of an uninterrupted run. A non-finite loss stops it
 that names the epoch and step, and keeps the last good epoch's checkpoint."""
 
 import hashlib
-import json
 import os
 import signal
 import subprocess

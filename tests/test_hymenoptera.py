@@ -2,7 +2,6 @@
 (slow: real data). The fine-tuned model's numbers on this set come from bench/rerun.py."""
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import HYMENOPTERA, dvc, needs_hymenoptera, read_json

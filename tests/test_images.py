@@ -1,6 +1,5 @@
 """Unit tests for tlpipe.images: the decode check, RGB conversion and the evaluation geometry."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import dvc, read_json, tiny_params, tool_env
+from conftest import dvc, read_json, tiny_params
 from tlpipe.linear import PROBE_MAX_ITER
 from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
 
