@@ -1,0 +1,130 @@
+"""The plain references tlpipe is measured against, written the way tutorials write them.
+
+Nothing here is tuned: `ImageFolder`, the classic torchvision transforms, a `DataLoader` with its
+defaults, `model.eval()` and `torch.no_grad()`, scikit-learn with a loop over C. Each function
+returns its results and the seconds its loop took (what the timing includes is in its docstring).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+
+def eval_transform(resize_size: int, img_size: int, mean=None, std=None) -> transforms.Compose:
+    """The tutorial's evaluation preprocessing, at tlpipe's geometry (bicubic, as params.yaml)."""
+    steps = [transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+             transforms.CenterCrop(img_size),
+             transforms.ToTensor()]
+    if mean is not None:
+        steps.append(transforms.Normalize(mean, std))
+    return transforms.Compose(steps)
+
+
+def stats_two_pass(root: Path, resize_size: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-channel mean and std of the images under root, the classic way: a batch-size-1
+    DataLoader, one pass for the mean, a second for the std. Timed: dataset listing and both passes.
+
+    Sums are float64 (a float32 running sum over millions of pixels would itself miss 1e-4).
+    """
+    start = time.perf_counter()
+    dataset = datasets.ImageFolder(str(root), transform=eval_transform(resize_size, img_size))
+    loader = DataLoader(dataset, batch_size=1, shuffle=False)
+
+    total = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    for images, _ in loader:  # pass 1: mean
+        total += images.double().sum(dim=(0, 2, 3))
+        pixels += images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / pixels
+
+    squares = torch.zeros(3, dtype=torch.float64)
+    for images, _ in loader:  # pass 2: std around that mean
+        squares += ((images.double() - mean.view(1, 3, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+    std = (squares / pixels).sqrt()
+    return mean, std, time.perf_counter() - start
+
+
+def features_plain_loop(root: Path, model: torch.nn.Module, resize_size: int, img_size: int,
+                        mean, std, batch_size: int = 32, num_workers: int = 0,
+                        limit: int | None = None) -> tuple[torch.Tensor, list[str], float]:
+    """The model's outputs for every image under root (the first `limit` ones if given), the
+    tutorial way: ImageFolder, Normalize in the transform, DataLoader(batch_size=32) with the
+    default num_workers=0, model.eval(), torch.no_grad(), default NCHW memory layout.
+    Timed: dataset listing, loading, preprocessing and the forward passes (not building the model)."""
+    start = time.perf_counter()
+    dataset = datasets.ImageFolder(str(root), transform=eval_transform(resize_size, img_size, mean, std))
+    paths = [p for p, _ in dataset.samples]
+    if limit is not None and limit < len(dataset):
+        dataset, paths = Subset(dataset, range(limit)), paths[:limit]
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for images, _ in loader:
+            outputs.append(model(images))
+    return torch.cat(outputs), paths, time.perf_counter() - start
+
+
+def decoded_inputs(root: Path, resize_size: int, img_size: int, mean, std, count: int) -> torch.Tensor:
+    """The first `count` images under root, preprocessed and normalized, stacked in memory (NCHW)."""
+    dataset = datasets.ImageFolder(str(root), transform=eval_transform(resize_size, img_size, mean, std))
+    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+
+
+def forward_throughput(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int,
+                       channels_last: bool) -> float:
+    """Images/s of the model's forward alone, on tensors already in memory: the compute limit.
+    One untimed warm-up batch (oneDNN picks its kernels on the first call), then every batch timed."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.eval().to(memory_format=fmt)
+    batches = [inputs[i:i + batch_size].contiguous(memory_format=fmt) for i in range(0, len(inputs), batch_size)]
+    with torch.inference_mode():
+        model(batches[0])
+        start = time.perf_counter()
+        for x in batches:
+            model(x)
+        seconds = time.perf_counter() - start
+    return len(inputs) / seconds
+
+
+def sklearn_tuned_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                           x_test: np.ndarray, y_test: np.ndarray, l2_grid: np.ndarray,
+                           max_iter: int) -> dict:
+    """StandardScaler + LogisticRegression, C tuned on val over the same grid as tlpipe's head.
+
+    tlpipe minimizes mean cross-entropy + l2/2 ||W||^2; scikit-learn minimizes
+    C * summed cross-entropy + 1/2 ||W||^2, the same objective at C = 1 / (l2 * n_train).
+    Timed: scaling, every fit and its val scoring (the same work as the head stage's sweep).
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    start = time.perf_counter()
+    scaler = StandardScaler().fit(x_train)
+    xs_train, xs_val = scaler.transform(x_train), scaler.transform(x_val)
+    best = None
+    not_converged = 0
+    for l2 in l2_grid:
+        c = 1.0 / (l2 * len(x_train))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model = LogisticRegression(C=c, max_iter=max_iter).fit(xs_train, y_train)
+        not_converged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        val_accuracy = model.score(xs_val, y_val)
+        if best is None or val_accuracy > best[0]:
+            best = (val_accuracy, l2, model)
+    seconds = time.perf_counter() - start
+    val_accuracy, l2, model = best
+    return {"seconds": seconds, "l2": float(l2), "C": 1.0 / (l2 * len(x_train)), "val_accuracy": val_accuracy,
+            "test_accuracy": model.score(scaler.transform(x_test), y_test), "fits": len(l2_grid),
+            "not_converged": not_converged}
