@@ -33,7 +33,7 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO))  # after bench/ (the scripts), before an installed tlpipe
 from tlpipe.scaffold import create_project  # noqa: E402
 
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
@@ -180,6 +180,7 @@ class Project:
     @classmethod
     def create(cls, path: Path, label: str, overrides: dict) -> "Project":
         say(f"{label}: new project {path}")
+        shutil.rmtree(path, ignore_errors=True)  # every benchmark starts cold
         return cls(create_project(path, overrides), label)
 
     def params(self) -> dict:

@@ -1,0 +1,75 @@
+"""head: tlpipe's head stage against scikit-learn's LogisticRegression with C tuned on the same val split.
+
+    python bench/head.py [--quick] [--n 5000] [--sets hymenoptera,synthetic] [--workdir DIR]
+
+Target (DESIGN.md §8): at least scikit-learn's test accuracy, in no more time. Both fit the same
+cached features (the features stage's), choose the L2 strength on the same val split over the
+same grid (params.yaml head.*; C = 1 / (l2 * n_train)), and are scored on the same test split.
+tlpipe's time is the head stage's `done in` time (reading the features, the whole grid, writing the
+model and metrics; not Python start-up); scikit-learn's is in-process: scaling, every fit, its val
+scoring (not loading the features).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+import common
+import reference
+from common import Project, Section, Target, say, table
+
+
+def split_features(project: Project, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    t = load_file(str(project.path / "data" / "features" / f"{split}.safetensors"))
+    return t["features"], t["labels"]
+
+
+def run(project: Project, workdir: Path, args=None) -> Section:
+    project.prepare("features")
+    h = project.params()["head"]
+    grid = np.logspace(h["l2_min_log10"], h["l2_max_log10"], h["l2_steps"])[::-1]  # as stages/head.py
+    stage = project.run("head")
+
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (split_features(project, s)
+                                                            for s in ("train", "val", "test"))
+    model = load_file(str(project.path / "models" / "head.safetensors"))
+    test_accuracy = float(((x_test @ model["weight"].T + model["bias"]).argmax(1) == y_test).double().mean())
+    chosen = json.loads((project.path / "metrics" / "head.json").read_text())
+
+    say(f"{project.label}: scikit-learn LogisticRegression over {len(grid)} values of C ...")
+    sk = reference.sklearn_tuned_logistic(x_train.numpy(), y_train.numpy(), x_val.numpy(), y_val.numpy(),
+                                          x_test.numpy(), y_test.numpy(), grid, h["max_iter"])
+    say(f"{project.label}: scikit-learn done in {sk['seconds']:.1f}s")
+
+    n = f"{len(y_train)}/{len(y_val)}/{len(y_test)}"
+    section = Section(f"head: {project.label} ({n} train/val/test images, {x_train.shape[1]}-d features)")
+    section.parts.append(table(
+        ["run", "grid points", "chosen l2", "val accuracy", "test accuracy", "seconds", "note"],
+        [["tlpipe: head stage (L-BFGS, warm-started sweep)", len(grid), f"{chosen['l2']:.3g}",
+          chosen["val_accuracy"], test_accuracy, stage.seconds, f"stage time; wall {stage.wall:.1f}s"],
+         ["reference: StandardScaler + LogisticRegression(C), best C on val", sk["fits"], f"{sk['l2']:.3g}",
+          sk["val_accuracy"], sk["test_accuracy"], sk["seconds"],
+          f"in-process; C={sk['C']:.3g}; max_iter={h['max_iter']}"
+          + (f"; {sk['not_converged']} fits hit max_iter" if sk["not_converged"] else "")]]))
+    section.parts.append("Ties on val accuracy: tlpipe keeps the lower val log loss, scikit-learn the "
+                         "first (strongest L2) of the grid, which is walked from strong to weak L2 in both.")
+    accuracy_ok = test_accuracy >= sk["test_accuracy"]
+    time_ok = stage.seconds <= sk["seconds"]
+    section.targets.append(Target(f"head vs scikit-learn ({project.label})",
+                                  ">= its test accuracy, in no more time",
+                                  f"accuracy {test_accuracy:.4f} vs {sk['test_accuracy']:.4f}; "
+                                  f"{stage.seconds:.2f}s vs {sk['seconds']:.2f}s",
+                                  accuracy_ok and time_ok,
+                                  "" if accuracy_ok and time_ok else
+                                  ("accuracy below" if not accuracy_ok else "") +
+                                  (" slower" if not time_ok else "")))
+    return section
+
+
+if __name__ == "__main__":
+    common.standalone(run, __doc__.splitlines()[0])
