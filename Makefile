@@ -24,7 +24,7 @@ test-fast: $(VENV)/.installed
 	pytest -m "not slow"
 
 bench: $(VENV)/.installed
-	python bench/rerun.py
+	python bench/all.py
 
 clean-venv:
 	rm -rf $(VENV)
