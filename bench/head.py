@@ -65,9 +65,8 @@ def run(project: Project, workdir: Path, args=None) -> Section:
                                   f"accuracy {test_accuracy:.4f} vs {sk['test_accuracy']:.4f}; "
                                   f"{stage.seconds:.2f}s vs {sk['seconds']:.2f}s",
                                   accuracy_ok and time_ok,
-                                  "" if accuracy_ok and time_ok else
-                                  ("accuracy below" if not accuracy_ok else "") +
-                                  (" slower" if not time_ok else "")))
+                                  "; ".join(n for ok, n in ((accuracy_ok, "lower accuracy"), (time_ok, "slower"))
+                                            if not ok)))
     return section
 
 

@@ -76,13 +76,14 @@ def run(workdir: Path, dataset: Path = HYMENOPTERA, overrides: dict | None = Non
                          f"{finetune['best_epoch']}). Test accuracy of the cold run: linear probe "
                          f"{test['head']['accuracy']:.4f}, fine-tuned {test['finetuned']['accuracy']:.4f} "
                          f"({data['test_images']} test images: hymenoptera's own val/).")
+    # With fewer fine-tuning epochs the cold run is shorter, so neither the ratio nor the fine-tuned
+    # accuracy is the target's; they are shown, not judged.
+    not_full = "finetune.epochs" in changed
+    note = f"not the target settings (finetune.epochs={params['finetune.epochs']})" if not_full else ""
     section.targets.append(Target("incremental rerun after a head change", f"<= {RERUN_RATIO:.0%} of cold, "
                                   "no features or finetune", f"{ratio:.1%} ({warm:.1f}s vs {cold:.1f}s); "
                                   f"features/finetune run: {not skipped_expensive}",
-                                  ratio <= RERUN_RATIO and skipped_expensive,
-                                  f"finetune.epochs={params['finetune.epochs']}"))
-    not_full = "finetune.epochs" in changed
-    note = "not the target settings (fewer epochs)" if not_full else ""
+                                  None if not_full else ratio <= RERUN_RATIO and skipped_expensive, note))
     section.targets.append(Target("hymenoptera linear probe", f">= {PROBE_ACCURACY}",
                                   f"{test['head']['accuracy']:.4f}", test["head"]["accuracy"] >= PROBE_ACCURACY))
     section.targets.append(Target("hymenoptera fine-tuned", f">= {FINETUNED_ACCURACY}",
