@@ -6,13 +6,15 @@ Target (DESIGN.md §8): at least scikit-learn's test accuracy, in no more time. 
 cached features (the features stage's), choose the L2 strength on the same val split over the
 same grid (params.yaml head.*; C = 1 / (l2 * n_train)), and are scored on the same test split.
 tlpipe's time is the head stage's `done in` time (reading the features, the whole grid, writing the
-model and metrics; not Python start-up); scikit-learn's is in-process: scaling, every fit, its val
-scoring (not loading the features).
+model and metrics; not Python start-up) and, where tlpipe.linear.sweep exists, that sweep timed
+in-process (the target uses it then); scikit-learn's is in-process: scaling, every fit, its val
+scoring (not loading the features). Test accuracy of tlpipe is the stage's saved head.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,20 @@ def run(project: Project, workdir: Path, args=None) -> Section:
     test_accuracy = float(((x_test @ model["weight"].T + model["bias"]).argmax(1) == y_test).double().mean())
     chosen = json.loads((project.path / "metrics" / "head.json").read_text())
 
+    # The in-process equivalent of the stage's work (tlpipe.linear.sweep, what stages/head.py calls),
+    # comparable with scikit-learn's in-process loop: no start-up, no reading or writing files.
+    from tlpipe import linear
+
+    sweep = None
+    if hasattr(linear, "sweep"):
+        say(f"{project.label}: tlpipe.linear.sweep in-process ...")
+        start = time.perf_counter()
+        sweep_rows, best, (w, b) = linear.sweep(x_train, y_train, x_val, y_val, int(y_train.max()) + 1,
+                                                grid, h["max_iter"])
+        sweep = {"seconds": time.perf_counter() - start, "l2": sweep_rows[best]["l2"],
+                 "val_accuracy": sweep_rows[best]["val_accuracy"],
+                 "test_accuracy": float(((x_test.double() @ w.T + b).argmax(1) == y_test).double().mean())}
+
     say(f"{project.label}: scikit-learn LogisticRegression over {len(grid)} values of C ...")
     sk = reference.sklearn_tuned_logistic(x_train.numpy(), y_train.numpy(), x_val.numpy(), y_val.numpy(),
                                           x_test.numpy(), y_test.numpy(), grid, h["max_iter"])
@@ -48,22 +64,26 @@ def run(project: Project, workdir: Path, args=None) -> Section:
 
     n = f"{len(y_train)}/{len(y_val)}/{len(y_test)}"
     section = Section(f"head: {project.label} ({n} train/val/test images, {x_train.shape[1]}-d features)")
-    section.parts.append(table(
-        ["run", "grid points", "chosen l2", "val accuracy", "test accuracy", "seconds", "note"],
-        [["tlpipe: head stage (L-BFGS, warm-started sweep)", len(grid), f"{chosen['l2']:.3g}",
-          chosen["val_accuracy"], test_accuracy, stage.seconds, f"stage time; wall {stage.wall:.1f}s"],
-         ["reference: StandardScaler + LogisticRegression(C), best C on val", sk["fits"], f"{sk['l2']:.3g}",
-          sk["val_accuracy"], sk["test_accuracy"], sk["seconds"],
-          f"in-process; C={sk['C']:.3g}; max_iter={h['max_iter']}"
-          + (f"; {sk['not_converged']} fits hit max_iter" if sk["not_converged"] else "")]]))
+    rows = [["tlpipe: head stage (L-BFGS, warm-started sweep)", len(grid), f"{chosen['l2']:.3g}",
+             chosen["val_accuracy"], test_accuracy, stage.seconds, f"stage time; wall {stage.wall:.1f}s"]]
+    if sweep:
+        rows.append(["tlpipe: linear.sweep, in-process", len(grid), f"{sweep['l2']:.3g}", sweep["val_accuracy"],
+                     sweep["test_accuracy"], sweep["seconds"], "in-process"])
+    rows.append(["reference: StandardScaler + LogisticRegression(C), best C on val", sk["fits"], f"{sk['l2']:.3g}",
+                 sk["val_accuracy"], sk["test_accuracy"], sk["seconds"],
+                 f"in-process; C={sk['C']:.3g}; max_iter={h['max_iter']}"
+                 + (f"; {sk['not_converged']} fits hit max_iter" if sk["not_converged"] else "")])
+    section.parts.append(table(["run", "grid points", "chosen l2", "val accuracy", "test accuracy", "seconds",
+                                "note"], rows))
     section.parts.append("Ties on val accuracy: tlpipe keeps the lower val log loss, scikit-learn the "
                          "first (strongest L2) of the grid, which is walked from strong to weak L2 in both.")
+    seconds, which = (sweep["seconds"], "in-process sweep") if sweep else (stage.seconds, "head stage")
     accuracy_ok = test_accuracy >= sk["test_accuracy"]
-    time_ok = stage.seconds <= sk["seconds"]
+    time_ok = seconds <= sk["seconds"]
     section.targets.append(Target(f"head vs scikit-learn ({project.label})",
                                   ">= its test accuracy, in no more time",
                                   f"accuracy {test_accuracy:.4f} vs {sk['test_accuracy']:.4f}; "
-                                  f"{stage.seconds:.2f}s vs {sk['seconds']:.2f}s",
+                                  f"{seconds:.2f}s ({which}) vs {sk['seconds']:.2f}s",
                                   accuracy_ok and time_ok,
                                   "; ".join(n for ok, n in ((accuracy_ok, "lower accuracy"), (time_ok, "slower"))
                                             if not ok)))
