@@ -33,8 +33,8 @@ PARTS = ("stats", "features", "head", "memory", "rerun", "default")
 def report(path: Path, info: dict, sections: list[Section], args, started: float, done: bool) -> None:
     targets = [t for s in sections for t in s.targets]
     lines = ["# Benchmarks", "",
-             f"Regenerate with `make bench` (`python bench/all.py`; `--help` for the options). "
-             f"Every comparison ran in this one run, on this machine, on the same images for both sides.",
+             "Regenerate with `make bench` (`python bench/all.py`; `--help` for the options). "
+             "Every comparison ran in this one run, on this machine, on the same images for both sides.",
              ""]
     if args.quick:
         lines += ["**Quick mode** (`--quick`: 300 synthetic images, 1 fine-tuning epoch): a development "

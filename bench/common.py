@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(REPO))  # after bench/ (the scripts), before an installed tlpipe
-from tlpipe.scaffold import create_project  # noqa: E402
+from tlpipe.scaffold import create_project  # noqa: E402 (needs the path above)
 
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
 # The README's photo geometry, used on both image sets (the defaults suit 8x8 digit scans).
@@ -103,10 +104,11 @@ def machine() -> dict[str, str]:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown")
+    # check=False: outside a git checkout these print nothing, and the report says so.
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                            capture_output=True).stdout.strip()
+                            capture_output=True, check=False).stdout.strip() or "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, text=True,
-                           capture_output=True).stdout.strip()
+                           capture_output=True, check=False).stdout.strip()
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "CPU": cpu,
@@ -178,7 +180,7 @@ class Project:
         self.variants: dict[str, Project] = {}
 
     @classmethod
-    def create(cls, path: Path, label: str, overrides: dict) -> "Project":
+    def create(cls, path: Path, label: str, overrides: dict) -> Project:
         say(f"{label}: new project {path}")
         shutil.rmtree(path, ignore_errors=True)  # every benchmark starts cold
         return cls(create_project(path, overrides), label)
@@ -209,7 +211,7 @@ class Project:
         for stage in order[: order.index(up_to) + 1]:
             self.run(stage)
 
-    def variant(self, name: str, overrides: dict) -> "Project":
+    def variant(self, name: str, overrides: dict) -> Project:
         """A sibling project with some params changed that shares this one's prepared images
         (a symlink to data/prepared, so the data stage's copy is not repeated)."""
         if name not in self.variants:
@@ -227,6 +229,17 @@ class Project:
 
     def jpeg_draft(self) -> bool | None:
         return self.params()["image"].get("jpeg_draft")
+
+
+@contextmanager
+def inside(project: Project):
+    """Run tlpipe's in-process code from the project dir (its paths are relative to it)."""
+    before = os.getcwd()
+    os.chdir(project.path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

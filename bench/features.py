@@ -20,8 +20,6 @@ same backbone and weights (tf_efficientnet_lite0), the same preprocessing.
 from __future__ import annotations
 
 import copy
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,17 +36,6 @@ COMPUTE_LIMIT_IMAGES = 256  # pre-decoded images the forward alone is timed on
 # differ in the last bits; identical pixels must agree to this.
 MIN_COSINE = 0.9999
 MAX_ABS = 1e-4
-
-
-@contextmanager
-def inside(project: Project):
-    """Run tlpipe's in-process code from the project dir (its paths are relative to it)."""
-    before = os.getcwd()
-    os.chdir(project.path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def stage_features(project: Project) -> dict[int, torch.Tensor]:
@@ -87,7 +74,7 @@ def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=("train
 
     batch = inference_batch_size()
     out = {}
-    with inside(project):
+    with common.inside(project):
         start = time.perf_counter()
         for split in splits:
             seen = []
@@ -126,7 +113,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
     hot_ips = None
     if decode:
         say(f"{project.label}: tlpipe hot loop (in-process, from the shards) ...")
-        hot, hot_seconds = hot_loop(project, copy.deepcopy(backbone.trunk), mean, std)
+        _, hot_seconds = hot_loop(project, copy.deepcopy(backbone.trunk), mean, std)
         hot_ips = n / hot_seconds
         rows.append([f"tlpipe: hot loop, in-process (shards, batch {inference_batch_size()}, channels_last)",
                      n, hot_seconds, hot_ips, ""])
@@ -168,7 +155,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
     agree = []
     count, max_abs, min_cos = compare(ours, ref, ref_rows)
     exact = (count, max_abs, min_cos)
-    agree.append([f"features stage" + (f", jpeg_draft={project.jpeg_draft()}" if decode else ""),
+    agree.append(["features stage" + (f", jpeg_draft={project.jpeg_draft()}" if decode else ""),
                   count, f"{max_abs:.2e}", f"{min_cos:.6f}"])
     if project.jpeg_draft():
         # The agreement check proper: the same pixels as the reference (jpeg_draft off), tlpipe's

@@ -38,7 +38,7 @@ def dvc(repo: Path, *args: str) -> tuple[float, list[str], dict[str, str]]:
     say(f"{repo.name}: dvc {' '.join(args)} ...")
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=common.tool_env(), text=True,
-                         capture_output=True)
+                         capture_output=True, check=False)
     elapsed = time.perf_counter() - start
     if out.returncode:
         sys.exit(f"dvc {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")

@@ -14,6 +14,7 @@ the jpeg_draft difference is reported beside it.
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
@@ -23,11 +24,26 @@ from common import Project, Section, Target, say, table
 
 TOLERANCE = 1e-4
 SPEEDUP = 10.0
+HOT_BATCH = 256  # as stages/stats.py
 
 
 def stage_stats(project: Project) -> tuple[torch.Tensor, torch.Tensor]:
     stats = json.loads((project.path / "data" / "stats.json").read_text())
     return torch.tensor(stats["mean"], dtype=torch.float64), torch.tensor(stats["std"], dtype=torch.float64)
+
+
+def hot_loop(project: Project) -> float:
+    """Seconds of tlpipe's stats computation in-process, reading the project's shards."""
+    from tlpipe.decoded import read_batches
+    from tlpipe.moments import ChannelMoments
+
+    with common.inside(project):
+        start = time.perf_counter()
+        moments = ChannelMoments()
+        for images, _ in read_batches("train", HOT_BATCH):
+            moments.update(images)
+        _ = moments.mean, moments.std  # the final reduction is part of the work
+        return time.perf_counter() - start
 
 
 def run(project: Project, workdir, args=None) -> Section:
@@ -46,12 +62,21 @@ def run(project: Project, workdir, args=None) -> Section:
         rows.append(["tlpipe: decode stage (all splits; one-off per geometry)",
                      f"jpeg_draft={project.jpeg_draft()}", decode.seconds, decode.wall, ""])
     stats = project.runs["stats"]
-    ratio = ref_seconds / stats.seconds
+    ratio, which = ref_seconds / stats.seconds, "stats stage"
     rows.append(["tlpipe: stats stage (train split" + (", from the shards)" if decode else ")"),
                  "", stats.seconds, stats.wall, f"{ratio:.1f}x"])
     if decode:
+        # The stage prints its time to 0.1 s, too coarse once it reads shards: the same loop
+        # in-process (tlpipe.moments over tlpipe.decoded's batches, as stages/stats.py does) gives the
+        # ratio its digits.
+        hot_seconds = hot_loop(project)
+        ratio, which = ref_seconds / hot_seconds, "stats hot loop on the shards, in-process"
+        rows.append(["tlpipe: stats hot loop, in-process (ChannelMoments over read_batches('train'))", "",
+                     hot_seconds, "", f"{ratio:.1f}x"])
+    if decode:
         both = decode.seconds + stats.seconds
-        rows.append(["tlpipe: decode + stats, end to end", "", both, decode.wall + stats.wall,
+        rows.append(["tlpipe: decode + stats, end to end", f"jpeg_draft={project.jpeg_draft()}", both,
+                     decode.wall + stats.wall,
                      f"{ref_seconds / both:.1f}x"])
     rows.append(["reference: ImageFolder, DataLoader(batch_size=1), two passes", "in-process",
                  ref_seconds, "", "1x"])
@@ -68,22 +93,25 @@ def run(project: Project, workdir, args=None) -> Section:
         e_mean, e_std = stage_stats(exact)
         exact_diff = max((e_mean - ref_mean).abs().max().item(), (e_std - ref_std).abs().max().item())
         agreement.append(["tlpipe, jpeg_draft=False", _fmt(e_mean), _fmt(e_std), f"{exact_diff:.2e}"])
-        rows.insert(1, ["tlpipe: decode stage", "jpeg_draft=False", exact.runs["decode"].seconds,
-                        exact.runs["decode"].wall, ""])
+        exact_decode, exact_stats = exact.runs["decode"], exact.runs["stats"]
+        exact_both = exact_decode.seconds + exact_stats.seconds
+        rows.insert(-1, ["tlpipe: decode + stats, end to end", "jpeg_draft=False", exact_both,
+                         exact_decode.wall + exact_stats.wall, f"{ref_seconds / exact_both:.1f}x"])
     agreement.append(["reference", _fmt(ref_mean), _fmt(ref_std), ""])
 
     section = Section(f"stats: {project.label} ({n_train} train images, "
                       f"{image['resize_size']}/{image['img_size']} px)")
-    section.parts.append(table(["run", "", "stage s", "wall s", "speed-up vs reference"], rows))
+    section.parts.append(table(["run", "settings", "stage s", "wall s", "speed-up vs reference"], rows))
     section.parts.append("Stage s: the stage's own `done in` time (params, reading, computing, writing; "
                          "not Python start-up). Wall s: the whole subprocess. The reference is timed "
                          "in-process from building the ImageFolder to the end of the second pass; it "
-                         "accumulates in float64.")
+                         "accumulates in float64. The decode stage decodes every split (its shards "
+                         "serve stats, features, fine-tuning and inference), so \"decode + stats\" "
+                         "charges all of it to stats, which reads the train split only.")
     section.parts.append(table(["values", "mean (R, G, B)", "std (R, G, B)", "max abs diff vs reference"],
                                agreement))
     section.targets.append(Target(f"stats speed ({project.label})", f">= {SPEEDUP:.0f}x the two-pass loop",
-                                  f"{ratio:.1f}x", ratio >= SPEEDUP,
-                                  "stats stage reading the shards" if decode else "stats stage"))
+                                  f"{ratio:.1f}x", ratio >= SPEEDUP, which))
     if decode:
         both = decode.seconds + stats.seconds
         section.targets.append(Target(f"decode + stats ({project.label})", "(informational)",

@@ -70,7 +70,7 @@ def make_image(i: int, seed: int) -> tuple[Image.Image, str, str]:
     label = CLASSES[i % len(CLASSES)]
     shape, colour = label.rsplit("_", 1)
     short = int(rng.choice(SHORT_SIDES))
-    long = int(round(short * float(rng.choice(ASPECTS))))
+    long = round(short * float(rng.choice(ASPECTS)))
     w, h = (long, short) if rng.random() < 0.6 else (short, long)  # landscape or portrait
 
     # Background: a smooth random colour field (upsampled from a few pixels), then fine noise.
