@@ -14,7 +14,7 @@ same backbone and weights (tf_efficientnet_lite0), the same preprocessing.
   (reading shards, normalizing, channels_last forward): what compares with the compute limit.
 - reference: reference.features_plain_loop (num_workers=0 as tutorials; also num_workers=2 on at
   most --subset images); compute limit: reference.forward_throughput, NCHW and channels_last, at
-  batch 32 and at tlpipe's CPU batch size; the target uses the fastest of them.
+  batch 32 and at tlpipe's CPU batch size, best of 3 passes; the target uses the fastest of them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from common import BACKBONE, Project, Section, Target, say, table
 
 SPEEDUP = 2.0
 OF_LIMIT = 0.8
-COMPUTE_LIMIT_IMAGES = 256  # pre-decoded images the forward alone is timed on
+COMPUTE_LIMIT_IMAGES = 256  # pre-decoded images the forward alone is timed on (best of 3 passes)
 # NCHW (the reference) and channels_last (tlpipe) run different oneDNN kernels, so float32 results
 # differ in the last bits; identical pixels must agree to this.
 MIN_COSINE = 0.9999
@@ -149,7 +149,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
                          "reading, computing, writing; not Python start-up). The reference loops are "
                          "timed in-process from building the ImageFolder to the last batch (not building "
                          "the model); the compute limit times the forward passes alone after one warm-up "
-                         "batch.")
+                         "batch, best of 3 passes over the images.")
 
     # Agreement: tlpipe's features against the plain loop's, image by image.
     agree = []

@@ -79,19 +79,22 @@ def decoded_inputs(root: Path, resize_size: int, img_size: int, mean, std, count
 
 
 def forward_throughput(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int,
-                       channels_last: bool) -> float:
+                       channels_last: bool, repeats: int = 3) -> float:
     """Images/s of the model's forward alone, on tensors already in memory: the compute limit.
-    One untimed warm-up batch (oneDNN picks its kernels on the first call), then every batch timed."""
+    One untimed warm-up batch (oneDNN picks its kernels on the first call), then all batches timed,
+    `repeats` times; the best pass counts (a limit is the best the machine does, not a typical pass)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.eval().to(memory_format=fmt)
     batches = [inputs[i:i + batch_size].contiguous(memory_format=fmt) for i in range(0, len(inputs), batch_size)]
+    best = float("inf")
     with torch.inference_mode():
         model(batches[0])
-        start = time.perf_counter()
-        for x in batches:
-            model(x)
-        seconds = time.perf_counter() - start
-    return len(inputs) / seconds
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for x in batches:
+                model(x)
+            best = min(best, time.perf_counter() - start)
+    return len(inputs) / best
 
 
 def sklearn_tuned_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
