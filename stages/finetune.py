@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from tlpipe import backbones, checkpoints, distributed, linear
 from tlpipe.features import load_split
-from tlpipe.images import ImageFiles, eval_transform, normalize_batch, train_transform
+from tlpipe.decoded import DecodedSplit
+from tlpipe.images import ImageFiles, normalize_batch, train_transform
 from tlpipe.io import sha256_file, write_json
 from tlpipe.manifest import image_paths, read_manifest
 from tlpipe.models import Classifier, linear_from, save_classifier
@@ -89,19 +90,21 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, targets, mean, std, group, amp) -> tuple[float, float]:
-    """Val loss and accuracy; each rank scores its share of the images and the sums are combined."""
+def evaluate(model, batches, targets, mean, std, group, amp) -> tuple[float, float]:
+    """Val loss and accuracy over (images, manifest ids) batches; each rank scores its share of the
+    batches and the sums are combined."""
     model.eval()
     dev = group.device
-    loss_sum, correct = 0.0, 0
-    for images, idx in loader:
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, ids in batches:
         x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
-        y = targets[idx].to(dev, non_blocking=True)
+        y = targets[ids].to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
-    loss_sum, correct, count = distributed.all_sum(group, loss_sum, correct, len(targets))
+        count += len(y)
+    loss_sum, correct, count = distributed.all_sum(group, loss_sum, correct, count)
     return loss_sum / count, correct / count
 
 
@@ -150,20 +153,20 @@ def main() -> None:
     mean, std = meta["mean"], meta["std"]
     targets = torch.tensor(manifest["target"].to_numpy(), dtype=torch.int64)
     train_rows = manifest.index[manifest["split"] == "train"].to_numpy().copy()
-    val_rows = manifest.index[manifest["split"] == "val"].to_numpy().copy()
     paths = image_paths(manifest)
-    val_rows = val_rows[group.rank::group.world]  # each rank scores its share of val
     train_set = ImageFiles([paths[i] for i in train_rows], train_transform(
         geometry["img_size"], geometry["interpolation"], crop_scale_min, hflip, randaugment_magnitude), seed=seed)
-    val_set = ImageFiles([paths[i] for i in val_rows], eval_transform(**geometry))
-    train_targets, val_targets = targets[train_rows], targets[val_rows]
+    val = DecodedSplit("val")
+    if val.geometry != geometry:
+        raise TlpipeError(f"data/decoded holds geometry {val.geometry}, the features {geometry}; "
+                          "rerun the features stage")
+    train_targets = targets[train_rows]
 
     dev = group.device
     amp = dev.type == "cuda"  # bf16 autocast on CUDA; fp32 on CPU, where bf16 is slow or absent
     n_workers = workers()
     loader_args = dict(num_workers=n_workers, pin_memory=dev.type == "cuda")
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=inference_batch_size(dev),
-                                             persistent_workers=n_workers > 0, **loader_args)
+    val_batches = val.batches(inference_batch_size(dev), group.rank, group.world)
     batches = distributed.GlobalBatches(len(train_set), batch_size, group, seed)
     steps_per_epoch = len(batches)
     model.to(dev, memory_format=torch.channels_last)
@@ -190,6 +193,7 @@ def main() -> None:
     checkpoint = checkpoints.EpochCheckpoint(checkpoints.run_key({
         "params": settings, "device": dev.type,
         "inputs": {str(p): sha256_file(p) for p in [*code, Path("data/prepared/manifest.csv"),
+                                                    Path("data/decoded/meta.json"),
                                                     Path("data/features/train.safetensors")]},
     }))
     main_rank = group.is_main
@@ -212,7 +216,7 @@ def main() -> None:
 
     resumed = checkpoint.load()
     if resumed is None:
-        initial_loss, initial_acc = evaluate(model, val_loader, val_targets, mean, std, group, amp)
+        initial_loss, initial_acc = evaluate(model, val_batches, targets, mean, std, group, amp)
         say(f"epoch 0 (the probe on the frozen backbone): val loss {initial_loss:.4f} acc {initial_acc:.4f}")
         log({"val/loss": initial_loss, "val/accuracy": initial_acc})
         best = {"epoch": 0, "val_loss": initial_loss, "val_accuracy": initial_acc,
@@ -269,7 +273,7 @@ def main() -> None:
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         loss_sum, seen = distributed.all_sum(group, loss_sum, seen)
-        val_loss, val_acc = evaluate(model, val_loader, val_targets, mean, std, group, amp)
+        val_loss, val_acc = evaluate(model, val_batches, targets, mean, std, group, amp)
         if schedule == "plateau":
             scheduler.step(val_loss)
         log({"train/loss": loss_sum / seen, "val/loss": val_loss, "val/accuracy": val_acc,

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tlpipe import linear
@@ -25,10 +23,6 @@ METRICS = Path("metrics/head.json")
 GRID_PLOT = Path("metrics/head_grid.csv")
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(1) == labels).double().mean())
-
-
 def main() -> None:
     params = load_params("head")
     h = params.head
@@ -37,28 +31,10 @@ def main() -> None:
 
     train, meta = load_split("train")
     val, _ = load_split("val")
-    n_classes = len(meta["classes"])
-    x_train = train["features"].double()
-    scaler = linear.Standardizer.fit(x_train)
-    x_train, x_val = scaler(x_train), scaler(val["features"].double())
-    y_train, y_val = train["labels"], val["labels"]
-
-    rows, fits, init = [], [], None
-    for l2 in grid:
-        w, b = linear.fit_logistic(x_train, y_train, n_classes, float(l2), max_iter, init)
-        init = (w, b)
-        fits.append((w, b))
-        val_logits = x_val @ w.T + b
-        rows.append({
-            "log10_l2": round(float(np.log10(l2)), 4),
-            "l2": float(l2),
-            "train_accuracy": round(accuracy(x_train @ w.T + b, y_train), 6),
-            "val_accuracy": round(accuracy(val_logits, y_val), 6),
-            "val_log_loss": round(float(F.cross_entropy(val_logits, y_val)), 6),
-        })
-        print("  ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k != "log10_l2"))
-    best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], rows[i]["val_log_loss"]))
-    weight, bias = linear.fold(*fits[best], scaler)
+    rows, best, (weight, bias) = linear.sweep(train["features"], train["labels"], val["features"],
+                                              val["labels"], len(meta["classes"]), grid, max_iter)
+    for row in rows:
+        print("  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "log10_l2"))
 
     with atomic_path(MODEL) as tmp:
         save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}, str(tmp))

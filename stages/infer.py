@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from tlpipe import backbones
-from tlpipe.images import ImageFiles, eval_transform
+from tlpipe.decoded import DecodedSplit
 from tlpipe.io import atomic_path
-from tlpipe.manifest import image_paths, read_manifest
+from tlpipe.manifest import read_manifest
 from tlpipe.models import load_classifier
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage, workers
+from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage
 
 MODEL = Path("models/finetuned.safetensors")
 MODEL_CONFIG = Path("models/finetuned.json")
@@ -25,20 +25,20 @@ PREDICTIONS = Path("data/predictions/finetuned_test.safetensors")
 def main() -> None:
     load_params("infer")  # validates params.yaml; inference reads no params (the model has its config)
     model, cfg = load_classifier(MODEL, MODEL_CONFIG)
-    manifest, classes = read_manifest()
+    _, classes = read_manifest()
     if cfg["classes"] != classes:
         raise TlpipeError(f"{MODEL_CONFIG}: classes differ from data/prepared/classes.json; rerun finetune")
-    test = manifest[manifest["split"] == "test"]
+    test = DecodedSplit("test")
+    if test.geometry != cfg["transform"]:
+        raise TlpipeError(f"{MODEL_CONFIG}: trained at input geometry {cfg['transform']}, but "
+                          f"data/decoded holds {test.geometry}; rerun finetune")
     dev = device()
-    loader = torch.utils.data.DataLoader(ImageFiles(image_paths(test), eval_transform(**cfg["transform"])),
-                                         batch_size=inference_batch_size(dev), num_workers=workers(),
-                                         pin_memory=dev.type == "cuda")
     # The whole classifier through the one feature-extraction loop: its "features" are the logits.
-    logits = backbones.extract_features(model, loader, cfg["mean"], cfg["std"], dev, desc="fine-tuned on test")
+    logits = backbones.extract_features(model, test.batches(inference_batch_size(dev)), cfg["mean"], cfg["std"],
+                                        dev, desc="fine-tuned on test").reshape(len(test), len(classes))
     proba = torch.softmax(logits, dim=1)
     with atomic_path(PREDICTIONS) as tmp:
-        save_file({"proba": proba.contiguous(),
-                   "ids": torch.tensor(test.index.to_numpy(), dtype=torch.int64)}, str(tmp))
+        save_file({"proba": proba.contiguous(), "ids": test.ids()}, str(tmp))
     print(f"fine-tuned model on {len(test)} test images ({dev.type})")
 
 

@@ -22,8 +22,6 @@ def main() -> None:
     s = params.scratch
     settings = dict(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
                     width=s.width, hflip=s.hflip, seed=params.seed)
-    geometry = {"img_size": params.image.img_size, "resize_size": params.image.resize_size,
-                "interpolation": params.image.interpolation}
     if not s.enabled:
         write_json(METRICS, {"scratch": {"trained": False}})
         print("scratch baseline disabled (scratch.enabled: false); wrote metrics/scratch.json")
@@ -32,22 +30,24 @@ def main() -> None:
     import torch  # the heavy imports, only when the baseline is trained
 
     from tlpipe import scratch
-    from tlpipe.manifest import image_paths, read_manifest
+    from tlpipe.decoded import DecodedSplit
+    from tlpipe.manifest import read_manifest
     from tlpipe.metrics import summary
     from tlpipe.runtime import device
 
     manifest, classes = read_manifest()
     stats = read_json(STATS)
-    paths = image_paths(manifest)
     targets = torch.tensor(manifest["target"].to_numpy(), dtype=torch.int64)
-    images = scratch.decode(paths, geometry)
-    split = {name: torch.tensor((manifest["split"] == name).to_numpy()) for name in ("train", "val", "test")}
+    # The baseline is small and trains for many epochs: all of its images stay in memory.
+    images, ids = {}, {}
+    for name in ("train", "val", "test"):
+        decoded = DecodedSplit(name)
+        images[name], ids[name] = decoded.rows(0, len(decoded))
     dev = device()
-    model, run = scratch.train(images[split["train"]], targets[split["train"]], images[split["val"]],
-                               targets[split["val"]], len(classes), mean=stats["mean"], std=stats["std"],
-                               dev=dev, **settings)
-    proba = scratch.predict_proba(model, images[split["test"]], stats["mean"], stats["std"], dev)
-    test = summary(targets[split["test"]].numpy(), proba.numpy())
+    model, run = scratch.train(images["train"], targets[ids["train"]], images["val"], targets[ids["val"]],
+                               len(classes), mean=stats["mean"], std=stats["std"], dev=dev, **settings)
+    proba = scratch.predict_proba(model, images["test"], stats["mean"], stats["std"], dev)
+    test = summary(targets[ids["test"]].numpy(), proba.numpy())
     # One "scratch" block, so `dvc exp show` has scratch.accuracy beside head.* and finetuned.*
     write_json(METRICS, {"scratch": {"trained": True, **test, "val_accuracy": round(run["val_accuracy"], 6),
                                      "val_loss": round(run["val_loss"], 6), "best_epoch": run["epoch"],

@@ -15,7 +15,7 @@ def test_presplit_hymenoptera_head_reaches_target(tmp_path):
     repo = create_project(tmp_path / "project", {
         "data.source": "presplit", "data.root": str(HYMENOPTERA),
         "image.img_size": 224, "image.resize_size": 256})
-    assert dvc(repo, "repro", "head").executed == ["data", "stats", "features", "head"]
+    assert dvc(repo, "repro", "head").executed == ["data", "decode", "stats", "features", "head"]
     data = read_json(repo / "metrics" / "data.json")
     # No test/ folder: the given val/ (70 + 83) is the test split; val is carved out of train/.
     assert data["test_images"] == 153

@@ -13,7 +13,7 @@ from conftest import dvc, read_json, tiny_params
 from tlpipe.linear import PROBE_MAX_ITER
 from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
 
-STAGES = ["data", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
+STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
 
 def test_geometry_change_reruns_stats_and_features(baseline):
     result = dvc(baseline, "exp", "run", "-S", "image.img_size=28")
-    assert result.executed == ["stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
+    assert result.executed == ["decode", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
 
 
 def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):

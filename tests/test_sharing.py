@@ -20,7 +20,7 @@ import pytest
 from conftest import dvc, tiny_params, tool_env
 from tlpipe.scaffold import GIT_IDENTITY, create_project
 
-STAGES = ["data", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
+STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
 UP_TO_DATE = "Data and pipelines are up to date"
 BUCKET = "tlpipe-share"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}
@@ -106,7 +106,7 @@ def test_run_cache_restores_features_in_a_fresh_clone(shared, tmp_path):
     runs = [p.read_text().partition("\n")[0] for p in (shared.storage / "runs").rglob("*")
             if p.is_file()]
     assert sorted(runs) == sorted(f"cmd: python -m stages.{s}" for s in
-                                  ("data", "stats", "features", "head", "finetune", "infer", "evaluate",
+                                  ("data", "decode", "stats", "features", "head", "finetune", "infer", "evaluate",
                                    "scratch", "features", "head"))
 
     # Teammate: fresh clone, run-cache pulled, the same params combination run again.

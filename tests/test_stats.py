@@ -1,22 +1,15 @@
-"""Unit tests for stages/stats.py ChannelMoments: streaming per-channel mean and std."""
-
-import importlib.util
-from pathlib import Path
+"""tlpipe.moments.ChannelMoments, what the stats stage streams over: per-channel mean and std."""
 
 import numpy as np
 import pytest
 import torch
 
-STATS_FILE = Path(__file__).resolve().parents[1] / "stages" / "stats.py"
+from tlpipe import moments
 
 
 @pytest.fixture(scope="module")
 def ChannelMoments():
-    # stages/ is not a package: load the stage module from its file
-    spec = importlib.util.spec_from_file_location("tlpipe_stage_stats", STATS_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ChannelMoments
+    return moments.ChannelMoments
 
 
 def random_batches(sizes, seed=0, hw=(7, 5)):
@@ -93,3 +86,8 @@ def test_update_does_not_modify_the_batch(ChannelMoments):
     copy = batch.clone()
     ChannelMoments().update(batch)
     assert torch.equal(batch, copy)
+
+
+def test_refuses_float_images(ChannelMoments):
+    with pytest.raises(TypeError, match="uint8"):
+        ChannelMoments().update(torch.zeros(1, 3, 2, 2))

@@ -175,4 +175,4 @@ def extract_features(trunk: nn.Module, loader, mean, std, dev: torch.device,
     for images, _ in tqdm(loader, desc=desc, disable=not (progress and progress_enabled())):
         x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
         chunks.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu())
-    return torch.cat(chunks)
+    return torch.cat(chunks) if chunks else torch.empty(0)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +54,29 @@ def load_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)
+
+
+def load_rgb_drafted(path: str | Path, resize_size: int, interpolation: str) -> Image.Image:
+    """load_rgb, except that a JPEG whose short side is >= 4x resize_size is decoded at 1/2, 1/4 or
+    1/8 scale (libjpeg's DCT scaling, never below 2x resize_size) and resized here, short side to
+    resize_size, as the evaluation resize would: several times faster on large photos.
+
+    The resize maps exactly the region the full image covers (`box`: a reduced decode pads to whole
+    pixels), to the size the full decode would be resized to, before EXIF rotation (rotations and
+    flips commute with resizing). Agreement with the full decode is measured in tests/test_decode.py.
+    """
+    with Image.open(path) as img:
+        w, h = img.size
+        if img.format != "JPEG" or min(w, h) < 4 * resize_size:
+            img.load()
+            return to_rgb(img)
+        _, box = img.draft(img.mode, (2 * resize_size, 2 * resize_size))
+        img.load()
+        # torchvision's Resize(int): the short side becomes resize_size, the long side is truncated.
+        long = int(resize_size * max(w, h) / min(w, h))
+        size = (resize_size, long) if w <= h else (long, resize_size)
+        resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
+        return to_rgb(img.resize(size, resample, box=box))
 
 
 def check_image(path: str | Path, root: str | Path | None = None) -> str | None:
@@ -124,20 +148,34 @@ class ImageFiles(torch.utils.data.Dataset):
     (with non-persistent workers, each epoch's workers get the dataset as it is then).
     """
 
-    def __init__(self, paths: Sequence[str | Path], transform, seed: int | None = None):
+    def __init__(self, paths: Sequence[str | Path], transform, seed: int | None = None,
+                 load: Callable[[Path], Image.Image] = load_rgb):
         self.paths = [Path(p) for p in paths]
         self.transform = transform
         self.seed = seed
+        self.load = load
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        img = load_rgb(self.paths[i])
+        img = self.load(self.paths[i])
         if self.seed is not None:
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         return self.transform(img), i
+
+
+def eval_images(paths: Sequence[str | Path], geometry: dict) -> ImageFiles:
+    """Images at the evaluation geometry of a features/model config's "transform" entry: the one
+    decoding path of the decode stage, `tlpipe predict` and anything else that must agree with them."""
+    transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
+    load = load_rgb
+    if geometry.get("jpeg_draft", False):  # configs written before jpeg_draft existed: full decodes
+        # After the drafted load the short side is resize_size already, so the Resize is a no-op.
+        load = functools.partial(load_rgb_drafted, resize_size=geometry["resize_size"],
+                                 interpolation=geometry["interpolation"])
+    return ImageFiles(paths, transform, load=load)
 
 
 def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

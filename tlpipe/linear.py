@@ -7,6 +7,7 @@ the saved head is a plain Linear layer on raw backbone features, ready to sit on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,37 @@ def fold(w: torch.Tensor, b: torch.Tensor, scaler: Standardizer) -> tuple[torch.
 
 def predict_proba(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x.to(weight.dtype) @ weight.T + bias, dim=1)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).double().mean())
+
+
+def sweep(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+          val_labels: torch.Tensor, n_classes: int, grid, max_iter: int):
+    """The linear probe protocol: one fit per L2 in `grid` (strongest first, each warm-started from
+    the last), the best val accuracy kept (ties: lower val log loss).
+
+    Returns a row of scores per grid point, the index of the kept one, and its raw-feature weights.
+    """
+    x_train = train_features.double()
+    scaler = Standardizer.fit(x_train)
+    x_train, x_val = scaler(x_train), scaler(val_features.double())
+    rows, fits, init = [], [], None
+    for l2 in grid:
+        w, b = fit_logistic(x_train, train_labels, n_classes, float(l2), max_iter, init)
+        init = (w, b)
+        fits.append((w, b))
+        val_logits = x_val @ w.T + b
+        rows.append({
+            "log10_l2": round(math.log10(l2), 4),
+            "l2": float(l2),
+            "train_accuracy": round(accuracy(x_train @ w.T + b, train_labels), 6),
+            "val_accuracy": round(accuracy(val_logits, val_labels), 6),
+            "val_log_loss": round(float(F.cross_entropy(val_logits, val_labels)), 6),
+        })
+    best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], rows[i]["val_log_loss"]))
+    return rows, best, fold(*fits[best], scaler)
 
 
 PROBE_MAX_ITER = 1000  # L-BFGS stops on its tolerances long before this; a cap, not a knob

@@ -59,6 +59,8 @@ class ImageParams(_Section):
     img_size: int = Field(224, ge=8, le=1024)
     resize_size: int = Field(256, ge=8, le=2048)
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    # Decode large JPEGs at 1/2, 1/4 or 1/8 scale while the short side stays >= resize_size.
+    jpeg_draft: bool = True
 
     @model_validator(mode="after")
     def _geometry(self):

@@ -1,6 +1,6 @@
 """`tlpipe predict`: top-k classes of new images with the head or the fine-tuned model.
 
-Exactly the evaluation path: the model config's geometry (`eval_transform`) and mean/std; for the
+Exactly the evaluation path: the model config's geometry (`eval_images`, the decode stage's) and mean/std; for the
 head, the backbone's features computed by `backbones.extract_features` (what the features stage
 caches) and then the head's linear layer (what evaluate applies to the cached test features).
 Files that are not decodable images are reported, on stderr and as CSV rows with an error, and do
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tlpipe import backbones, linear
-from tlpipe.images import IMAGE_EXTENSIONS, ImageFiles, check_image, eval_transform
+from tlpipe.images import IMAGE_EXTENSIONS, check_image, eval_images
 from tlpipe.io import atomic_path, read_json
 from tlpipe.models import load_classifier
 from tlpipe.runtime import TlpipeError, device, inference_batch_size, workers
@@ -39,8 +39,8 @@ def collect(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _loader(paths: list[Path], transform, dev: torch.device):
-    return torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=inference_batch_size(dev),
+def _loader(paths: list[Path], geometry: dict, dev: torch.device):
+    return torch.utils.data.DataLoader(eval_images(paths, geometry), batch_size=inference_batch_size(dev),
                                        num_workers=workers())
 
 
@@ -56,7 +56,7 @@ def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, 
     if backbone.weights_sha256 != feat["weights_sha256"]:
         raise TlpipeError(f"{config}: the head was trained on features of other {feat['backbone']} weights")
     dev = device()
-    features = backbones.extract_features(backbone.trunk, _loader(paths, eval_transform(**feat["transform"]), dev),
+    features = backbones.extract_features(backbone.trunk, _loader(paths, feat["transform"], dev),
                                           feat["mean"], feat["std"], dev)
     return linear.predict_proba(features, tensors["weight"], tensors["bias"]), cfg["classes"]
 
@@ -65,7 +65,7 @@ def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Ten
     model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
     dev = device()
     # The classifier maps images to logits, so the features helper is the evaluation loop as well.
-    logits = backbones.extract_features(model, _loader(paths, eval_transform(**cfg["transform"]), dev),
+    logits = backbones.extract_features(model, _loader(paths, cfg["transform"], dev),
                                         cfg["mean"], cfg["std"], dev, desc="fine-tuned")
     return torch.softmax(logits, dim=1), cfg["classes"]
 

@@ -4,7 +4,8 @@ Resource knobs come from the environment, never from params.yaml: moving a run f
 GPU box must not invalidate DVC's caches.
 
     TLPIPE_DEVICE      auto (default: cuda when available, else cpu) | cpu | cuda | cuda:N
-    TLPIPE_WORKERS     data-loading worker processes (default: CPUs - 1, at least 1, at most 4)
+    TLPIPE_WORKERS     data-loading worker processes (default: CPUs - 1, at least 1, at most 4,
+                       beside a process that runs a model; CPUs, at most 8, for the decode stage)
     TLPIPE_BATCH_SIZE  inference batch size (default: 16 on CPU, where larger is slower; 128 on CUDA)
     TLPIPE_PROGRESS    0 to hide progress bars
 """
@@ -69,9 +70,11 @@ def device():
     return dev
 
 
-def workers() -> int:
-    # One core stays with the main process, which runs the model.
-    return _env_int("TLPIPE_WORKERS", min(4, max(1, (os.cpu_count() or 1) - 1)), 0)
+def workers(main_computes: bool = True) -> int:
+    cpus = os.cpu_count() or 1
+    # When the main process runs a model, one core stays with it.
+    default = min(4, max(1, cpus - 1)) if main_computes else min(8, cpus)
+    return _env_int("TLPIPE_WORKERS", default, 0)
 
 
 def inference_batch_size(dev=None) -> int:

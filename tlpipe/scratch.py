@@ -2,7 +2,7 @@
 
 Three conv blocks (conv-BN-ReLU; a stride-2 first conv, max-pool between blocks), global average
 pooling, a linear layer.
-Images are decoded once with the evaluation transform and kept in memory as uint8 (the baseline is
+Images come from the decode stage's shards and stay in memory as uint8 (the baseline is
 meant for the small data sets transfer learning is for); training draws batches and flips from a
 generator seeded by `seed`, so a run on the same device is reproducible.
 """
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from tlpipe.images import ImageFiles, eval_transform, normalize_batch
-from tlpipe.runtime import TlpipeError, progress_enabled, workers
+from tlpipe.images import normalize_batch
+from tlpipe.runtime import TlpipeError, progress_enabled
 
 
 def small_cnn(n_classes: int, width: int) -> nn.Sequential:
@@ -32,13 +31,6 @@ def small_cnn(n_classes: int, width: int) -> nn.Sequential:
     return nn.Sequential(*block(3, width, stride=2), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
                          *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(4 * width, n_classes))
-
-
-def decode(paths: list[Path], geometry: dict) -> torch.Tensor:
-    """All images at the evaluation geometry, uint8 NCHW."""
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, eval_transform(**geometry)), batch_size=64,
-                                         num_workers=workers())
-    return torch.cat([x for x, _ in tqdm(loader, desc="decode", disable=not progress_enabled())])
 
 
 @torch.no_grad()

@@ -1,0 +1,154 @@
+"""The decode stage: every image decoded once into uint8 shards, and the fast JPEG path it uses."""
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from stages import data, decode
+from tlpipe import decoded
+from tlpipe.decoded import DecodedSplit
+from tlpipe.images import eval_images, eval_transform, load_rgb, load_rgb_drafted
+from tlpipe.manifest import image_paths, read_manifest
+from tlpipe.moments import ChannelMoments
+from tlpipe.runtime import TlpipeError
+
+ORIENTATION = 0x0112
+
+
+@pytest.fixture(scope="module")
+def large_photo() -> Image.Image:
+    """A real photo (scikit-learn's bundled china.jpg, 640x427) enlarged to 2560x1708."""
+    photo = Image.fromarray(load_sample_image("china.jpg"))
+    return photo.resize((2560, 1708), Image.Resampling.BICUBIC)
+
+
+def save_jpeg(img: Image.Image, path, orientation: int = 1):
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    img.save(path, "JPEG", quality=92, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_drafted_decode_agrees_with_the_full_decode(tmp_path, large_photo, orientation):
+    """Every EXIF orientation: the reduced-scale decode lands on the same pixels, within a level or so."""
+    path = save_jpeg(large_photo, tmp_path / "big.jpg", orientation)
+    transform = eval_transform(224, 256, "bicubic")
+    full = transform(load_rgb(path))
+    drafted = transform(load_rgb_drafted(path, 256, "bicubic"))
+    assert full.shape == drafted.shape == (3, 224, 224)
+    diff = (full.int() - drafted.int()).abs().float()
+    assert not torch.equal(full, drafted)  # the reduced decode really happened
+    # Stated tolerance: mean absolute difference below 1 grey level, 99th percentile below 8. A
+    # misplaced crop or a wrong rotation of the box shifts edges and fails this by a wide margin.
+    assert diff.mean() < 1.0
+    assert diff.flatten().quantile(0.99) < 8
+
+
+def test_small_or_non_jpeg_images_are_decoded_in_full(tmp_path, large_photo):
+    small = save_jpeg(large_photo.resize((900, 600)), tmp_path / "small.jpg")  # < 4x resize_size
+    png = tmp_path / "big.png"
+    large_photo.save(png)
+    transform = eval_transform(224, 256, "bicubic")
+    for path in (small, png):
+        assert torch.equal(transform(load_rgb_drafted(path, 256, "bicubic")), transform(load_rgb(path)))
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, digit_folder, large_photo):
+    """A folder source of digit scans (PNG) and three large JPEGs per class; data stage already run."""
+    root = tmp_path / "images"
+    for cls in ("class0", "class1", "class2"):
+        (root / cls).mkdir(parents=True)
+        for png in sorted((digit_folder / cls).glob("*.png")):
+            (root / cls / png.name).write_bytes(png.read_bytes())
+        for k in range(3):
+            crop = large_photo.crop((k * 300, 0, k * 300 + 1400, 1100)).rotate(90 * int(cls[-1]), expand=True)
+            save_jpeg(crop, root / cls / f"photo{k}.jpg")
+    params = {"data": {"source": "folder", "root": str(root), "val_fraction": 0.25, "test_fraction": 0.25},
+              "image": {"img_size": 64, "resize_size": 72, "jpeg_draft": True}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TLPIPE_PROGRESS", "0")
+    monkeypatch.setenv("TLPIPE_WORKERS", "0")
+    data.main()
+    # Shards of 10 images, so splits span several and batches cross shard boundaries.
+    monkeypatch.setattr(decoded, "SHARD_BYTES", 10 * 3 * 64 * 64)
+    return tmp_path
+
+
+def test_shards_hold_exactly_what_the_evaluation_path_decodes(project):
+    decode.main()
+    manifest, _ = read_manifest()
+    meta = decoded.read_meta()
+    geometry = {"img_size": 64, "resize_size": 72, "interpolation": "bicubic", "jpeg_draft": True}
+    assert meta["geometry"] == geometry
+    paths = image_paths(manifest)
+    for split in ("train", "val", "test"):
+        images = DecodedSplit(split)
+        rows = manifest.index[manifest["split"] == split].to_numpy()
+        assert len(images) == len(rows) == meta["splits"][split]["images"]
+        assert len(meta["splits"][split]["shards"]) >= 2 and max(meta["splits"][split]["shards"]) == 10
+        pixels, ids = images.rows(0, len(images))
+        assert ids.tolist() == rows.tolist()  # manifest order within the split
+        expected = eval_images([paths[i] for i in rows], geometry)
+        assert torch.equal(pixels, torch.stack([expected[i][0] for i in range(len(rows))]))
+
+
+def test_batches_cross_shards_and_ranks_share_them_out_once(project):
+    decode.main()
+    train = DecodedSplit("train")
+    whole, ids = train.rows(0, len(train))
+    for size in (1, 7, 10, 64):
+        batches = list(train.batches(size))
+        assert len(batches) == len(train.batches(size)) == len(train.batch_lengths(size))
+        assert [len(b) for b, _ in batches] == train.batch_lengths(size)
+        assert torch.equal(torch.cat([b for b, _ in batches]), whole)
+        # rank r of 3 takes batches r, r+3, ...: together exactly the batches of one process
+        dealt = {k: b for r in range(3) for k, (b, _) in zip(range(r, 10**6, 3), train.batches(size, r, 3))}
+        assert all(torch.equal(dealt[k], batches[k][0]) for k in range(len(batches)))
+    assert torch.equal(train.ids(), ids)
+
+
+def test_stats_over_shards_equal_float64_over_the_decoded_images(project):
+    decode.main()
+    train = DecodedSplit("train")
+    moments = ChannelMoments()
+    for batch, _ in train.batches(5):
+        moments.update(batch)
+    x = train.rows(0, len(train))[0].double() / 255
+    torch.testing.assert_close(moments.mean, x.mean(dim=(0, 2, 3)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(moments.std, x.transpose(0, 1).reshape(3, -1).std(dim=1, unbiased=False),
+                               rtol=1e-12, atol=0)
+
+
+def test_decode_is_byte_identical_run_to_run(project):
+    decode.main()
+    first = {p.name: p.read_bytes() for p in sorted(decoded.DECODED.iterdir())}
+    decode.main()
+    assert {p.name: p.read_bytes() for p in sorted(decoded.DECODED.iterdir())} == first
+
+
+def test_shards_of_another_manifest_are_refused(project):
+    decode.main()
+    manifest = project / "data" / "prepared" / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",train,", ",val,", 1))
+    with pytest.raises(TlpipeError, match="decoded from another manifest.*rerun the decode stage"):
+        DecodedSplit("train")
+
+
+def test_missing_shards_name_the_stage_to_run(project):
+    with pytest.raises(TlpipeError, match=r"data/decoded/meta.json: missing; run the decode stage"):
+        DecodedSplit("test")
+
+
+def test_an_empty_split_reads_as_no_images(tmp_path):
+    writer = decoded.ShardWriter(tmp_path, "test", (3, 8, 8))
+    writer.flush()
+    meta = {"geometry": {"img_size": 8}, "splits": {"test": {"images": 0, "shards": writer.sizes}}}
+    test = DecodedSplit("test", tmp_path, meta=meta)
+    assert len(test) == 0 and list(test.batches(4)) == [] and test.ids().numel() == 0
+    pixels, ids = test.rows(0, 0)
+    assert pixels.shape == (0, 3, 8, 8) and ids.shape == (0,)

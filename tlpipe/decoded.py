@@ -1,0 +1,147 @@
+"""Images decoded once at the evaluation geometry, in a few shard files per split.
+
+The idea of FFCV's dataset files: the decode stage turns every image into resized, centre-cropped
+uint8 CHW pixels once; stats, features, fine-tuning's validation pass and inference then read
+those instead of decoding and resizing JPEGs again and again. A split's images go, in manifest
+order, into `{split}-NNN.safetensors` files (tensors `images`, N x 3 x S x S uint8, and `ids`, their
+manifest rows) of at most SHARD_BYTES each, beside a `meta.json` with the geometry, the manifest's
+sha256 and the shard sizes. Readers hold one shard's pages at a time, so memory does not grow
+with the number of images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+
+from tlpipe.io import read_json, sha256_file
+from tlpipe.manifest import PREPARED
+from tlpipe.runtime import TlpipeError
+
+DECODED = Path("data/decoded")
+SHARD_BYTES = 64 << 20  # big enough that DVC sees few files, small enough to stay in memory
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:03d}.safetensors"
+
+
+class ShardWriter:
+    """Appends images of one split, writing a shard file each time SHARD_BYTES are filled."""
+
+    def __init__(self, folder: Path, split: str, image_shape: tuple[int, int, int]):
+        self.folder, self.split = folder, split
+        self.capacity = max(1, SHARD_BYTES // math.prod(image_shape))
+        self.buffer = torch.empty((self.capacity, *image_shape), dtype=torch.uint8)
+        self.ids = torch.empty(self.capacity, dtype=torch.int64)
+        self.filled = 0
+        self.sizes: list[int] = []
+
+    def add(self, images: torch.Tensor, ids: torch.Tensor) -> None:
+        while len(images):
+            take = min(len(images), self.capacity - self.filled)
+            self.buffer[self.filled:self.filled + take] = images[:take]
+            self.ids[self.filled:self.filled + take] = ids[:take]
+            self.filled += take
+            images, ids = images[take:], ids[take:]
+            if self.filled == self.capacity:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled == 0 and self.sizes:
+            return
+        n = self.filled  # an empty split still gets one (empty) shard, so readers need no special case
+        save_file({"images": self.buffer[:n].contiguous(), "ids": self.ids[:n].contiguous()},
+                  str(self.folder / shard_name(self.split, len(self.sizes))))
+        self.sizes.append(n)
+        self.filled = 0
+
+
+def read_meta(folder: Path = DECODED, prepared: Path = PREPARED) -> dict:
+    """meta.json, checked against the current manifest."""
+    try:
+        meta = read_json(folder / "meta.json")
+    except FileNotFoundError:
+        raise TlpipeError(f"{folder / 'meta.json'}: missing; run the decode stage first (dvc repro decode)") from None
+    if meta.get("manifest_sha256") != sha256_file(prepared / "manifest.csv"):
+        raise TlpipeError(f"{folder}: decoded from another manifest than {prepared / 'manifest.csv'}; "
+                          "rerun the decode stage")
+    return meta
+
+
+class DecodedSplit:
+    """One split's decoded images, read by row ranges across shard boundaries."""
+
+    def __init__(self, split: str, folder: Path = DECODED, meta: dict | None = None):
+        meta = read_meta(folder) if meta is None else meta
+        self.split, self.folder = split, folder
+        self.sizes = meta["splits"][split]["shards"]
+        self.starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
+        self.geometry = meta["geometry"]
+        self._open: tuple[int, object] | None = None
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def _shard(self, k: int):
+        if self._open is None or self._open[0] != k:
+            self._open = None  # drop the previous mapping before opening the next
+            path = self.folder / shard_name(self.split, k)
+            try:
+                self._open = (k, safe_open(str(path), framework="pt"))
+            except (FileNotFoundError, SafetensorError) as e:
+                raise TlpipeError(f"{path}: unreadable ({e}); rerun the decode stage") from None
+        return self._open[1]
+
+    def ids(self) -> torch.Tensor:
+        """The manifest rows of all the split's images, in order (without reading any pixels)."""
+        parts = [self._shard(k).get_tensor("ids") for k in range(len(self.sizes))]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and manifest ids of rows lo..hi-1 of the split."""
+        images, ids = [], []
+        for k, (start, size) in enumerate(zip(self.starts, self.sizes)):
+            a, b = max(lo, start), min(hi, start + size)
+            if a < b:
+                f = self._shard(k)
+                images.append(f.get_slice("images")[a - start:b - start])
+                ids.append(f.get_slice("ids")[a - start:b - start])
+        if not images:
+            s = self.geometry["img_size"]
+            return torch.empty((0, 3, s, s), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+        return torch.cat(images), torch.cat(ids)
+
+    def batches(self, batch_size: int, first: int = 0, every: int = 1) -> "Batches":
+        """(uint8 NCHW, ids) batches k = first, first + every, ...: rank r of w takes first=r, every=w."""
+        return Batches(self, batch_size, first, every)
+
+    def batch_lengths(self, batch_size: int) -> list[int]:
+        n = len(self)
+        return [min(batch_size, n - lo) for lo in range(0, n, batch_size)]
+
+
+class Batches:
+    """An iterable with a length (for progress bars) over some of a split's batches."""
+
+    def __init__(self, split: DecodedSplit, batch_size: int, first: int, every: int):
+        self.split, self.batch_size = split, batch_size
+        self.ks = range(first, math.ceil(len(split) / batch_size), every)
+
+    def __len__(self) -> int:
+        return len(self.ks)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        for k in self.ks:
+            yield self.split.rows(k * self.batch_size, min(n, (k + 1) * self.batch_size))
+
+
+def read_batches(split: str, batch_size: int, folder: Path = DECODED) -> Batches:
+    """All of a split's decoded images, in manifest order, as (uint8 NCHW, ids) batches."""
+    return DecodedSplit(split, folder).batches(batch_size)
