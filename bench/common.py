@@ -351,3 +351,10 @@ def standalone(run_one, description: str, extra_args=None) -> None:
         print()
         print(s.markdown())
         print(targets_table(s.targets))
+
+
+if __name__ == "__main__":
+    # A library of the benchmark scripts; --help says so, and running it shows this machine's entry.
+    argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                            epilog="Used by every bench/ script; `python bench/all.py` runs them all.").parse_args()
+    print(table(["", ""], [[k, v] for k, v in machine().items()]))

@@ -131,3 +131,12 @@ def sklearn_tuned_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.n
     return {"seconds": seconds, "l2": float(l2), "C": 1.0 / (l2 * len(x_train)), "val_accuracy": val_accuracy,
             "test_accuracy": model.score(scaler.transform(x_test), y_test), "fits": len(l2_grid),
             "not_converged": not_converged}
+
+
+if __name__ == "__main__":
+    # A library of the benchmark scripts (bench/stats.py, features.py, head.py use it); --help says so.
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                            epilog="Used by bench/stats.py, bench/features.py and bench/head.py.").parse_args()
+    print(__doc__)

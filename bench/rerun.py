@@ -72,7 +72,7 @@ def run(workdir: Path, dataset: Path = HYMENOPTERA, overrides: dict | None = Non
         ["ratio rerun / cold", f"{ratio:.3f}", ""]]))
     changed = dict(overrides or {})
     section.parts.append(f"Params: the README's photo settings{f', with {changed}' if changed else ''}. "
-                         f"Fine-tuning ran {finetune['epochs_run']} epochs (best epoch "
+                         f"Fine-tuning ran {finetune['epochs_run']} epoch(s) (best epoch "
                          f"{finetune['best_epoch']}). Test accuracy of the cold run: linear probe "
                          f"{test['head']['accuracy']:.4f}, fine-tuned {test['finetuned']['accuracy']:.4f} "
                          f"({data['test_images']} test images: hymenoptera's own val/).")
