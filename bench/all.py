@@ -1,6 +1,6 @@
 """Every benchmark of DESIGN.md §8 in one run on this machine; writes BENCHMARKS.md.
 
-    python bench/all.py              # the full run (about an hour on 2 cores); `make bench`
+    python bench/all.py              # the full run (about half an hour on 2 cores); `make bench`
     python bench/all.py --quick      # 300 synthetic images, 1 fine-tuning epoch: minutes, for development
     python bench/all.py --only stats,features --n 1000
 
