@@ -39,7 +39,7 @@ def run_stage(main: Callable[[], None]) -> None:
     start = time.perf_counter()
     report_errors(main)
     stage = os.path.splitext(os.path.basename(sys.argv[0]))[0]
-    print(f"[{stage}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(f"[{stage}] done in {time.perf_counter() - start:.2f}s", file=sys.stderr)
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:
