@@ -137,3 +137,21 @@ def test_standardizer_maps_constant_column_to_zero():
     np.testing.assert_allclose(scaler.mean.numpy(), x.mean(0).numpy(), rtol=1e-15)
     assert float(scaler.std[1]) == 1.0 and float(scaler.std[2]) == 1.0
     torch.testing.assert_close(scaler(x[:5] + 1.0)[:, 1], torch.ones(5, dtype=torch.float64))
+
+
+def test_sweep_fits_in_float32_yet_reaches_the_float64_optimum(problem):
+    """The sweep's float32 fits land on the objective's float64 optimum, to float32 precision."""
+    x_raw, scaler, x, y = problem
+    train, val = slice(0, 300), slice(300, 400)
+    grid = [1.0, 1e-1, 1e-2]
+    rows, best, (w_raw, b_raw) = linear.sweep(x_raw[train], y[train], x_raw[val], y[val], N_CLASSES, grid, 1000)
+    assert w_raw.dtype == torch.float64 and len(rows) == 3
+    assert rows[best]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
+    # the same problem in float64 throughout, at the chosen L2
+    scaler = linear.Standardizer.fit(x_raw[train])
+    w64, b64 = linear.fold(*linear.fit_logistic(scaler(x_raw[train]), y[train], N_CLASSES, grid[best], 5000),
+                           scaler)
+    p32 = linear.predict_proba(x_raw[val], w_raw, b_raw)
+    p64 = linear.predict_proba(x_raw[val], w64, b64)
+    assert float((p32 - p64).abs().max()) < 1e-3
+    assert torch.equal(p32.argmax(1), p64.argmax(1))

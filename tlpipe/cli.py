@@ -32,7 +32,7 @@ def _lr_find(args) -> None:
           f"{curve['lr'].iloc[-1]:.1e}{stopped}; curve: {args.out_dir}/{args.target}.csv, .png")
     print(f"suggested LR: {lr:.3g}  (rule: {rule})")
     if args.target == "finetune":
-        print(f"  for finetune.lr; the backbone then gets finetune.lr x finetune.backbone_lr_mult")
+        print("  for finetune.lr; the backbone then gets finetune.lr x finetune.backbone_lr_mult")
 
 
 def _predict(args) -> None:

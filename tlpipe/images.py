@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import v2 as T
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -112,29 +111,40 @@ def check_image(path: str | Path, root: str | Path | None = None) -> str | None:
     return None
 
 
-INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+def _transforms():
+    # torchvision costs 1.6 s of import on top of torch; the stages that only decode (data, and
+    # evaluate's gallery) never pay it, which keeps a head-only rerun short.
+    from torchvision.transforms import v2
+    return v2
 
 
-def eval_transform(img_size: int, resize_size: int, interpolation: str) -> T.Compose:
+def _interpolation(name: str):
+    modes = _transforms().InterpolationMode
+    return {"bilinear": modes.BILINEAR, "bicubic": modes.BICUBIC}[name]
+
+
+def eval_transform(img_size: int, resize_size: int, interpolation: str) -> Callable:
     """Resize the short side, centre-crop, uint8 CHW. Normalization happens later, on the device."""
+    T = _transforms()
     return T.Compose([
-        T.Resize(resize_size, interpolation=INTERPOLATION[interpolation], antialias=True),
+        T.Resize(resize_size, interpolation=_interpolation(interpolation), antialias=True),
         T.CenterCrop(img_size),
         T.PILToTensor(),
     ])
 
 
 def train_transform(img_size: int, interpolation: str, scale_min: float, hflip: bool,
-                    randaugment_magnitude: int) -> T.Compose:
+                    randaugment_magnitude: int) -> Callable:
     """Augmentation for fine-tuning: random resized crop, optional flip and RandAugment; uint8 CHW."""
+    T = _transforms()
     steps = [T.RandomResizedCrop(img_size, scale=(scale_min, 1.0),
-                                 interpolation=INTERPOLATION[interpolation], antialias=True)]
+                                 interpolation=_interpolation(interpolation), antialias=True)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if randaugment_magnitude > 0:
         # On the PIL image: tensor inputs support only nearest/bilinear for its geometric ops.
         steps.append(T.RandAugment(magnitude=randaugment_magnitude,
-                                   interpolation=INTERPOLATION[interpolation]))
+                                   interpolation=_interpolation(interpolation)))
     steps.append(T.PILToTensor())
     return T.Compose(steps)
 
