@@ -35,7 +35,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(REPO))  # after bench/ (the scripts), before an installed tlpipe
-from tlpipe.scaffold import create_project  # noqa: E402 (needs the path above)
+from tlpipe.compare import flatten  # noqa: E402 (needs the path above)
+from tlpipe.scaffold import create_project  # noqa: E402
 
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
 # The README's photo geometry, used on both image sets (the defaults suit 8x8 digit scans).
@@ -216,7 +217,7 @@ class Project:
         (a symlink to data/prepared, so the data stage's copy is not repeated)."""
         if name not in self.variants:
             self.run("data")
-            params = {**_flatten(self.params()), **overrides}
+            params = {**flatten(self.params()), **overrides}
             v = Project.create(self.path.parent / f"{self.path.name}-{name}", f"{self.label} ({name})", params)
             (v.path / "data" / "prepared").symlink_to((self.path / "data" / "prepared").resolve())
             v.runs["data"] = self.runs["data"]
@@ -240,16 +241,6 @@ def inside(project: Project):
         yield
     finally:
         os.chdir(before)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def image_folder_tree(project: Project, dest: Path, splits: tuple[str, ...]) -> Path:
