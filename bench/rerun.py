@@ -28,7 +28,8 @@ from common import HYMENOPTERA, PHOTO_GEOMETRY, Section, Target, say, table
 # settings as the README's hymenoptera example.
 PHOTO_PARAMS = {**PHOTO_GEOMETRY, "finetune.hflip": True, "finetune.randaugment_magnitude": 9,
                 "finetune.crop_scale_min": 0.25, "finetune.label_smoothing": 0.0, "finetune.lr": 3e-4,
-                "finetune.probe_l2": 1.0, "finetune.epochs": 12, "finetune.patience": 5}
+                "finetune.probe_l2": 1.0, "finetune.unfreeze": "last_n", "finetune.unfreeze_last_n": 1,
+                "finetune.epochs": 12, "finetune.patience": 5}
 RERUN_RATIO = 0.05
 PROBE_ACCURACY, FINETUNED_ACCURACY = 0.94, 0.95
 

@@ -9,9 +9,10 @@ never re-runs the expensive stage. With `probe_l2` equal to the head's chosen L2
 same classifier.
 
 Discriminative learning rates: backbone LR = head LR x backbone_lr_mult. The checkpoint with the
-best val loss is kept; training stops early after `patience` epochs without improvement. After
-every epoch the whole training state goes to models/.resume/ (tlpipe.checkpoints), so a killed run
-continues from its last finished epoch, with the result of an uninterrupted one.
+best val loss is kept; training stops early after `patience` epochs without improvement (warmup
+epochs not counted). After every epoch the whole training state goes to models/.resume/
+(tlpipe.checkpoints), so a killed run continues from its last finished epoch, with the result of
+an uninterrupted one.
 
 Several processes (GPUs or nodes): TLPIPE_NPROC / TLPIPE_NNODES relaunch this module under
 torchrun (tlpipe.distributed), as DistributedDataParallel. `batch_size` stays the global batch and
@@ -78,6 +79,16 @@ def set_trainable(model: Classifier, groups: list[list[torch.nn.Module]], n: int
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
     model.head.train()
+
+
+def counts_toward_patience(epoch: int, schedule: str, warmup_epochs: int) -> bool:
+    """Whether an epoch without val loss improvement uses up patience.
+
+    Warmup epochs do not: the rising LR moves the model off the probe, and val loss usually rises
+    before it falls. Counted, a warmup epoch made `patience` one shorter after it, and whether
+    fine-tuning was kept at all hung on the probe's val loss in the fourth decimal.
+    """
+    return schedule != "cosine" or epoch > warmup_epochs
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -283,7 +294,7 @@ def main() -> None:
             best = {"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
                     "state": copy.deepcopy(model.state_dict())}
             stale = 0
-        else:
+        elif counts_toward_patience(epoch, schedule, warmup_epochs):
             stale += 1
             if stale >= patience:
                 say(f"early stop: val loss has not improved for {patience} epochs")
