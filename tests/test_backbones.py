@@ -8,6 +8,7 @@ import torch
 from conftest import HYMENOPTERA, needs_hymenoptera
 from tlpipe import backbones
 from tlpipe.images import eval_transform, load_rgb, normalize_batch
+from tlpipe.models import Classifier, set_trainable, trainable_blocks
 from tlpipe.runtime import TlpipeError
 
 IMAGENET_ANT, IMAGENET_BEE = 310, 309
@@ -75,3 +76,23 @@ def test_torchvision_backbone_loads_from_the_hub_cache(tmp_path, monkeypatch):
     b = backbones.build("resnet18")
     assert b.feature_dim == 512 and b.classifier.out_features == 1000
     assert b.trunk(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
+
+
+@pytest.mark.parametrize("strategy, epoch, trained", [
+    ("all", 1, {"conv_stem", "bn1", "blocks", "conv_head", "bn2"}),
+    ("last_n", 1, {"conv_head", "bn2"}),   # unfreeze_last_n=1: EfficientNet-Lite0's 1x1 conv_head
+    ("gradual", 1, set()),                  # the head alone first
+    ("gradual", 2, {"conv_head", "bn2"}),   # then one more block per epoch
+])
+def test_unfreeze_strategies_train_the_top_blocks_and_keep_batchnorm_statistics(strategy, epoch, trained):
+    backbone = backbones.build("tf_efficientnet_lite0", pretrained=False)
+    model = Classifier(backbone.trunk, torch.nn.Linear(1280, 2))
+    groups = backbones.blocks("tf_efficientnet_lite0", model.trunk)
+    set_trainable(model, groups, trainable_blocks(strategy, 1, epoch, len(groups)), train_bn_stats=False)
+
+    grads = {name.split(".")[0] for name, p in model.trunk.named_parameters() if p.requires_grad}
+    assert grads == trained
+    assert all(p.requires_grad for p in model.head.parameters())
+    # Pretrained BatchNorm running statistics stay frozen: every BN module is in eval mode.
+    assert not any(m.training for m in model.trunk.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))

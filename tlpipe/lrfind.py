@@ -11,9 +11,11 @@ minimum / 10 (never below the start LR). The rule used is printed.
 - `head`: a zero-initialized linear layer on the cached train features (data/features), with the
   fine-tuning optimizer settings (finetune.optimizer, weight_decay, momentum, batch_size,
   label_smoothing): the head LR (finetune.lr) when the head trains alone. Seconds.
-- `finetune`: LP-FT's start (the finetune stage's probe at finetune.probe_l2 on the backbone), all blocks trainable (BatchNorm statistics
-  frozen unless finetune.train_bn_stats), the fine-tuning augmentation and optimizer, backbone LR
-  = LR x finetune.backbone_lr_mult: the suggestion is for finetune.lr. Nothing is saved.
+- `finetune`: LP-FT's start (the finetune stage's probe at finetune.probe_l2 on the backbone), the
+  blocks finetune trains (finetune.unfreeze: last_n's blocks; all for `all` and for `gradual`,
+  whose last epochs train all), BatchNorm statistics frozen unless finetune.train_bn_stats, the
+  fine-tuning augmentation and optimizer, backbone LR = LR x finetune.backbone_lr_mult: the
+  suggestion is for finetune.lr. Nothing is saved.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tlpipe.features import load_split
 from tlpipe.images import ImageFiles, normalize_batch, train_transform
 from tlpipe.io import atomic_path
 from tlpipe.manifest import image_paths, read_manifest
-from tlpipe.models import Classifier, linear_from
+from tlpipe.models import Classifier, linear_from, set_trainable, trainable_blocks
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError, device, progress_enabled, workers
 
@@ -166,11 +168,13 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
                                          drop_last=len(train_set) > f.batch_size, num_workers=workers(),
                                          persistent_workers=workers() > 0,  # no worker start-up per pass
                                          generator=torch.Generator().manual_seed(seed))
-    model.to(dev, memory_format=torch.channels_last).train()
-    if not f.train_bn_stats:  # as finetune: pretrained BatchNorm statistics stay frozen
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    model.to(dev, memory_format=torch.channels_last)
+    # The blocks finetune trains: last_n's, or all of them (gradual's widest epochs, which the LR
+    # must survive too); BatchNorm statistics frozen unless train_bn_stats, as in finetune.
+    groups = backbones.blocks(feat["backbone"], model.trunk)
+    n_blocks = len(groups) if f.unfreeze == "gradual" else trainable_blocks(f.unfreeze, f.unfreeze_last_n, 1,
+                                                                            len(groups))
+    set_trainable(model, groups, n_blocks, f.train_bn_stats)
     optimizer = _optimizer([{"params": list(model.trunk.parameters()), "lr_mult": f.backbone_lr_mult},
                             {"params": list(model.head.parameters()), "lr_mult": 1.0}], f)
     label_smoothing, mean, std = f.label_smoothing, feat["mean"], feat["std"]
