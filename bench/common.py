@@ -36,11 +36,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(REPO))  # after bench/ (the scripts), before an installed tlpipe
 from tlpipe.compare import flatten  # noqa: E402 (needs the path above)
-from tlpipe.scaffold import create_project  # noqa: E402
+from tlpipe.scaffold import PHOTO_GEOMETRY, create_project  # noqa: E402
 
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
 # The README's photo geometry, used on both image sets (the defaults suit 8x8 digit scans).
-PHOTO_GEOMETRY = {"image.img_size": 224, "image.resize_size": 256}
 BACKBONE = "tf_efficientnet_lite0"
 
 

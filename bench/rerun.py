@@ -22,14 +22,9 @@ from pathlib import Path
 import yaml
 
 import common
-from common import HYMENOPTERA, PHOTO_GEOMETRY, Section, Target, say, table
+from common import HYMENOPTERA, Section, Target, say, table
+from tlpipe.scaffold import PHOTO_SETTINGS
 
-# Photo augmentation and fine-tuning for real photos (the defaults suit 8x8 digit scans); the same
-# settings as the README's hymenoptera example.
-PHOTO_PARAMS = {**PHOTO_GEOMETRY, "finetune.hflip": True, "finetune.randaugment_magnitude": 9,
-                "finetune.crop_scale_min": 0.25, "finetune.label_smoothing": 0.0, "finetune.lr": 3e-4,
-                "finetune.probe_l2": 1.0, "finetune.unfreeze": "last_n", "finetune.unfreeze_last_n": 1,
-                "finetune.epochs": 12, "finetune.patience": 5}
 RERUN_RATIO = 0.05
 PROBE_ACCURACY, FINETUNED_ACCURACY = 0.94, 0.95
 
@@ -53,7 +48,7 @@ def stage_list(stages: list[str], times: dict[str, str]) -> str:
 
 
 def run(workdir: Path, dataset: Path = HYMENOPTERA, overrides: dict | None = None) -> Section:
-    params = {"data.source": "presplit", "data.root": str(Path(dataset).resolve()), **PHOTO_PARAMS,
+    params = {"data.source": "presplit", "data.root": str(Path(dataset).resolve()), **PHOTO_SETTINGS,
               **(overrides or {})}
     say(f"rerun: new project {workdir / 'rerun'}")
     shutil.rmtree(workdir / "rerun", ignore_errors=True)  # cold means cold, also in a kept workdir

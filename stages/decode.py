@@ -3,7 +3,7 @@
 Stats, features, fine-tuning's validation pass and inference read these uint8 pixels instead of
 decoding JPEGs again (tlpipe.decoded). Resize the short side to image.resize_size, centre-crop
 image.img_size; with image.jpeg_draft, large JPEGs are decoded at a reduced scale first
-(tlpipe.images.load_rgb). Byte-identical run to run.
+(tlpipe.images.load_rgb_drafted). Byte-identical run to run.
 """
 
 import torch

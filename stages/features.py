@@ -98,5 +98,6 @@ def main() -> None:
         write_json(out / "meta.json", meta)
     print(f"{len(manifest)} images -> {backbone.feature_dim}-d features ({name}, {dev.type})")
 
+
 if __name__ == "__main__":
     run_stage(main)

@@ -6,19 +6,9 @@ from safetensors.torch import load_file
 
 from conftest import HYMENOPTERA, dvc, needs_hymenoptera, read_json
 from tlpipe import linear
-from tlpipe.scaffold import create_project
+from tlpipe.scaffold import PHOTO_SETTINGS, create_project
 
 pytestmark = [pytest.mark.slow, needs_hymenoptera()]
-
-# README "Photos" and bench/rerun.py: the same settings.
-PHOTO_SETTINGS = {
-    "image.img_size": 224, "image.resize_size": 256,
-    "finetune.hflip": True, "finetune.randaugment_magnitude": 9, "finetune.crop_scale_min": 0.25,
-    "finetune.label_smoothing": 0.0, "finetune.lr": 3e-4, "finetune.probe_l2": 1.0,
-    "finetune.unfreeze": "last_n", "finetune.unfreeze_last_n": 1,
-    "finetune.epochs": 12, "finetune.patience": 5,
-}
-
 
 def test_presplit_hymenoptera_head_and_fine_tuning_reach_targets(tmp_path):
     repo = create_project(tmp_path / "project", {

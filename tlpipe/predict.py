@@ -1,8 +1,9 @@
 """`tlpipe predict`: top-k classes of new images with the head or the fine-tuned model.
 
-Exactly the evaluation path: the model config's geometry (`eval_images`, the decode stage's) and mean/std; for the
-head, the backbone's features computed by `backbones.extract_features` (what the features stage
-caches) and then the head's linear layer (what evaluate applies to the cached test features).
+Exactly the evaluation path: the model config's geometry (`eval_images`, as the decode stage) and
+mean/std; for the head, the backbone's features computed by `backbones.extract_features` (what the
+features stage caches) and then the head's linear layer (what evaluate applies to the cached test
+features).
 Files that are not decodable images are reported, on stderr and as CSV rows with an error, and do
 not stop the run.
 """

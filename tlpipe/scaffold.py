@@ -21,6 +21,16 @@ PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
 PIPELINE_DIRS = ("stages", "tlpipe")
 GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
 
+# The README's settings for photos (its hymenoptera example); the defaults suit 8x8 digit scans.
+PHOTO_GEOMETRY = {"image.img_size": 224, "image.resize_size": 256}
+PHOTO_SETTINGS = {
+    **PHOTO_GEOMETRY,
+    "finetune.hflip": True, "finetune.randaugment_magnitude": 9, "finetune.crop_scale_min": 0.25,
+    "finetune.label_smoothing": 0.0, "finetune.lr": 3e-4, "finetune.probe_l2": 1.0,
+    "finetune.unfreeze": "last_n", "finetune.unfreeze_last_n": 1,
+    "finetune.epochs": 12, "finetune.patience": 5,
+}
+
 
 def set_param(params: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
