@@ -70,7 +70,8 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_epoch(tiny
 
     # The fault: the training loss of epoch 2, step 1 comes out NaN (as an overflow would).
     from stages import finetune
-    real_cross_entropy, training_calls = finetune.F.cross_entropy, []
+    from tlpipe import finetuning
+    real_cross_entropy, training_calls = finetuning.F.cross_entropy, []
 
     def cross_entropy(logits, target, **kwargs):
         loss = real_cross_entropy(logits, target, **kwargs)
@@ -83,7 +84,7 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_epoch(tiny
     train_images = sum(1 for line in (repo / "data/prepared/manifest.csv").read_text().splitlines()
                        if line.split(",")[2] == "train")
     steps_per_epoch = train_images // 8  # finetune.batch_size in the tiny params; drop_last
-    monkeypatch.setattr(finetune.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(finetuning.F, "cross_entropy", cross_entropy)
     with pytest.raises(TlpipeError) as err:
         finetune.main()
     message = str(err.value)
