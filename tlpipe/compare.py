@@ -133,6 +133,34 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
     return pd.DataFrame(rows, index=[e.name for e in exps])
 
 
+def leaderboard(exps: list[Experiment]) -> tuple[pd.DataFrame, str]:
+    """Backbones ranked by the linear probe's val accuracy, then its test accuracy, with the time the
+    features stage spent per image; ('', empty) unless the experiments use more than one backbone.
+    Only experiments on the same data (data.* params) are ranked together."""
+    if len({e.params.get("backbone.name") for e in exps}) < 2:
+        return pd.DataFrame(), ""
+    rows, data_of = [], {}
+    for e in exps:
+        test = e.metrics.get("metrics/test.json", {})
+        features = e.metrics.get("metrics/features.json", {})
+        rows.append({"backbone": e.params.get("backbone.name"),
+                     "img_size": e.params.get("image.img_size"),
+                     "probe val accuracy": e.metrics.get("metrics/head.json", {}).get("val_accuracy"),
+                     "probe test accuracy": test.get("head.accuracy"),
+                     "fine-tuned test accuracy": test.get("finetuned.accuracy"),
+                     "fine-tuning epochs": e.metrics.get("metrics/finetune.json", {}).get("epochs_run"),
+                     "features ms/image": features.get("ms_per_image"),
+                     "features device": features.get("device")})
+        data_of[e.name] = json.dumps({k: v for k, v in e.params.items() if k.startswith("data.")}, sort_keys=True)
+    table = pd.DataFrame(rows, index=[e.name for e in exps])
+    if len(set(data_of.values())) > 1:
+        return table, ("not ranked: these experiments use different data (data.* params differ); "
+                       "compare backbones on one dataset")
+    order = table.sort_values(["probe val accuracy", "probe test accuracy"], ascending=False,
+                              na_position="last").index
+    return table.loc[order], ""
+
+
 def metrics_file_table(exps: list[Experiment], file: str) -> pd.DataFrame:
     return pd.DataFrame([e.metrics.get(file, {}) for e in exps], index=[e.name for e in exps])
 
@@ -290,9 +318,17 @@ def report(exps: list[Experiment], repo: Path = Path("."), out: Path = Path("com
     md.append(markdown_table(params, mark_best=False) if len(params.columns) else "(none: same params)")
     md += ["", "## Test metrics (best per column in bold; higher is better, lower for log loss)", "",
            markdown_table(main, mark_best=True), ""]
+    board, board_note = leaderboard(exps)
+    board_title = ("Backbones, ranked by linear-probe val accuracy (then test); features time per image "
+                   "as measured on the machine that ran each (metrics/features.json)")
+    if len(board):
+        md += [f"## {board_title}", "", markdown_table(board, mark_best=not board_note), ""]
+        md += [f"> {board_note}", ""] if board_note else []
 
     parts = [f"<h1>Experiments: {html.escape(names)}</h1>", "<h2>Params that differ</h2>",
              html_table(params, False) if len(params.columns) else "<p>none: same params</p>",
+             *([f"<h2>{html.escape(board_title)}</h2>", html_table(board, not board_note),
+                f"<p class='note'>{html.escape(board_note)}</p>" if board_note else ""] if len(board) else []),
              "<h2>Test metrics</h2><p>Best per column highlighted: higher is better for accuracy and F1, "
              "lower for loss.</p>", html_table(main, True), "<h2>All metrics</h2>"]
     for file in sorted({f for e in exps for f in e.metrics}):

