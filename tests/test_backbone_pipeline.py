@@ -140,3 +140,24 @@ def test_probe_only_sweep_ranks_backbones_and_going_back_restores_features_from_
     run = dvc(repo, "repro")
     assert "features" not in run.executed
     assert (repo / "data/features/train.safetensors").read_bytes() == lite0_features
+
+
+def test_leaderboard_ranks_by_probe_val_then_test_and_only_on_the_same_data():
+    from tlpipe.compare import Experiment, leaderboard
+
+    def exp(name, backbone, val, test, ms, root="/data/a"):
+        return Experiment(name, name, {"backbone.name": backbone, "image.img_size": 224, "data.root": root},
+                          {"metrics/head.json": {"val_accuracy": val},
+                           "metrics/test.json": {"head.accuracy": test, "finetuned.accuracy": test},
+                           "metrics/finetune.json": {"epochs_run": 0},
+                           "metrics/features.json": {"ms_per_image": ms, "device": "cpu"}})
+
+    exps = [exp("a", "tf_efficientnet_lite0", 0.90, 0.88, 20.0), exp("b", "tf_efficientnet_lite2", 0.95, 0.90, 45.0),
+            exp("c", "resnet50.a1_in1k", 0.90, 0.91, 60.0)]
+    table, note = leaderboard(exps)
+    assert note == "" and list(table.index) == ["b", "c", "a"]  # val, then test breaks the tie
+    assert list(table["features ms/image"]) == [45.0, 60.0, 20.0]
+    assert leaderboard(exps[:1])[0].empty  # one backbone: no leaderboard
+    table, note = leaderboard([*exps[:2], exp("d", "convnext_atto", 0.99, 0.99, 5.0, root="/data/b")])
+    assert note.startswith("not ranked: these experiments use different data")
+    assert list(table.index) == ["a", "b", "d"]
