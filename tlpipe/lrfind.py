@@ -163,7 +163,8 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     n_blocks = len(start.blocks) if f.unfreeze == "gradual" else finetuning.trainable_blocks(
         f.unfreeze, f.unfreeze_last_n, 1, len(start.blocks))
     finetuning.set_trainable(model, start.blocks, n_blocks, f.train_bn_stats)
-    optimizer = finetuning.make_optimizer(model, f)
+    optimizer = finetuning.make_optimizer(model, f, start.blocks)
+    loss_fn = finetuning.make_loss(f, start.train_targets, len(start.source["classes"]))
 
     def batches():
         while True:
@@ -173,7 +174,7 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     def step():
         images, idx = next(stream)
         x = normalize_batch(images.to(dev), record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
-        return F.cross_entropy(model(x).float(), start.train_targets[idx].to(dev), label_smoothing=f.label_smoothing)
+        return loss_fn(model(x).float(), start.train_targets[idx].to(dev)) / len(idx)
     return range_test(step, optimizer, lrs, stop_factor, "lr-find finetune")
 
 
