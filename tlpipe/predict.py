@@ -44,7 +44,7 @@ def _loader(paths: list[Path], geometry: dict, dev: torch.device):
                                        num_workers=workers())
 
 
-def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+def head_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[torch.Tensor, list[str]]:
     config = models / "head.json"
     try:
         cfg = read_json(config)
@@ -53,21 +53,23 @@ def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, 
         raise TlpipeError(f"{e.filename}: missing; run the head stage first (dvc repro head)") from None
     backbone = backbones.pretrained_for(cfg, str(config))
     record, dev = cfg["preprocessing"], device()
-    features = inference.outputs(backbone.trunk, _loader(paths, record, dev), record["mean"], record["std"],
-                                 dev, desc="features")
-    return linear.predict_proba(features, tensors["weight"], tensors["bias"]), cfg["classes"]
+    views = [backbone.trunk] + ([inference.Mirrored(backbone.trunk)] if tta == "flip" else [])
+    proba = [linear.predict_proba(inference.outputs(view, _loader(paths, record, dev), record["mean"],
+                                                    record["std"], dev, desc="features"),
+                                  tensors["weight"], tensors["bias"]) for view in views]
+    return sum(proba) / len(proba), cfg["classes"]
 
 
-def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+def finetuned_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[torch.Tensor, list[str]]:
     model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
     dev = device()
     record = cfg["preprocessing"]
-    logits = inference.outputs(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
-                               desc="fine-tuned")
-    return torch.softmax(logits, dim=1), cfg["classes"]
+    return inference.class_probabilities(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
+                                         tta, desc="fine-tuned"), cfg["classes"]
 
 
-def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> pd.DataFrame:
+def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS,
+            tta: str = "none") -> pd.DataFrame:
     files = collect(inputs)
     if not files:
         raise TlpipeError("no image files found in " + ", ".join(inputs))
@@ -80,7 +82,7 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
     good = [p for p in files if p not in errors]
     proba, classes = (None, [])
     if good:
-        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models)
+        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models, tta)
     k = min(top_k, len(classes)) if classes else top_k
     rows, good_index = [], {p: i for i, p in enumerate(good)}
     for path in files:
