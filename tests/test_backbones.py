@@ -154,6 +154,13 @@ def test_timm_families_unfreeze_by_timms_layer_groups(name):
         set_trainable(model, groups, trainable_blocks(strategy, 1, epoch, len(groups)), train_bn_stats=False)
         assert {id(p) for p in model.trunk.parameters() if p.requires_grad} == trained, strategy
         assert all(p.requires_grad for p in model.head.parameters())
+    # layer-wise LR decay: one LR per group, the top group's the highest, every parameter once
+    from types import SimpleNamespace
+    from tlpipe.finetuning import lr_multipliers
+
+    parts = lr_multipliers(model, groups, SimpleNamespace(layer_decay=0.5, backbone_lr_mult=0.1))
+    assert len(parts) == len(groups) + 1 and [m for _, m in parts[:-1]] == [0.1 * 0.5 ** d for d in range(len(groups))]
+    assert sorted(id(p) for ps, _ in parts[:-1] for p in ps) == sorted(members)
     # last_n=2 trains the top two groups, and a training step reaches exactly those
     set_trainable(model, groups, 2, train_bn_stats=False)
     loss = model(torch.randn(2, 3, 224, 224)).logsumexp(1).sum()

@@ -103,7 +103,7 @@ def set_trainable(model: Classifier, blocks: list[list], n: int, train_bn_stats:
     model.head.train()
 
 
-def lr_multipliers(model: Classifier, blocks: list[list[nn.Module]], f) -> list[tuple[list, float]]:
+def lr_multipliers(model: Classifier, blocks: list[list], f) -> list[tuple[list, float]]:
     """(parameters, LR / head LR) pairs, backbone first and the head last.
 
     With `layer_decay` < 1 (layer-wise LR decay, as timm and BEiT do it) the backbone is split into
@@ -114,14 +114,14 @@ def lr_multipliers(model: Classifier, blocks: list[list[nn.Module]], f) -> list[
         return [(list(model.trunk.parameters()), f.backbone_lr_mult), head]
     parts, seen = [], set()
     for depth, block in enumerate(reversed(blocks)):
-        params = [p for m in block for p in m.parameters() if id(p) not in seen]
+        params = [p for item in block for p in backbones.parameters(item) if id(p) not in seen]
         seen.update(id(p) for p in params)
         parts.append((params, f.backbone_lr_mult * f.layer_decay ** depth))
     rest = [p for p in model.trunk.parameters() if id(p) not in seen]  # none for the known backbones
     return parts + ([(rest, f.backbone_lr_mult * f.layer_decay ** len(blocks))] if rest else []) + [head]
 
 
-def make_optimizer(model: Classifier, f, blocks: list[list[nn.Module]] = ()) -> torch.optim.Optimizer:
+def make_optimizer(model: Classifier, f, blocks: list[list] = ()) -> torch.optim.Optimizer:
     """AdamW or SGD over parameter groups (`lr_multipliers`), each split into weights with weight
     decay and biases and norms without. Each group's `lr_mult` is its LR over the head's (`f.lr`),
     so an LR schedule or a range test sets every group from one number. Frozen parameters stay in
