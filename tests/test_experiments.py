@@ -108,12 +108,19 @@ def test_exp_show_has_test_metrics_of_every_model_and_the_params(repo):
         assert unchanged not in header
     assert "[lr-high]" in table and "[scratch-on]" in table
 
-    # the README's focused view: test accuracy and macro-F1 of every model, backbone, key params
+    # docs/experiments.md's focused view: test accuracy and macro-F1 of every model, backbone, key params
     keep = r"(head|finetuned|scratch)\.(accuracy|macro_f1)$|backbone\.name|head\.l2_steps|finetune\.(lr|epochs)$|Experiment"
     table = dvc(repo, "exp", "show", "--md", "--hide-workspace", "--drop", ".*", "--keep", keep).stdout
     assert [c.strip() for c in table.splitlines()[0].split("|")[1:-1]] == [
         "Experiment", "head.accuracy", "head.macro_f1", "finetuned.accuracy", "finetuned.macro_f1",
         "scratch.accuracy", "scratch.macro_f1", "backbone.name", "head.l2_steps", "finetune.epochs", "finetune.lr"]
+
+    # the README's recipe: the test accuracy of every model and the param varied
+    keep = r"Experiment|(head|finetuned|scratch)\.accuracy$|finetune\.lr$"
+    table = dvc(repo, "exp", "show", "--md", "--drop", ".*", "--keep", keep).stdout
+    assert [c.strip() for c in table.splitlines()[0].split("|")[1:-1]] == [
+        "Experiment", "head.accuracy", "finetuned.accuracy", "scratch.accuracy", "finetune.lr"]
+    assert "[lr-high]" in table and "workspace" in table
 
 
 def test_exp_diff_and_metrics_diff_show_deltas(repo):
