@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dvclive import Live
-from tqdm import tqdm
 
 from tlpipe import backbones, checkpoints, distributed, linear
 from tlpipe.features import load_split
@@ -41,7 +40,7 @@ from tlpipe.io import sha256_file, write_json
 from tlpipe.manifest import image_paths, read_manifest
 from tlpipe.models import Classifier, linear_from, save_classifier, set_trainable, trainable_blocks
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, inference_batch_size, progress_enabled, run_stage, workers
+from tlpipe.runtime import TlpipeError, inference_batch_size, progress, run_stage, workers
 
 MODEL = Path("models/finetuned.safetensors")
 MODEL_CONFIG = Path("models/finetuned.json")
@@ -228,7 +227,7 @@ def main() -> None:
         global_sizes = [len(b) for b in batches.global_batches()]
         train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **loader_args)
         loss_sum, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not (progress_enabled() and main_rank))
+        bar = progress(train_loader, desc=f"epoch {epoch}/{epochs}", enabled=main_rank)
         for step, (images, idx) in enumerate(bar, start=1):
             x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
             y = train_targets[idx].to(dev, non_blocking=True)

@@ -7,13 +7,12 @@ Values are on the 0..1 scale that models normalize.
 
 from pathlib import Path
 
-from tqdm import tqdm
 
 from tlpipe.decoded import DecodedSplit
 from tlpipe.io import write_json
 from tlpipe.moments import ChannelMoments
 from tlpipe.params import load_params
-from tlpipe.runtime import progress_enabled, run_stage
+from tlpipe.runtime import progress, run_stage
 
 OUT = Path("data/stats.json")
 BATCH = 256  # pixels already decoded: big batches only amortize the per-batch overhead
@@ -23,7 +22,7 @@ def main() -> None:
     load_params("stats")  # validates params.yaml; the geometry comes with the decoded images
     train = DecodedSplit("train")
     moments = ChannelMoments()
-    for images, _ in tqdm(train.batches(BATCH), desc="stats", disable=not progress_enabled()):
+    for images, _ in progress(train.batches(BATCH), desc="stats"):
         moments.update(images)
 
     stats = {

@@ -251,6 +251,11 @@ def test_compare_report_has_every_experiment_and_marks_the_best(repo, tmp_path):
             for key, value in compare.flatten(entry["data"]).items():
                 assert compare._fmt(value) in page, (name, file, key)
 
+    # one data set: every experiment knows its manifest, no note, no data column
+    exps = compare.load_experiments([], repo)
+    assert len({e.manifest for e in exps}) == 1 and exps[0].manifest
+    assert "Different data" not in md and "| data |" not in md
+
     # params that differ: finetune.lr and scratch.enabled, nothing else
     params_table = md.split("## Params that differ")[1].split("##")[0]
     assert params_table.splitlines()[2].split("|")[2:-1] == [" finetune.lr ", " scratch.enabled "]
@@ -287,6 +292,37 @@ def test_confusion_is_skipped_with_a_note_when_predictions_are_unavailable(tmp_p
     exp = compare.Experiment("ghost", "workspace", {}, {})
     image, note = compare.confusion_figure(exp, compare.Files(tmp_path))
     assert image is None and "not in the local DVC cache" in note
+
+
+def test_compare_ranks_only_within_the_same_data(tmp_path):
+    def exp(name, manifest, source, accuracy, log_loss, classes):
+        test = {"head.accuracy": accuracy, "head.log_loss": log_loss, "finetuned.accuracy": accuracy}
+        counts = {"classes": classes, "test_images": 20 * classes}
+        return compare.Experiment(name, "workspace", {"seed": 0, "data.source": source, "data.root": f"/d/{name}"},
+                                  {"metrics/test.json": test, "metrics/data.json": counts}, manifest=manifest)
+
+    exps = [exp("digits-a", "m1", "digits", 0.90, 0.30, 10), exp("ants", "m2", "presplit", 0.99, 0.05, 2),
+            exp("digits-b", "m1", "digits", 0.95, 0.40, 10)]
+    assert compare.data_groups(exps) == [["digits-a", "digits-b"], ["ants"]]
+    md = compare.report(exps, tmp_path, tmp_path / "r.html")
+    note = [line for line in md.splitlines() if line.startswith("Different data:")]
+    assert len(note) == 1
+    assert "data 1: digits-a, digits-b (digits, 10 classes, 200 test images, seed 0)" in note[0]
+    assert "data 2: ants (presplit, /d/ants, 2 classes, 40 test images, seed 0)" in note[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in md.split("## Test metrics")[1].splitlines() if line.startswith("| ")}
+    assert rows["Experiment"][:3] == ["data", "head.accuracy", "head.log_loss"]
+    # within the digits: b has the better accuracy, a the better loss; ants alone is never "best"
+    assert rows["digits-a"][:3] == ["1", "0.9", "**0.3**"]
+    assert rows["digits-b"][:3] == ["1", "**0.95**", "0.4"]
+    assert rows["ants"][:3] == ["2", "0.99", "0.05"]
+    page = (tmp_path / "r.html").read_text()
+    assert "Different data: 2 data sets" in page and page.count('class="best"') == 3 + 3  # the headline, metrics/test.json
+
+    # without manifests (DVC did not record them) the data.* params and seed decide
+    for e in exps:
+        e.manifest = None
+    assert compare.data_groups(exps) == [["digits-a"], ["ants"], ["digits-b"]]  # data.root differs
 
 
 def test_best_marks_direction_and_ties():

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from tlpipe.images import normalize_batch
 from tlpipe.io import sha256_file
 from tlpipe.params import BACKBONE_NAMES as NAMES
 from tlpipe.params import TORCHVISION_BACKBONES as TORCHVISION
 from tlpipe.params import unknown_backbone
-from tlpipe.runtime import TlpipeError, progress_enabled
+from tlpipe.runtime import TlpipeError, progress as progress_bar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -172,7 +171,7 @@ def extract_features(trunk: nn.Module, loader, mean, std, dev: torch.device,
     # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
     trunk.to(dev, memory_format=torch.channels_last)
     chunks = []
-    for images, _ in tqdm(loader, desc=desc, disable=not (progress and progress_enabled())):
+    for images, _ in progress_bar(loader, desc=desc, enabled=progress):
         x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
         chunks.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)
