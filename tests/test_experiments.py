@@ -49,7 +49,9 @@ def tlpipe(repo: Path, *args: str, check: bool = True, code: Path | None = None)
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, digit_folder):
-    """Baseline (committed) + `lr-high` (finetune.lr 0.003) + `scratch-on` (the scratch baseline)."""
+    """Baseline (committed) + `lr-high` (finetune.lr 0.003) + `scratch-on` (the scratch baseline).
+
+    Three pipeline runs: every test that uses this project (or `repo`) is marked slow."""
     root = tmp_path_factory.mktemp("experiments")
     repo = create_project(root / "project", tiny_params(digit_folder))
     dvc(repo, "repro")
@@ -81,11 +83,13 @@ def exp_rows(repo: Path) -> dict[str, dict]:
 
 # --- DVC's own commands ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_experiments_ran_what_their_params_touch(project):
     assert project.runs["lr-high"].executed == ["finetune", "infer", "evaluate"]
     assert project.runs["scratch-on"].executed == ["scratch"]
 
 
+@pytest.mark.slow
 def test_exp_show_has_test_metrics_of_every_model_and_the_params(repo):
     rows = exp_rows(repo)
     assert {"main", "lr-high", "scratch-on"} <= set(rows)
@@ -123,6 +127,7 @@ def test_exp_show_has_test_metrics_of_every_model_and_the_params(repo):
     assert "[lr-high]" in table and "workspace" in table
 
 
+@pytest.mark.slow
 def test_exp_diff_and_metrics_diff_show_deltas(repo):
     rows = exp_rows(repo)
     old = rows["scratch-on"]["metrics"]["metrics/test.json"]["data"]["finetuned"]["log_loss"]
@@ -144,6 +149,7 @@ def test_exp_diff_and_metrics_diff_show_deltas(repo):
     assert re.search(r"\| metrics/test.json\s+\| finetuned.log_loss\s+\|", md)
 
 
+@pytest.mark.slow
 def test_plots_show_renders_every_plot_including_the_galleries(repo):
     data = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
     expected = ["metrics/head_grid.csv", *CONFUSION, f"{CURVES}/train/loss.tsv", f"{CURVES}/val/loss.tsv",
@@ -167,6 +173,7 @@ def test_plots_show_renders_every_plot_including_the_galleries(repo):
     assert "gallery" in page and "<img" in page, html
 
 
+@pytest.mark.slow
 def test_plots_diff_between_two_experiments(repo):
     data = json.loads(dvc(repo, "plots", "diff", "lr-high", "scratch-on", "--json").stdout)["data"]
     for name in ["metrics/head_grid.csv", f"{CURVES}/val/loss.tsv", *CONFUSION]:
@@ -178,6 +185,7 @@ def test_plots_diff_between_two_experiments(repo):
 
 # --- the scratch baseline -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_scratch_disabled_writes_its_metrics_without_torch(repo):
     code = ("import runpy, sys, time; t = time.perf_counter(); sys.argv = ['stages/scratch.py'];"
             "runpy.run_module('stages.scratch', run_name='__main__');"
@@ -190,6 +198,7 @@ def test_scratch_disabled_writes_its_metrics_without_torch(repo):
     assert read_json(repo / "metrics" / "scratch.json") == {"scratch": {"trained": False}}
 
 
+@pytest.mark.slow
 def test_scratch_enabled_is_reproducible(repo):
     git(repo, "checkout", "-q", exp_rev(repo, "scratch-on"), "--", "params.yaml", "metrics/scratch.json")
     before = read_json(repo / "metrics" / "scratch.json")
@@ -207,6 +216,7 @@ def exp_rev(repo: Path, name: str) -> str:
 
 # --- galleries ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gallery_files_are_the_galleries_of_the_predictions(repo, tmp_path):
     for model in ("head", "finetuned"):
         png = repo / "metrics" / "gallery" / f"{model}.png"
@@ -240,6 +250,7 @@ def test_gallery_draws_wrong_images_most_confident_first(tmp_path, digit_folder)
 
 # --- tlpipe compare -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compare_report_has_every_experiment_and_marks_the_best(repo, tmp_path):
     out = tmp_path / "report.html"
     md = tlpipe(repo, "compare", "--out", str(out)).stdout
@@ -280,6 +291,7 @@ def test_compare_report_has_every_experiment_and_marks_the_best(repo, tmp_path):
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
 
 
+@pytest.mark.slow
 def test_compare_selected_experiments_and_errors(repo, tmp_path):
     md = tlpipe(repo, "compare", "lr-high", "main", "--out", str(tmp_path / "two.html")).stdout
     assert "# Experiments: lr-high, main" in md and "scratch-on" not in md
@@ -336,6 +348,7 @@ def test_best_marks_direction_and_ties():
 
 # --- tlpipe predict -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["head", "finetuned"])
 def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
     expected = pd.read_csv(repo / "metrics" / "predictions" / f"{model}.csv", dtype={"path": str})
@@ -360,6 +373,7 @@ def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
     assert len(errors) == 2 and (errors["label_1"] == "").all()
 
 
+@pytest.mark.slow
 def test_predict_folder_and_errors(repo, tmp_path):
     out = tmp_path / "p.csv"
     proc = tlpipe(repo, "predict", "--model", "head", "data/prepared/images/class0", "missing.png",
@@ -379,6 +393,7 @@ def _suggested(stdout: str) -> float:
     return float(re.search(r"suggested LR: (\S+)", stdout).group(1))
 
 
+@pytest.mark.slow
 def test_lr_find_head_records_the_curve_and_suggests_an_lr_in_range(repo, tmp_path):
     proc = tlpipe(repo, "lr-find", "head", "--out-dir", str(tmp_path))
     curve = pd.read_csv(tmp_path / "head.csv")
