@@ -4,8 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from conftest import tool_env
-from tlpipe.scaffold import create_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,10 +44,11 @@ def test_a_loop_off_a_terminal_prints_a_short_line_now_and_then(tmp_path):
 
 
 def test_a_stage_run_through_pipes_logs_plain_lines(tmp_path, digit_folder):
-    project = create_project(tmp_path / "p", {"data.source": "folder", "data.root": str(digit_folder),
-                                              "data.val_fraction": 0.25, "data.test_fraction": 0.25})
-    run = lambda **env: subprocess.run([sys.executable, "-m", "stages.data"], cwd=project, text=True,
-                                       capture_output=True, env=tool_env(**env))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update({"source": "folder", "root": str(digit_folder)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run = lambda **env: subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, text=True,
+                                       capture_output=True, env=tool_env(PYTHONPATH=str(ROOT), **env))
     proc = run(TLPIPE_PROGRESS="1")
     assert proc.returncode == 0, proc.stderr
     lines = check_lines(proc.stdout + proc.stderr)
