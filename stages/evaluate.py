@@ -14,20 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from tlpipe import gallery, linear
-from tlpipe.features import check_trained_on, load_split
+from tlpipe.features import check_source, load_split
 from tlpipe.io import atomic_path, read_json, write_json
 from tlpipe.manifest import read_manifest
 from tlpipe.metrics import per_class, summary
 from tlpipe.params import load_params
+from tlpipe.paths import (FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG, TEST_METRICS, TEST_PER_CLASS,
+                          TEST_PREDICTIONS)
 from tlpipe.runtime import TlpipeError, run_stage
-
-HEAD = Path("models/head.safetensors")
-HEAD_CONFIG = Path("models/head.json")
-METRICS = Path("metrics/test.json")
-FINETUNED_PREDICTIONS = Path("data/predictions/finetuned_test.safetensors")
-PER_CLASS = Path("metrics/test_per_class.json")
-PREDICTIONS = Path("metrics/predictions")
-GALLERY = Path("metrics/gallery")  # PNGs of the misclassified test images, one per model
 
 
 def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, classes) -> None:
@@ -44,11 +38,11 @@ def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, cl
 
 def finetuned_proba(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
     try:
-        predictions = load_file(str(FINETUNED_PREDICTIONS))
+        predictions = load_file(str(FINETUNED_TEST))
     except FileNotFoundError:
-        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: missing; run the infer stage first") from None
+        raise TlpipeError(f"{FINETUNED_TEST}: missing; run the infer stage first") from None
     if not torch.equal(predictions["ids"], test_ids) or predictions["proba"].shape[1] != len(classes):
-        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: not the test images of the current features; "
+        raise TlpipeError(f"{FINETUNED_TEST}: not the test images of the current features; "
                           "rerun the infer stage")
     return predictions["proba"]
 
@@ -57,7 +51,7 @@ def main() -> None:
     load_params("evaluate")  # validates params.yaml; evaluate reads no params of its own yet
     manifest, classes = read_manifest()
     test, meta = load_split("test")
-    check_trained_on(HEAD_CONFIG, read_json(HEAD_CONFIG), meta)
+    check_source(HEAD_CONFIG, read_json(HEAD_CONFIG), meta, "rerun the head stage")
     head = load_file(str(HEAD))
     y_true = test["labels"].numpy()
     proba = linear.predict_proba(test["features"], head["weight"], head["bias"]).numpy()
@@ -65,11 +59,11 @@ def main() -> None:
     probas = {"head": proba, "finetuned": finetuned_proba(test["ids"], classes).numpy()}
 
     scores = {name: summary(y_true, p) for name, p in probas.items()}
-    write_json(METRICS, scores)
-    write_json(PER_CLASS, {name: per_class(y_true, p, classes) for name, p in probas.items()})
+    write_json(TEST_METRICS, scores)
+    write_json(TEST_PER_CLASS, {name: per_class(y_true, p, classes) for name, p in probas.items()})
     for name, p in probas.items():
-        write_predictions(PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, p, classes)
-        gallery.write(PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
+        write_predictions(TEST_PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, p, classes)
+        gallery.write(TEST_PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
     for model, s in scores.items():
         print(f"{model}: test accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, "
               f"log loss {s['log_loss']:.4f} ({len(y_true)} images)")

@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tlpipe.io import atomic_dir, write_json
-
-RESUME = Path("models/.resume")
+from tlpipe.paths import RESUME
 
 
 def run_key(inputs: dict[str, Any]) -> str:

@@ -40,7 +40,7 @@ def _predict(args) -> None:
 
     if args.top_k < 1:
         raise TlpipeError("--top-k must be at least 1")
-    predict.predict(args.inputs, args.model, args.top_k, Path(args.out))
+    predict.predict(args.inputs, args.model, args.top_k, Path(args.out), tta="flip" if args.tta else "none")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
                     help="how many classes to list per image, most probable first (default: %(default)s)")
     pr.add_argument("--out", default="preds.csv",
                     help="CSV with path, label_1, prob_1, ..., error per image (default: %(default)s)")
+    pr.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: average with the mirror image (twice the cost)")
     pr.set_defaults(func=_predict)
     return p
 

@@ -177,11 +177,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def eval_images(paths: Sequence[str | Path], geometry: dict) -> ImageFiles:
-    """Images at the evaluation geometry of a features/model config's "transform" entry: the one
-    decoding path of the decode stage, `tlpipe predict` and anything else that must agree with them."""
+    """Images at the geometry of a preprocessing record (tlpipe.preprocessing): the one decoding path of the decode stage, `tlpipe predict` and anything else that must agree with them."""
     transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
     load = load_rgb
-    if geometry.get("jpeg_draft", False):  # configs written before jpeg_draft existed: full decodes
+    if geometry["jpeg_draft"]:
         # After the drafted load the short side is resize_size already, so the Resize is a no-op.
         load = functools.partial(load_rgb_drafted, resize_size=geometry["resize_size"],
                                  interpolation=geometry["interpolation"])

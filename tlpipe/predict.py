@@ -1,9 +1,9 @@
 """`tlpipe predict`: top-k classes of new images with the head or the fine-tuned model.
 
-Exactly the evaluation path: the model config's geometry (`eval_images`, as the decode stage) and
-mean/std; for the head, the backbone's features computed by `backbones.extract_features` (what the
-features stage caches) and then the head's linear layer (what evaluate applies to the cached test
-features).
+Exactly the evaluation path: the model config's preprocessing record (`eval_images`, as the decode
+stage, then its mean/std); for the head, the backbone's features computed by `inference.outputs`
+(what the features stage caches) and then the head's linear layer (what evaluate applies to the
+cached test features).
 Files that are not decodable images are reported, on stderr and as CSV rows with an error, and do
 not stop the run.
 """
@@ -17,13 +17,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from tlpipe import backbones, linear
+from tlpipe import backbones, inference, linear
 from tlpipe.images import IMAGE_EXTENSIONS, check_image, eval_images
 from tlpipe.io import atomic_path, read_json
 from tlpipe.models import load_classifier
+from tlpipe.paths import MODELS
 from tlpipe.runtime import TlpipeError, device, inference_batch_size, workers
-
-MODELS = Path("models")
 
 
 def collect(inputs: list[str]) -> list[Path]:
@@ -45,33 +44,32 @@ def _loader(paths: list[Path], geometry: dict, dev: torch.device):
                                        num_workers=workers())
 
 
-def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+def head_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[torch.Tensor, list[str]]:
     config = models / "head.json"
     try:
         cfg = read_json(config)
         tensors = load_file(str(models / "head.safetensors"))
     except FileNotFoundError as e:
         raise TlpipeError(f"{e.filename}: missing; run the head stage first (dvc repro head)") from None
-    feat = cfg["features"]
-    backbone = backbones.build(feat["backbone"])
-    if backbone.weights_sha256 != feat["weights_sha256"]:
-        raise TlpipeError(f"{config}: the head was trained on features of other {feat['backbone']} weights")
-    dev = device()
-    features = backbones.extract_features(backbone.trunk, _loader(paths, feat["transform"], dev),
-                                          feat["mean"], feat["std"], dev)
-    return linear.predict_proba(features, tensors["weight"], tensors["bias"]), cfg["classes"]
+    backbone = backbones.pretrained_for(cfg, str(config))
+    record, dev = cfg["preprocessing"], device()
+    views = [backbone.trunk] + ([inference.Mirrored(backbone.trunk)] if tta == "flip" else [])
+    proba = [linear.predict_proba(inference.outputs(view, _loader(paths, record, dev), record["mean"],
+                                                    record["std"], dev, desc="features"),
+                                  tensors["weight"], tensors["bias"]) for view in views]
+    return sum(proba) / len(proba), cfg["classes"]
 
 
-def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+def finetuned_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[torch.Tensor, list[str]]:
     model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
     dev = device()
-    # The classifier maps images to logits, so the features helper is the evaluation loop as well.
-    logits = backbones.extract_features(model, _loader(paths, cfg["transform"], dev),
-                                        cfg["mean"], cfg["std"], dev, desc="fine-tuned")
-    return torch.softmax(logits, dim=1), cfg["classes"]
+    record = cfg["preprocessing"]
+    return inference.class_probabilities(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
+                                         tta, desc="fine-tuned"), cfg["classes"]
 
 
-def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> pd.DataFrame:
+def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS,
+            tta: str = "none") -> pd.DataFrame:
     files = collect(inputs)
     if not files:
         raise TlpipeError("no image files found in " + ", ".join(inputs))
@@ -84,7 +82,7 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
     good = [p for p in files if p not in errors]
     proba, classes = (None, [])
     if good:
-        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models)
+        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models, tta)
     k = min(top_k, len(classes)) if classes else top_k
     rows, good_index = [], {p: i for i, p in enumerate(good)}
     for path in files:
