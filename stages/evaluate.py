@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from tlpipe import gallery, linear
 from tlpipe.features import check_trained_on, load_split
-from tlpipe.io import atomic_path, read_json, write_json
+from tlpipe.io import atomic_path, load_tensors, read_json, write_json
 from tlpipe.manifest import read_manifest
 from tlpipe.metrics import per_class, summary
 from tlpipe.params import load_params
@@ -43,10 +42,14 @@ def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, cl
 
 
 def finetuned_proba(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
+    record = FINETUNED_PREDICTIONS.parent / "meta.json"
     try:
-        predictions = load_file(str(FINETUNED_PREDICTIONS))
+        expected = read_json(record).get("sha256")
     except FileNotFoundError:
-        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: missing; run the infer stage first") from None
+        raise TlpipeError(f"{record}: missing; run the infer stage first (dvc repro infer)") from None
+    predictions = load_tensors(FINETUNED_PREDICTIONS, "infer", expected, record)
+    if set(predictions) != {"proba", "ids"}:
+        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: holds {sorted(predictions)}, not proba and ids")
     if not torch.equal(predictions["ids"], test_ids) or predictions["proba"].shape[1] != len(classes):
         raise TlpipeError(f"{FINETUNED_PREDICTIONS}: not the test images of the current features; "
                           "rerun the infer stage")
@@ -57,8 +60,9 @@ def main() -> None:
     load_params("evaluate")  # validates params.yaml; evaluate reads no params of its own yet
     manifest, classes = read_manifest()
     test, meta = load_split("test")
-    check_trained_on(HEAD_CONFIG, read_json(HEAD_CONFIG), meta)
-    head = load_file(str(HEAD))
+    head_config = read_json(HEAD_CONFIG)
+    check_trained_on(HEAD_CONFIG, head_config, meta)
+    head = load_tensors(HEAD, "head", head_config.get("sha256"), HEAD_CONFIG)
     y_true = test["labels"].numpy()
     proba = linear.predict_proba(test["features"], head["weight"], head["bias"]).numpy()
 

@@ -18,7 +18,8 @@ import torchvision
 from tlpipe import backbones, distributed
 from tlpipe.decoded import DecodedSplit, read_meta
 from tlpipe.features import FEATURES, save_split
-from tlpipe.io import atomic_dir, read_json, sha256_file, write_json
+from tlpipe.io import atomic_dir, file_hashes, sha256_file, write_json
+from tlpipe.moments import read_stats
 from tlpipe.manifest import PREPARED, read_manifest
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage
@@ -53,8 +54,7 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = backbones.build(name)
     if normalize == "dataset":
-        stats = read_json(STATS)
-        mean, std = tuple(stats["mean"]), tuple(stats["std"])
+        mean, std = read_stats(STATS, "backbone.normalize: dataset")
     else:
         mean, std = backbone.mean, backbone.std
 
@@ -95,7 +95,8 @@ def main() -> None:
     with atomic_dir(FEATURES) as out:
         for split in ("train", "val", "test"):
             save_split(out, split, features[split], labels[ids[split]], ids[split], meta)
-        write_json(out / "meta.json", meta)
+        # Consumers check these before use (tlpipe.features.load_split).
+        write_json(out / "meta.json", {**meta, "files": file_hashes(out, [f"{s}.safetensors" for s in features])})
     print(f"{len(manifest)} images -> {backbone.feature_dim}-d features ({name}, {dev.type})")
 
 

@@ -37,7 +37,7 @@ from tlpipe import backbones, checkpoints, distributed, linear
 from tlpipe.features import load_split
 from tlpipe.decoded import DecodedSplit
 from tlpipe.images import ImageFiles, normalize_batch, train_transform
-from tlpipe.io import sha256_file, write_json
+from tlpipe.io import sha256_file, write_json, writing
 from tlpipe.manifest import image_paths, read_manifest
 from tlpipe.models import Classifier, linear_from, save_classifier, set_trainable, trainable_blocks
 from tlpipe.params import load_params
@@ -102,6 +102,9 @@ def main() -> None:
     unfreeze, unfreeze_last_n = f.unfreeze, f.unfreeze_last_n
     crop_scale_min, hflip, randaugment_magnitude = f.crop_scale_min, f.hflip, f.randaugment_magnitude
     train_bn_stats, probe_l2 = f.train_bn_stats, f.probe_l2
+    if train_bn_stats and batch_size < 2 * group.world:
+        raise TlpipeError(f"finetune.train_bn_stats needs at least 2 images per process and batch: "
+                          f"finetune.batch_size ({batch_size}) < 2 x {group.world} processes")
     if batch_size < group.world:
         raise TlpipeError(f"finetune.batch_size ({batch_size}) is the global batch: it must be at least "
                           f"the number of processes ({group.world})")
@@ -178,15 +181,17 @@ def main() -> None:
     main_rank = group.is_main
     if main_rank:
         checkpoint.remove_others()
-    live = Live(str(CURVES), dvcyaml=False, save_dvc_exp=False) if main_rank else None
+    with writing(CURVES):
+        live = Live(str(CURVES), dvcyaml=False, save_dvc_exp=False) if main_rank else None
     history: list[dict] = []
 
     def log(record: dict) -> None:
         if live is not None:
-            if history:
-                live.next_step()
-            for name, value in record.items():
-                live.log_metric(name, value)
+            with writing(CURVES):
+                if history:
+                    live.next_step()
+                for name, value in record.items():
+                    live.log_metric(name, value)
         history.append(record)
 
     def say(text: str) -> None:
@@ -281,7 +286,8 @@ def main() -> None:
     if not main_rank:
         distributed.leave(group)
         return
-    live.end()
+    with writing(CURVES):
+        live.end()
 
     model.load_state_dict(best["state"])
     save_classifier(model, MODEL, MODEL_CONFIG, {
@@ -295,6 +301,7 @@ def main() -> None:
         "std": std,
         "probe_l2": probe_l2,
         "best_epoch": best["epoch"],
+        "resume_key": checkpoint.folder.name,  # its checkpoint is stale once these outputs exist
     })
     write_json(METRICS, {
         "initial_val_accuracy": round(initial_acc, 6),

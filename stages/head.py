@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from tlpipe import linear
 from tlpipe.features import load_split
-from tlpipe.io import atomic_path, write_json
+from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.params import load_params
 from tlpipe.runtime import run_stage
 
@@ -43,6 +43,7 @@ def main() -> None:
         "in_features": meta["feature_dim"],
         "classes": meta["classes"],
         "l2": rows[best]["l2"],
+        "sha256": sha256_file(MODEL),  # of head.safetensors, checked by its readers
         "features": {k: meta[k] for k in ("backbone", "weights_sha256", "feature_dim", "transform",
                                           "normalize", "mean", "std")},
     })

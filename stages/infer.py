@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from tlpipe import backbones
 from tlpipe.decoded import DecodedSplit
-from tlpipe.io import atomic_path
+from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.manifest import read_manifest
 from tlpipe.models import load_classifier
 from tlpipe.params import load_params
@@ -37,8 +37,11 @@ def main() -> None:
     logits = backbones.extract_features(model, test.batches(inference_batch_size(dev)), cfg["mean"], cfg["std"],
                                         dev, desc="fine-tuned on test").reshape(len(test), len(classes))
     proba = torch.softmax(logits, dim=1)
+    if not bool(torch.isfinite(proba).all()):
+        raise TlpipeError(f"{MODEL}: the fine-tuned model gave non-finite outputs on the test images")
     with atomic_path(PREDICTIONS) as tmp:
         save_file({"proba": proba.contiguous(), "ids": test.ids()}, str(tmp))
+    write_json(PREDICTIONS.parent / "meta.json", {"sha256": sha256_file(PREDICTIONS)})  # evaluate checks it
     print(f"fine-tuned model on {len(test)} test images ({dev.type})")
 
 

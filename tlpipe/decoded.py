@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from tlpipe.io import read_json, sha256_file
+from tlpipe.io import read_json, sha256_file, verify_sha256
 from tlpipe.manifest import PREPARED
 from tlpipe.runtime import TlpipeError
 
@@ -83,7 +83,9 @@ class DecodedSplit:
         self.sizes = meta["splits"][split]["shards"]
         self.starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
         self.geometry = meta["geometry"]
+        self.files = meta.get("files", {})
         self._open: tuple[int, object] | None = None
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -92,9 +94,12 @@ class DecodedSplit:
         if self._open is None or self._open[0] != k:
             self._open = None  # drop the previous mapping before opening the next
             path = self.folder / shard_name(self.split, k)
+            if k not in self._verified:  # once per reader: a shard altered in place is refused
+                verify_sha256(path, self.files.get(path.name), self.folder / "meta.json", "decode")
+                self._verified.add(k)
             try:
                 self._open = (k, safe_open(str(path), framework="pt"))
-            except (FileNotFoundError, SafetensorError) as e:
+            except (OSError, SafetensorError) as e:
                 raise TlpipeError(f"{path}: unreadable ({e}); rerun the decode stage") from None
         return self._open[1]
 

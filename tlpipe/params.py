@@ -38,6 +38,17 @@ class DataParams(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     on_bad_file: Literal["skip", "fail"] = "skip"
+    # url: caps on what the archive may expand to (decompression bombs): total bytes, and bytes
+    # per byte of archive (images barely compress: a real image archive is near 1).
+    extract_max_bytes: int = Field(20 << 30, ge=1, le=1 << 50)
+    extract_max_ratio: float = Field(100.0, ge=1.0, le=1e6)
+
+    @field_validator("root", "csv_file", "file_column", "label_column", "url")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("contains a NUL character")
+        return value
 
     @field_validator("sha256")
     @classmethod
@@ -127,26 +138,45 @@ class FinetuneParams(_Section):
     train_bn_stats: bool = False  # update BatchNorm running statistics (large batches only)
     probe_l2: float = Field(0.01, gt=0, le=1e6)  # L2 of the linear probe fine-tuning starts from
 
+    @model_validator(mode="after")
+    def _batch_norm(self):
+        if self.train_bn_stats and self.batch_size < 2:
+            raise ValueError("train_bn_stats needs batch_size >= 2 (BatchNorm statistics of one image)")
+        return self
+
 
 class ScratchParams(_Section):
     """A small CNN trained from scratch on the same split: the baseline pretraining must beat."""
     enabled: bool = False  # DVC cannot skip a stage by param: disabled, the stage only says so
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=2, le=4096)  # its BatchNorm layers train: >= 2 images per batch
     lr: float = Field(3e-3, gt=0, le=10)  # AdamW, cosine decay to 0
     weight_decay: float = Field(1e-4, ge=0, le=1)
     width: int = Field(16, ge=4, le=256)  # channels of the first conv block; doubled per block
     hflip: bool = False  # random horizontal flips while training
 
 
+# Backbones whose downsampling needs a larger input than image.img_size's floor of 8 pixels.
+MIN_IMG_SIZE = {"vgg16": 32, "convnext_tiny": 32}
+
+
 class Params(_Section):
-    seed: int = 0
+    # numpy's seed range (torch's is wider); all seeds derived from it stay in torch's
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataParams = DataParams()
     image: ImageParams = ImageParams()
     backbone: BackboneParams = BackboneParams()
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
     scratch: ScratchParams = ScratchParams()
+
+    @model_validator(mode="after")
+    def _backbone_input(self):
+        need = MIN_IMG_SIZE.get(self.backbone.name, 8)
+        if self.image.img_size < need:
+            raise ValueError(f"image.img_size {self.image.img_size} is too small for backbone "
+                             f"{self.backbone.name}: it needs at least {need}")
+        return self
 
 
 def _format_error(err: ValidationError, path: Path) -> str:
