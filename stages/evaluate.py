@@ -43,6 +43,8 @@ def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, cl
 
 def finetuned_proba(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
     record = FINETUNED_PREDICTIONS.parent / "meta.json"
+    if not FINETUNED_PREDICTIONS.exists():
+        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: missing; run the infer stage first") from None
     try:
         expected = read_json(record).get("sha256")
     except FileNotFoundError:

@@ -41,6 +41,7 @@ class ShardWriter:
         self.ids = torch.empty(self.capacity, dtype=torch.int64)
         self.filled = 0
         self.sizes: list[int] = []
+        self.files: dict[str, str] = {}  # sha256 of each shard written, for meta.json
 
     def add(self, images: torch.Tensor, ids: torch.Tensor) -> None:
         while len(images):
@@ -56,8 +57,9 @@ class ShardWriter:
         if self.filled == 0 and self.sizes:
             return
         n = self.filled  # an empty split still gets one (empty) shard, so readers need no special case
-        save_file({"images": self.buffer[:n].contiguous(), "ids": self.ids[:n].contiguous()},
-                  str(self.folder / shard_name(self.split, len(self.sizes))))
+        path = self.folder / shard_name(self.split, len(self.sizes))
+        save_file({"images": self.buffer[:n].contiguous(), "ids": self.ids[:n].contiguous()}, str(path))
+        self.files[path.name] = sha256_file(path)
         self.sizes.append(n)
         self.filled = 0
 
