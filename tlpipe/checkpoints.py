@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tlpipe.io import atomic_dir, check_finite, read_json, write_json
+from tlpipe.io import atomic_dir, check_finite, read_json, write_json, writing
 
 RESUME = Path("models/.resume")
 
@@ -66,7 +66,8 @@ class EpochCheckpoint:
         tensors = {f"{group}/{name}": t.detach().cpu().contiguous()
                    for group, named in groups.items() for name, t in named.items()}
         with atomic_dir(self.folder) as tmp:
-            save_file(tensors, str(tmp / "tensors.safetensors"))
+            with writing(self.folder / "tensors.safetensors", tmp / "tensors.safetensors"):
+                save_file(tensors, str(tmp / "tensors.safetensors"))
             write_json(tmp / "state.json", record)
 
     def load(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:

@@ -86,8 +86,15 @@ def _predict(args) -> None:
     predict.predict(args.inputs, args.model, args.top_k, Path(args.out))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one `error: ...` line (exit status 2) like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tlpipe", description="Tools around the tlpipe pipeline "
+    p = _Parser(prog="tlpipe", description="Tools around the tlpipe pipeline "
                                 "(run from the project root).")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from tlpipe.io import read_json, sha256_file, verify_sha256
+from tlpipe.io import read_json, sha256_file, verify_sha256, writing
 from tlpipe.manifest import PREPARED
 from tlpipe.runtime import TlpipeError
 
@@ -58,7 +58,8 @@ class ShardWriter:
             return
         n = self.filled  # an empty split still gets one (empty) shard, so readers need no special case
         path = self.folder / shard_name(self.split, len(self.sizes))
-        save_file({"images": self.buffer[:n].contiguous(), "ids": self.ids[:n].contiguous()}, str(path))
+        with writing(path):
+            save_file({"images": self.buffer[:n].contiguous(), "ids": self.ids[:n].contiguous()}, str(path))
         self.files[path.name] = sha256_file(path)
         self.sizes.append(n)
         self.filled = 0

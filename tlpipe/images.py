@@ -53,6 +53,12 @@ def utf8_name(path) -> bool:
     return True
 
 
+def error_name(e: BaseException) -> str:
+    """`struct.error`, not a bare `error`; builtins without their module."""
+    kind = type(e)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
 class BadImage(ValueError):
     """A decodable image that still cannot be used (e.g. malformed EXIF)."""
 
@@ -83,7 +89,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # struct.error, TypeError, KeyError...: whatever malformed EXIF triggers
-        raise BadImage(f"malformed EXIF ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise BadImage(f"malformed EXIF ({error_name(e)}: {e})".splitlines()[0]) from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = _high_bit_depth_to_l(img)
     # "transparency" in info: a palette entry or a tRNS colour key (L and RGB PNGs have those too).
@@ -174,7 +180,7 @@ def decode_error(load: Callable[[Path], object], path: Path) -> str | None:
     except MemoryError:
         return "cannot decode: out of memory"
     except Exception as e:
-        return f"cannot decode: {type(e).__name__}: {e}".splitlines()[0]
+        return f"cannot decode: {error_name(e)}: {e}".splitlines()[0]
     return None
 
 
@@ -268,8 +274,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             img = self.load(self.paths[i])
         except Exception as e:  # checked by the data stage, so only if the file changed since
-            raise TlpipeError(f"{shown(self.paths[i])}: cannot decode ({type(e).__name__}: {e})"
-                              .splitlines()[0]) from None
+            reason = str(e) if isinstance(e, BadImage) else f"{error_name(e)}: {e}"
+            raise TlpipeError(f"{shown(self.paths[i])}: cannot decode ({reason})".splitlines()[0]) from None
         if self.seed is not None:
             # Modulo 2^63: torch's seed range, whatever the seed param (numpy's range, < 2^32).
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % (1 << 63))

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import math
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,7 +102,10 @@ def writing(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
     except Exception as e:
         if not _is_write_error(e):
             raise
-        raise TlpipeError(f"{path}: cannot write ({str(e).splitlines()[0]})") from None
+        # e.g. 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space
+        # left on device" })': the OS's message is the cause
+        cause = re.search(r'message: "([^"]+)"', str(e))
+        raise TlpipeError(f"{path}: cannot write ({cause.group(1) if cause else str(e).splitlines()[0]})") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -190,7 +190,7 @@ def _format_error(err: ValidationError, path: Path) -> str:
                 parent = parent.model_fields[p].annotation
             close = difflib.get_close_matches(str(e["loc"][-1]), parent.model_fields, n=3)
             msg = "unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "")
-        parts.append(f"{key}: {msg}")
+        parts.append(f"{key}: {msg}" if e["loc"] else msg)
     return f"{path}: " + "; ".join(parts)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from tlpipe.images import is_junk as _is_junk
 from tlpipe.images import list_files as _files_under
-from tlpipe.images import shown, utf8_name
+from tlpipe.images import error_name, shown, utf8_name
 from tlpipe.io import atomic_dir, atomic_path, sha256_file
 from tlpipe.runtime import TlpipeError
 
@@ -272,7 +272,7 @@ def extract(archive: Path, dest: Path, max_bytes: int = 20 << 30, max_ratio: flo
             (tmp / ".extracted").touch()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, zlib.error, EOFError,
             RuntimeError, NotImplementedError, ValueError, OSError) as e:
-        raise TlpipeError(f"{archive}: cannot extract ({type(e).__name__}: {e}); the archive is "
+        raise TlpipeError(f"{archive}: cannot extract ({error_name(e)}: {e}); the archive is "
                           "damaged or unsupported".splitlines()[0]) from None
     return _single_top_folder(dest)
 
