@@ -136,8 +136,9 @@ def _crop_band(img: Image.Image, img_size: int, resize_size: int, interpolation:
     """For an image whose resized long side would exceed MAX_ASPECT x resize_size (a 1x20000 strip
     would become 256 x 5 million pixels), resize only the band of the long side that the centre crop
     keeps, widened to resize_size so that the eval transform's Resize is a no-op and its CenterCrop
-    takes exactly that band: the same pixels (PIL samples a box's output pixels at the positions of
-    the full resize's), at a cost bounded by resize_size^2 whatever the aspect ratio.
+    takes exactly that band: the same pixels as the full resize (PIL samples a box's output pixels
+    at the full resize's positions), at a cost of resize_size x the image's long side at most,
+    instead of resize_size x the resized long side.
     """
     w, h = img.size
     short, long = min(w, h), max(w, h)
@@ -149,9 +150,14 @@ def _crop_band(img: Image.Image, img_size: int, resize_size: int, interpolation:
     start = top - (band - img_size) // 2
     scale = long / new_long
     lo, hi = start * scale, (start + band) * scale
+    resample = _resample(interpolation)
+    # PIL resizes horizontally, then vertically; doing the two passes as two calls, with the box on
+    # the long axis only, keeps each pass's output pixels those of the full resize (one call with
+    # a 2-D box does not).
     if w <= h:
-        return img.resize((resize_size, band), _resample(interpolation), box=(0, lo, w, hi))
-    return img.resize((band, resize_size), _resample(interpolation), box=(lo, 0, hi, h))
+        return img.resize((resize_size, h), resample).resize((resize_size, band), resample,
+                                                             box=(0, lo, resize_size, hi))
+    return img.resize((band, h), resample, box=(lo, 0, hi, h)).resize((band, resize_size), resample)
 
 
 def decode_error(load: Callable[[Path], object], path: Path) -> str | None:

@@ -22,7 +22,8 @@ from tlpipe.runtime import TlpipeError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and inf pass range checks in surprising ways (NaN compares false with everything)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
