@@ -102,7 +102,7 @@ def from_csv(root: Path, csv_file: str, file_column: str, label_column: str) -> 
                             encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise TlpipeError(f"{csv_path}: empty file (no header line)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except Exception as e:  # ParserError, UnicodeDecodeError, csv.Error...: untrusted bytes
         raise TlpipeError(f"{csv_path}: not a readable CSV: {e}".splitlines()[0]) from None
     for param, column in (("data.file_column", file_column), ("data.label_column", label_column)):
         if column not in table.columns:
