@@ -92,6 +92,10 @@ def writing(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
     path = Path(path)
     try:
         yield
+    except TlpipeError as e:  # raised inside, about a file in the temporary: name its final place
+        if tmp is None or str(tmp) not in str(e):
+            raise
+        raise TlpipeError(str(e).replace(str(tmp), str(path))) from None
     except OSError as e:
         names = [Path(n) for n in (e.filename, e.filename2) if isinstance(n, (str, Path))]
         inside = [n for n in names if tmp is not None and (n == Path(tmp) or Path(tmp) in n.parents)]
@@ -102,10 +106,11 @@ def writing(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
     except Exception as e:
         if not _is_write_error(e):
             raise
-        # e.g. 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space
-        # left on device" })': the OS's message is the cause
-        cause = re.search(r'message: "([^"]+)"', str(e))
-        raise TlpipeError(f"{path}: cannot write ({cause.group(1) if cause else str(e).splitlines()[0]})") from None
+        # e.g. 'Error while serializing: I/O error: No space left on device (os error 28)', or in
+        # older releases '... IoError(Os { code: 28, ..., message: "No space left on device" })'
+        cause = re.search(r'message: "([^"]+)"|I/O error: (.+?) \(os error \d+\)', str(e))
+        text = next(g for g in cause.groups() if g) if cause else str(e).splitlines()[0]
+        raise TlpipeError(f"{path}: cannot write ({text})") from None
 
 
 def write_text(path: str | Path, text: str) -> None:
