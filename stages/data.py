@@ -10,54 +10,15 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from tlpipe import sources
 from tlpipe.images import check_image, shown
 from tlpipe.io import atomic_dir, sha256_file, write_json
 from tlpipe.params import load_params
+from tlpipe.paths import DATA_METRICS as METRICS, DOWNLOADS, PREPARED
 from tlpipe.runtime import TlpipeError, progress_enabled, run_stage, workers
-
-PREPARED = Path("data/prepared")
-DOWNLOADS = Path("data/downloads")
-METRICS = Path("metrics/data.json")
-
-
-def write_digits(folder: Path) -> list[sources.Item]:
-    """scikit-learn's 1797 bundled 8x8 digit scans (values 0..16) as 8-bit grayscale PNGs."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    items = []
-    for i, (pixels, target) in enumerate(zip(digits.images, digits.target)):
-        rel = f"digits/{target}/{i:04d}.png"
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        scaled = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
-        Image.fromarray(scaled, "L").save(folder / rel)
-        items.append(sources.Item(folder / rel, rel, str(target)))
-    return items
-
-
-def collect(p, images: Path) -> tuple[list[sources.Item], Path]:
-    """The source's items, and the root they must all resolve inside."""
-    source, root = p.source, Path(p.root)
-    csv_file, file_column, label_column = p.csv_file, p.file_column, p.label_column
-    url, sha256, layout = p.url, p.sha256, p.archive_layout
-    max_bytes, max_ratio = p.extract_max_bytes, p.extract_max_ratio
-    if source == "digits":
-        return write_digits(images), images
-    if source == "url":
-        archive = sources.download(url, sha256, DOWNLOADS)
-        root = sources.extract(archive, DOWNLOADS / sha256, max_bytes, max_ratio)
-        source = layout
-    if source == "folder":
-        return sources.from_class_folders(root), root
-    if source == "presplit":
-        return sources.from_presplit(root), root
-    return sources.from_csv(root, csv_file, file_column, label_column), root
 
 
 def check_all(items: list[sources.Item], root: Path) -> list[str | None]:
@@ -107,7 +68,7 @@ def main() -> None:
 
     with atomic_dir(PREPARED) as out:
         images = out / "images"
-        items, root = collect(p, images)
+        items, root = sources.collect(p, images, DOWNLOADS)
         # Fractions that leave a class without a training image fail now, not after the decode check.
         sources.stratified_split(items, val_fraction, test_fraction, seed)
         reasons = check_all(items, root)

@@ -9,11 +9,13 @@ image.img_size; with image.jpeg_draft, large JPEGs are decoded at a reduced scal
 import torch
 from tqdm import tqdm
 
-from tlpipe.decoded import DECODED, ShardWriter
+from tlpipe import preprocessing
+from tlpipe.decoded import ShardWriter
 from tlpipe.images import eval_images
 from tlpipe.io import atomic_dir, sha256_file, write_json
-from tlpipe.manifest import PREPARED, image_paths, read_manifest
+from tlpipe.manifest import image_paths, read_manifest
 from tlpipe.params import load_params
+from tlpipe.paths import DECODED, MANIFEST
 from tlpipe.runtime import progress_enabled, run_stage, workers
 
 BATCH = 32  # of the loader only; the shards do not depend on it
@@ -21,13 +23,12 @@ BATCH = 32  # of the loader only; the shards do not depend on it
 
 def main() -> None:
     params = load_params("decode")
-    geometry = {"img_size": params.image.img_size, "resize_size": params.image.resize_size,
-                "interpolation": params.image.interpolation, "jpeg_draft": params.image.jpeg_draft}
+    geometry = preprocessing.geometry(params.image)
     manifest, _ = read_manifest()
     paths = image_paths(manifest)
     shape = (3, geometry["img_size"], geometry["img_size"])
 
-    meta = {"geometry": geometry, "manifest_sha256": sha256_file(PREPARED / "manifest.csv"), "splits": {}}
+    meta = {"preprocessing": geometry, "manifest_sha256": sha256_file(MANIFEST), "splits": {}}
     with atomic_dir(DECODED) as out:
         for split in ("train", "val", "test"):
             rows = manifest.index[manifest["split"] == split].to_numpy()

@@ -13,20 +13,14 @@ import pandas as pd
 import torch
 
 from tlpipe import gallery, linear
-from tlpipe.features import check_trained_on, load_split
+from tlpipe.features import check_source, load_split
 from tlpipe.io import atomic_path, load_tensors, read_json, write_json
 from tlpipe.manifest import read_manifest
 from tlpipe.metrics import per_class, summary
 from tlpipe.params import load_params
+from tlpipe.paths import (FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG, TEST_METRICS, TEST_PER_CLASS,
+                          TEST_PREDICTIONS)
 from tlpipe.runtime import TlpipeError, run_stage
-
-HEAD = Path("models/head.safetensors")
-HEAD_CONFIG = Path("models/head.json")
-METRICS = Path("metrics/test.json")
-FINETUNED_PREDICTIONS = Path("data/predictions/finetuned_test.safetensors")
-PER_CLASS = Path("metrics/test_per_class.json")
-PREDICTIONS = Path("metrics/predictions")
-GALLERY = Path("metrics/gallery")  # PNGs of the misclassified test images, one per model
 
 
 def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, classes) -> None:
@@ -42,18 +36,18 @@ def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, cl
 
 
 def finetuned_proba(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
-    record = FINETUNED_PREDICTIONS.parent / "meta.json"
-    if not FINETUNED_PREDICTIONS.exists():
-        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: missing; run the infer stage first") from None
+    record = FINETUNED_TEST.parent / "meta.json"
+    if not FINETUNED_TEST.exists():
+        raise TlpipeError(f"{FINETUNED_TEST}: missing; run the infer stage first") from None
     try:
         expected = read_json(record).get("sha256")
     except FileNotFoundError:
         raise TlpipeError(f"{record}: missing; run the infer stage first (dvc repro infer)") from None
-    predictions = load_tensors(FINETUNED_PREDICTIONS, "infer", expected, record)
+    predictions = load_tensors(FINETUNED_TEST, "infer", expected, record)
     if set(predictions) != {"proba", "ids"}:
-        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: holds {sorted(predictions)}, not proba and ids")
+        raise TlpipeError(f"{FINETUNED_TEST}: holds {sorted(predictions)}, not proba and ids")
     if not torch.equal(predictions["ids"], test_ids) or predictions["proba"].shape[1] != len(classes):
-        raise TlpipeError(f"{FINETUNED_PREDICTIONS}: not the test images of the current features; "
+        raise TlpipeError(f"{FINETUNED_TEST}: not the test images of the current features; "
                           "rerun the infer stage")
     return predictions["proba"]
 
@@ -63,7 +57,7 @@ def main() -> None:
     manifest, classes = read_manifest()
     test, meta = load_split("test")
     head_config = read_json(HEAD_CONFIG)
-    check_trained_on(HEAD_CONFIG, head_config, meta)
+    check_source(HEAD_CONFIG, head_config, meta, "rerun the head stage")
     head = load_tensors(HEAD, "head", head_config.get("sha256"), HEAD_CONFIG)
     y_true = test["labels"].numpy()
     proba = linear.predict_proba(test["features"], head["weight"], head["bias"]).numpy()
@@ -71,11 +65,11 @@ def main() -> None:
     probas = {"head": proba, "finetuned": finetuned_proba(test["ids"], classes).numpy()}
 
     scores = {name: summary(y_true, p) for name, p in probas.items()}
-    write_json(METRICS, scores)
-    write_json(PER_CLASS, {name: per_class(y_true, p, classes) for name, p in probas.items()})
+    write_json(TEST_METRICS, scores)
+    write_json(TEST_PER_CLASS, {name: per_class(y_true, p, classes) for name, p in probas.items()})
     for name, p in probas.items():
-        write_predictions(PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, p, classes)
-        gallery.write(PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
+        write_predictions(TEST_PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, p, classes)
+        gallery.write(TEST_PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
     for model, s in scores.items():
         print(f"{model}: test accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, "
               f"log loss {s['log_loss']:.4f} ({len(y_true)} images)")

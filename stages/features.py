@@ -10,21 +10,18 @@ processes round-robin and gathered back in order on rank 0, which alone writes: 
 computed in the same batch as by one process, so the files are the same.
 """
 
-from pathlib import Path
-
 import torch
 import torchvision
 
-from tlpipe import backbones, distributed
+from tlpipe import backbones, distributed, inference, preprocessing
 from tlpipe.decoded import DecodedSplit, read_meta
-from tlpipe.features import FEATURES, save_split
+from tlpipe.features import save_split
 from tlpipe.io import atomic_dir, file_hashes, sha256_file, write_json
+from tlpipe.manifest import read_manifest
 from tlpipe.moments import read_stats
-from tlpipe.manifest import PREPARED, read_manifest
 from tlpipe.params import load_params
+from tlpipe.paths import FEATURES, MANIFEST, STATS
 from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage
-
-STATS = Path("data/stats.json")
 
 
 def gather_batches(group: distributed.Group, mine: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -66,8 +63,8 @@ def main() -> None:
     for split in ("train", "val", "test"):
         images = DecodedSplit(split, meta=decoded)
         ids[split] = images.ids()
-        mine = backbones.extract_features(backbone.trunk, images.batches(size, group.rank, group.world),
-                                          mean, std, dev, desc=f"features {split}", progress=group.is_main)
+        mine = inference.outputs(backbone.trunk, images.batches(size, group.rank, group.world),
+                                 mean, std, dev, desc=f"features {split}", progress=group.is_main)
         features[split] = gather_batches(group, mine, images.batch_lengths(size)).reshape(
             -1, backbone.feature_dim)  # an empty split, or a rank without a batch, gives no chunk
     distributed.leave(group)
@@ -81,12 +78,9 @@ def main() -> None:
         "weights_file": backbone.weights_file.name,
         "weights_sha256": backbone.weights_sha256,
         "feature_dim": backbone.feature_dim,
-        "transform": decoded["geometry"],
-        "normalize": normalize,
-        "mean": list(mean),
-        "std": list(std),
         "classes": classes,
-        "manifest_sha256": sha256_file(PREPARED / "manifest.csv"),
+        "preprocessing": preprocessing.record(decoded["preprocessing"], normalize, mean, std),
+        "manifest_sha256": sha256_file(MANIFEST),
         "device_type": dev.type,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -5,22 +5,16 @@ one fit per grid point from the strongest L2 to the weakest (each warm-started f
 point with the best val accuracy kept (ties: lower val log loss). Test is not read here.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from safetensors.torch import save_file
 
 from tlpipe import linear
-from tlpipe.features import load_split
+from tlpipe.features import load_split, source_of
 from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.params import load_params
+from tlpipe.paths import HEAD, HEAD_CONFIG, HEAD_GRID, HEAD_METRICS
 from tlpipe.runtime import run_stage
-
-MODEL = Path("models/head.safetensors")
-MODEL_CONFIG = Path("models/head.json")
-METRICS = Path("metrics/head.json")
-GRID_PLOT = Path("metrics/head_grid.csv")
 
 
 def main() -> None:
@@ -36,21 +30,14 @@ def main() -> None:
     for row in rows:
         print("  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "log10_l2"))
 
-    with atomic_path(MODEL) as tmp:
+    with atomic_path(HEAD) as tmp:
         save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}, str(tmp))
-    write_json(MODEL_CONFIG, {
-        "type": "linear",
-        "in_features": meta["feature_dim"],
-        "classes": meta["classes"],
-        "l2": rows[best]["l2"],
-        "sha256": sha256_file(MODEL),  # of head.safetensors, checked by its readers
-        "features": {k: meta[k] for k in ("backbone", "weights_sha256", "feature_dim", "transform",
-                                          "normalize", "mean", "std")},
-    })
-    with atomic_path(GRID_PLOT) as tmp:
+    write_json(HEAD_CONFIG, {"type": "linear", **source_of(meta), "l2": rows[best]["l2"],
+                             "sha256": sha256_file(HEAD)})  # of head.safetensors, checked by its readers
+    with atomic_path(HEAD_GRID) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     chosen = rows[best]
-    write_json(METRICS, {"l2": chosen["l2"], "train_accuracy": chosen["train_accuracy"],
+    write_json(HEAD_METRICS, {"l2": chosen["l2"], "train_accuracy": chosen["train_accuracy"],
                          "val_accuracy": chosen["val_accuracy"], "val_log_loss": chosen["val_log_loss"]})
     print(f"chose l2={chosen['l2']:.2e}: val accuracy {chosen['val_accuracy']:.4f}")
 

@@ -7,14 +7,10 @@ the stage reads are exactly the params it declares. Normalized with the train sp
 statistics (data/stats.json): a network trained from scratch has no pretraining statistics.
 """
 
-from pathlib import Path
-
 from tlpipe.io import write_json
 from tlpipe.params import load_params
+from tlpipe.paths import SCRATCH_METRICS as METRICS, STATS
 from tlpipe.runtime import run_stage
-
-METRICS = Path("metrics/scratch.json")
-STATS = Path("data/stats.json")
 
 
 def main() -> None:

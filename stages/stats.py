@@ -5,17 +5,15 @@ One streaming pass over the decode stage's uint8 shards, counting a per-channel 
 Values are on the 0..1 scale that models normalize.
 """
 
-from pathlib import Path
-
 from tqdm import tqdm
 
 from tlpipe.decoded import DecodedSplit
 from tlpipe.io import write_json
 from tlpipe.moments import ChannelMoments
 from tlpipe.params import load_params
+from tlpipe.paths import STATS
 from tlpipe.runtime import progress_enabled, run_stage
 
-OUT = Path("data/stats.json")
 BATCH = 256  # pixels already decoded: big batches only amortize the per-batch overhead
 
 
@@ -31,9 +29,9 @@ def main() -> None:
         "std": moments.std.tolist(),
         "pixels_per_channel": moments.count,
         "images": len(train),
-        "geometry": train.geometry,
+        "preprocessing": train.geometry,
     }
-    write_json(OUT, stats)
+    write_json(STATS, stats)
     print(f"mean {[round(v, 4) for v in stats['mean']]} std {[round(v, 4) for v in stats['std']]} "
           f"over {len(train)} train images")
 

@@ -8,7 +8,8 @@ import torch
 from conftest import HYMENOPTERA, needs_hymenoptera
 from tlpipe import backbones
 from tlpipe.images import eval_transform, load_rgb, normalize_batch
-from tlpipe.models import Classifier, set_trainable, trainable_blocks
+from tlpipe.finetuning import set_trainable, trainable_blocks
+from tlpipe.models import Classifier
 from tlpipe.runtime import TlpipeError
 
 IMAGENET_ANT, IMAGENET_BEE = 310, 309

@@ -84,7 +84,7 @@ def test_shards_hold_exactly_what_the_evaluation_path_decodes(project):
     manifest, _ = read_manifest()
     meta = decoded.read_meta()
     geometry = {"img_size": 64, "resize_size": 72, "interpolation": "bicubic", "jpeg_draft": True}
-    assert meta["geometry"] == geometry
+    assert meta["preprocessing"] == geometry
     paths = image_paths(manifest)
     for split in ("train", "val", "test"):
         images = DecodedSplit(split)
@@ -147,7 +147,7 @@ def test_missing_shards_name_the_stage_to_run(project):
 def test_an_empty_split_reads_as_no_images(tmp_path):
     writer = decoded.ShardWriter(tmp_path, "test", (3, 8, 8))
     writer.flush()
-    meta = {"geometry": {"img_size": 8}, "splits": {"test": {"images": 0, "shards": writer.sizes}},
+    meta = {"preprocessing": {"img_size": 8}, "splits": {"test": {"images": 0, "shards": writer.sizes}},
             "files": writer.files}
     test = DecodedSplit("test", tmp_path, meta=meta)
     assert len(test) == 0 and list(test.batches(4)) == [] and test.ids().numel() == 0

@@ -13,6 +13,7 @@ def test_warmup_epochs_do_not_use_up_patience(tiny_project, monkeypatch):
     monkeypatch.setenv("TLPIPE_WORKERS", "0")
     monkeypatch.setenv("TLPIPE_PROGRESS", "0")
     from stages import finetune
+    from tlpipe import finetuning
 
     def run(schedule: str) -> tuple[int, int, float]:
         params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -20,7 +21,7 @@ def test_warmup_epochs_do_not_use_up_patience(tiny_project, monkeypatch):
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         # Scripted val losses for epochs 0 (the probe), 1, 2, ...; training itself runs for real.
         val_losses = iter([1.0, 1.5, 0.9, 1.0, 0.8])
-        monkeypatch.setattr(finetune, "evaluate", lambda *args: (next(val_losses), 0.5))
+        monkeypatch.setattr(finetuning, "evaluate", lambda *args: (next(val_losses), 0.5))
         finetune.main()
         result = read_json(repo / "metrics" / "finetune.json")
         return result["epochs_run"], result["best_epoch"], result["val_loss"]

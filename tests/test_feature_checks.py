@@ -22,10 +22,15 @@ CLASSES = ["a", "b", "c"]
 SIZES = {"train": 12, "val": 6, "test": 6}
 
 
+def record(**changes) -> dict:
+    """A preprocessing record (tlpipe.preprocessing)."""
+    return {"img_size": 32, "resize_size": 36, "interpolation": "bicubic", "jpeg_draft": True,
+            "normalize": "backbone", "mean": [0.5] * 3, "std": [0.5] * 3, **changes}
+
+
 def base_meta(**changes) -> dict:
     meta = {"backbone": "tf_efficientnet_lite0", "weights_file": "w.pth", "weights_sha256": "0" * 64,
-            "feature_dim": 4, "transform": {"img_size": 32, "resize_size": 36, "interpolation": "bicubic"},
-            "normalize": "backbone", "mean": [0.5] * 3, "std": [0.5] * 3, "classes": CLASSES,
+            "feature_dim": 4, "classes": CLASSES, "preprocessing": record(),
             "manifest_sha256": "1" * 64, "device_type": "cpu", "torch": "x", "torchvision": "y"}
     meta.update(changes)
     return meta
@@ -64,8 +69,8 @@ def workdir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("split, key, value", [
     ("train", "backbone", "resnet18"),
-    ("val", "transform", {"img_size": 64, "resize_size": 64, "interpolation": "bicubic"}),
-    ("train", "normalize", "dataset"),
+    ("val", "preprocessing", record(img_size=64, resize_size=64)),
+    ("train", "preprocessing", record(normalize="dataset")),
     ("val", "weights_sha256", "f" * 64),
 ])
 def test_head_refuses_a_split_file_from_another_run(workdir, split, key, value):
@@ -110,7 +115,7 @@ def trained(workdir):
     """Consistent features and a head trained on them by the real head stage."""
     write_features(base_meta())
     head.main()
-    assert json.loads(Path("models/head.json").read_text())["features"]["backbone"] == "tf_efficientnet_lite0"
+    assert json.loads(Path("models/head.json").read_text())["backbone"] == "tf_efficientnet_lite0"
     return workdir
 
 
@@ -122,8 +127,8 @@ def test_evaluate_accepts_the_matching_head_then_needs_the_finetuned_model(train
 
 @pytest.mark.parametrize("key, value", [
     ("backbone", "resnet50"),
-    ("transform", {"img_size": 224, "resize_size": 256, "interpolation": "bicubic"}),
-    ("mean", [0.485, 0.456, 0.406]),
+    ("preprocessing", record(img_size=224, resize_size=256)),
+    ("preprocessing", record(mean=[0.485, 0.456, 0.406])),
     ("classes", ["a", "b", "c", "d"]),
     ("feature_dim", 8),
 ])
@@ -133,8 +138,8 @@ def test_evaluate_refuses_features_other_than_the_head_was_trained_on(trained, k
     with pytest.raises(TlpipeError) as err:
         evaluate.main()
     message = str(err.value)
-    assert message.startswith(f"models/head.json: trained on features with {key}=")
-    assert message.endswith(f"but these features have {value!r}; rerun the stage that wrote it")
+    assert message.startswith(f"models/head.json: made from {key}=")
+    assert message.endswith(f"but the current features have {value!r}; rerun the head stage")
     assert not Path("metrics/test.json").exists()
 
 

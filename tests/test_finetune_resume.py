@@ -31,9 +31,14 @@ def result_of(repo: Path) -> dict:
             "curve": (repo / CURVE).read_text()}
 
 
-def test_killed_finetune_resumes_with_the_uninterrupted_result(tiny_project):
+@pytest.mark.parametrize("recipe", [
+    {},
+    # the EMA's state and MixUp/CutMix's draws from the global RNG must survive the kill too
+    {"finetune__ema_decay": 0.9, "finetune__mixup_alpha": 0.4, "finetune__cutmix_alpha": 1.0},
+], ids=["plain", "ema-mixup-cutmix"])
+def test_killed_finetune_resumes_with_the_uninterrupted_result(tiny_project, recipe):
     epochs = 6
-    repo = tiny_project(finetune__epochs=epochs, finetune__patience=epochs)
+    repo = tiny_project(finetune__epochs=epochs, finetune__patience=epochs, **recipe)
     dvc(repo, "repro", "head")
 
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "finetune"], cwd=repo, env=tool_env(),
@@ -70,7 +75,8 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_epoch(tiny
 
     # The fault: the training loss of epoch 2, step 1 comes out NaN (as an overflow would).
     from stages import finetune
-    real_cross_entropy, training_calls = finetune.F.cross_entropy, []
+    from tlpipe import finetuning
+    real_cross_entropy, training_calls = finetuning.F.cross_entropy, []
 
     def cross_entropy(logits, target, **kwargs):
         loss = real_cross_entropy(logits, target, **kwargs)
@@ -83,7 +89,7 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_epoch(tiny
     train_images = sum(1 for line in (repo / "data/prepared/manifest.csv").read_text().splitlines()
                        if line.split(",")[2] == "train")
     steps_per_epoch = train_images // 8  # finetune.batch_size in the tiny params; drop_last
-    monkeypatch.setattr(finetune.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(finetuning.F, "cross_entropy", cross_entropy)
     with pytest.raises(TlpipeError) as err:
         finetune.main()
     message = str(err.value)

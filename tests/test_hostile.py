@@ -624,9 +624,9 @@ def test_kill_9_of_dvc_takes_the_stage_with_it(copy, shell, tmp_path):
     at_kill = {p: p.read_bytes() if p.exists() else None for p in outputs}
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 5
-    while stage_pids(copy, "stages.finetune"):
-        assert time.monotonic() < deadline, "the stage outlived dvc"
+    killed = time.monotonic()  # the stage itself would run for minutes (200 epochs)
+    while stage_pids(copy, "stages.finetune"):  # seconds under load: the watchdog polls every 0.5 s
+        assert time.monotonic() - killed < 20, "the stage outlived dvc"
         time.sleep(0.05)
     time.sleep(1)
     assert {p: p.read_bytes() if p.exists() else None for p in outputs} == at_kill  # no orphan wrote them

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from tlpipe.params import Params, RecordingParams, load_params
@@ -30,8 +31,8 @@ data:
   test_fraction: 0.15
   on_bad_file: skip
 image:
-  img_size: 224
-  resize_size: 256
+  img_size: 64
+  resize_size: 64
   interpolation: bicubic
 backbone:
   name: tf_efficientnet_lite0
@@ -66,7 +67,7 @@ def test_defaults_only_file_loads(tmp_path):
     assert isinstance(p, RecordingParams)
     assert p.seed == 0
     assert p.data.source == "digits" and p.data.val_fraction == 0.15
-    assert p.image.img_size == 224 and p.image.interpolation == "bicubic"
+    assert p.image.img_size == 64 and p.image.interpolation == "bicubic"
     assert p.backbone.name == "tf_efficientnet_lite0"
     assert p.head.max_iter == 300 and p.head.l2_min_log10 == -6.0
     assert p._model == Params()
@@ -280,3 +281,9 @@ def test_a_stage_with_bad_params_fails_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(TlpipeError, match=r"backbone\.name: unknown backbone 'resnet_18'; did you mean resnet18"):
         data.main()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_the_schema_defaults_are_the_shipped_params_yaml():
+    """One source of defaults: a key left out of a user's params.yaml means what the shipped file says."""
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert Params().model_dump() == shipped

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from tlpipe.images import normalize_batch
 from tlpipe.io import sha256_file
 from tlpipe.params import BACKBONE_NAMES as NAMES
 from tlpipe.params import TORCHVISION_BACKBONES as TORCHVISION
 from tlpipe.params import unknown_backbone
-from tlpipe.runtime import TlpipeError, progress_enabled
+from tlpipe.runtime import TlpipeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -161,18 +159,11 @@ def blocks(name: str, trunk: nn.Module) -> list[list[nn.Module]]:
     return [g for g in groups if any(p.numel() for m in g for p in m.parameters())]
 
 
-@torch.inference_mode()
-def extract_features(trunk: nn.Module, loader, mean, std, dev: torch.device,
-                     desc: str = "features", progress: bool = True) -> torch.Tensor:
-    """Pooled features of every (uint8 image, index) batch of `loader`, in order, fp32 on the CPU.
-
-    The one definition of "the backbone's features": the features stage caches them, and
-    `tlpipe predict` computes them the same way for new images.
-    """
-    # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
-    trunk.to(dev, memory_format=torch.channels_last)
-    chunks = []
-    for images, _ in tqdm(loader, desc=desc, disable=not (progress and progress_enabled())):
-        x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
-        chunks.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0)
+def pretrained_for(source: dict, where: str) -> Backbone:
+    """The pretrained backbone that `source` (features metadata or a model config) was made with;
+    its weights file must still be the one whose sha256 the source recorded."""
+    backbone = build(source["backbone"])
+    if backbone.weights_sha256 != source["weights_sha256"]:
+        raise TlpipeError(f"{where}: made with other {source['backbone']} weights than "
+                          f"{backbone.weights_file} (sha256 differs); rerun the features stage")
+    return backbone

@@ -27,8 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tlpipe.io import atomic_dir, check_finite, read_json, write_json, writing
-
-RESUME = Path("models/.resume")
+from tlpipe.paths import RESUME
 
 
 def run_key(inputs: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@ uint8 CHW pixels once; stats, features, fine-tuning's validation pass and infere
 those instead of decoding and resizing JPEGs again and again. A split's images go, in manifest
 order, into `{split}-NNN.safetensors` files (tensors `images`, N x 3 x S x S uint8, and `ids`, their
 manifest rows) of at most SHARD_BYTES each, beside a `meta.json` with the geometry, the manifest's
-sha256 and the shard sizes. Readers hold one shard's pages at a time, so memory does not grow
+sha256 and the shard sizes, and the geometry part of the preprocessing record
+(tlpipe.preprocessing). Readers hold one shard's pages at a time, so memory does not grow
 with the number of images.
 """
 
@@ -20,10 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
 from tlpipe.io import read_json, sha256_file, verify_sha256, writing
-from tlpipe.manifest import PREPARED
+from tlpipe.paths import DECODED, PREPARED
 from tlpipe.runtime import TlpipeError
 
-DECODED = Path("data/decoded")
 SHARD_BYTES = 64 << 20  # big enough that DVC sees few files, small enough to stay in memory
 
 
@@ -85,7 +85,7 @@ class DecodedSplit:
         self.split, self.folder = split, folder
         self.sizes = meta["splits"][split]["shards"]
         self.starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
-        self.geometry = meta["geometry"]
+        self.geometry = meta["preprocessing"]
         self.files = meta.get("files", {})
         self._open: tuple[int, object] | None = None
         self._verified: set[int] = set()

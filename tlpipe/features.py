@@ -3,6 +3,10 @@
 Each split file holds `features` (N x D float32), `labels` (N int64 class indices) and `ids`
 (N int64 row numbers in the manifest); its header carries the metadata as JSON, the same that
 `meta.json` holds, so a file copied on its own still says what produced it.
+
+The metadata's SOURCE_KEYS say what the features are features *of*: the backbone and its weights,
+the classes, and the preprocessing record. Both model configs (head.json, finetuned.json) carry
+the same keys, and `check_source` is the one check that a model meets the inputs it was made for.
 """
 
 from __future__ import annotations
@@ -15,13 +19,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
 from tlpipe.io import atomic_path, check_finite, read_json, verify_sha256
+from tlpipe.paths import FEATURES
 from tlpipe.runtime import TlpipeError
 
-FEATURES = Path("data/features")
+SOURCE_KEYS = ("backbone", "weights_sha256", "feature_dim", "classes", "preprocessing")
 
-# Metadata a consumer must agree with before it uses the features.
-CHECKED_KEYS = ("backbone", "weights_sha256", "feature_dim", "transform", "normalize", "mean", "std",
-                "classes")
+
+def source_of(meta: dict) -> dict:
+    """The part of the features metadata a model trained on them records, verbatim."""
+    return {key: meta[key] for key in SOURCE_KEYS}
+
+
+def check_source(where: str | Path, found: dict, expected: dict, fix: str) -> None:
+    """`found` (an artifact's metadata or a model config) must name the same source as `expected`."""
+    for key in SOURCE_KEYS:
+        if found.get(key) != expected.get(key):
+            raise TlpipeError(f"{where}: made from {key}={found.get(key)!r}, but the current features "
+                              f"have {expected.get(key)!r}; {fix}")
 
 
 def save_split(folder: Path, split: str, features: torch.Tensor, labels: torch.Tensor,
@@ -45,7 +59,7 @@ def load_split(split: str, folder: Path = FEATURES) -> tuple[dict[str, torch.Ten
         raise TlpipeError(f"{e.filename}: missing; run the features stage first (dvc repro features)") from None
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as e:
         raise TlpipeError(f"{path}: unreadable features ({e}); rerun the features stage") from None
-    for key in CHECKED_KEYS:
+    for key in SOURCE_KEYS:
         if header.get(key) != meta.get(key):
             raise TlpipeError(f"{path}: metadata {key!r} disagrees with {folder / 'meta.json'} "
                               "(features from different runs mixed?); rerun the features stage")
@@ -56,13 +70,3 @@ def load_split(split: str, folder: Path = FEATURES) -> tuple[dict[str, torch.Ten
         raise TlpipeError(f"{path}: tensor shapes do not match its metadata")
     check_finite(path, tensors)
     return tensors, meta
-
-
-def check_trained_on(config_path: Path, config: dict, meta: dict) -> None:
-    """A model config (head.json) must describe the features it is about to be applied to."""
-    recorded = {**config.get("features", {}), "classes": config.get("classes"),
-                "feature_dim": config.get("in_features", config.get("features", {}).get("feature_dim"))}
-    for key in CHECKED_KEYS:
-        if recorded.get(key) != meta.get(key):
-            raise TlpipeError(f"{config_path}: trained on features with {key}={recorded.get(key)!r}, "
-                              f"but these features have {meta.get(key)!r}; rerun the stage that wrote it")

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from tlpipe.images import load_rgb
 from tlpipe.io import atomic_path
-from tlpipe.manifest import PREPARED
+from tlpipe.paths import PREPARED
 
 MAX_IMAGES = 40  # a bounded PNG: the gallery is git-tracked, one per model and experiment
 COLUMNS = 8

@@ -289,15 +289,14 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def eval_images(paths: Sequence[str | Path], geometry: dict) -> ImageFiles:
-    """Images at the evaluation geometry of a features/model config's "transform" entry: the one
-    decoding path of the decode stage, `tlpipe predict` and anything else that must agree with them."""
+    """Images at the geometry of a preprocessing record (tlpipe.preprocessing): the one decoding path of the decode stage, `tlpipe predict` and anything else that must agree with them."""
     transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
     return ImageFiles(paths, transform, load=functools.partial(eval_load, geometry=geometry))
 
 
 def eval_load(path: Path, geometry: dict) -> Image.Image:
     """The RGB image the eval transform gets: drafted when `jpeg_draft`, band-cropped when extreme."""
-    if geometry.get("jpeg_draft", False):  # configs written before jpeg_draft existed: full decodes
+    if geometry["jpeg_draft"]:
         # After the drafted load the short side is resize_size already, so the Resize is a no-op.
         img = load_rgb_drafted(path, geometry["resize_size"], geometry["interpolation"])
     else:

@@ -5,16 +5,17 @@ Train from the pipeline's starting point while the LR grows exponentially from `
 average) loss exceeds `stop_factor` x its best (it has diverged). The curve is then smoothed
 without lag (a running median, then the moving average run forward and backward), and the
 suggestion is the LR where that smoothed loss falls fastest (steepest negative slope against
-log10 LR, up to its minimum); when the minimum comes too early for a slope, it is the LR at the
-minimum / 10 (never below the start LR). The rule used is printed.
+log10 LR, up to its minimum) when the curve really descends (see `suggest`); on a curve with no
+real descent it is the LR where the loss starts to rise, / 10; when the minimum comes too early
+for a slope, the LR at the minimum / 10 (never below the start LR). The rule used is printed.
 
 - `head`: a zero-initialized linear layer on the cached train features (data/features), with the
   fine-tuning optimizer settings (finetune.optimizer, weight_decay, momentum, batch_size,
   label_smoothing): the head LR (finetune.lr) when the head trains alone. Seconds.
-- `finetune`: LP-FT's start (the finetune stage's probe at finetune.probe_l2 on the backbone), the
+- `finetune`: LP-FT's start (tlpipe.finetuning.start_model, as the finetune stage), the
   blocks finetune trains (finetune.unfreeze: last_n's blocks; all for `all` and for `gradual`,
   whose last epochs train all), BatchNorm statistics frozen unless finetune.train_bn_stats, the
-  fine-tuning augmentation and optimizer, backbone LR = LR x finetune.backbone_lr_mult: the
+  fine-tuning augmentation and optimizer (tlpipe.finetuning.make_optimizer), backbone LR = LR x finetune.backbone_lr_mult: the
   suggestion is for finetune.lr. Nothing is saved.
 """
 
@@ -31,12 +32,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from tlpipe import backbones, linear
+from tlpipe import finetuning
 from tlpipe.features import load_split
-from tlpipe.images import ImageFiles, normalize_batch, train_transform
+from tlpipe.images import normalize_batch
 from tlpipe.io import atomic_path
-from tlpipe.manifest import image_paths, read_manifest
-from tlpipe.models import Classifier, linear_from, set_trainable, trainable_blocks
+from tlpipe.models import Classifier
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError, device, progress_enabled, workers
 
@@ -67,10 +67,27 @@ def smooth(losses, beta: float = BETA) -> np.ndarray:
     return ema(ema(median, beta)[::-1], beta)[::-1]
 
 
-def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str]:
-    """(suggested LR, the rule that chose it)."""
-    best = int(np.argmin(smoothed))
-    skip = max(2, len(smoothed) // 20)  # the ends of a smoothed curve are the least reliable
+def suggest(lrs: np.ndarray, losses) -> tuple[float, str]:
+    """(suggested LR, the rule that chose it) from a range test's raw losses.
+
+    A curve that really descends: the steepest descent of the smoothed loss before its minimum.
+    A curve with no real descent (flat, then diverging: common when starting from a good probe)
+    has no meaningful steepest point; its smoothed "slope" is noise and edge effects, and chasing it
+    once gave 3.5e-07 on a curve flat up to 3e-3. There the rule is the LR where the loss starts
+    to rise above its flat level, / 10. "Real" means the drop from the starting level (the median
+    of the first raw losses, robust to one odd batch) exceeds 2 % of it and twice the batch noise.
+    """
+    losses = np.asarray(losses, dtype=float)
+    smoothed = smooth(losses)
+    n, best = len(smoothed), int(np.argmin(smoothed))
+    skip = max(2, n // 20)  # the ends of a smoothed curve are the least reliable
+    start = float(np.median(losses[:max(3, skip)]))
+    noise = 1.4826 * float(np.median(np.abs(losses[:best + 1] - smoothed[:best + 1])))
+    tolerance = max(0.02 * abs(start), 2 * noise)
+    if start - smoothed[best] <= tolerance:
+        above = np.flatnonzero(smoothed[skip:] > start + tolerance)
+        edge = skip + int(above[0]) - 1 if len(above) else n - 1
+        return float(max(lrs[max(edge, 0)] / 10, lrs[0])), "no real descent: LR where the loss starts to rise / 10"
     if best - skip >= 3:
         slope = np.gradient(smoothed[skip:best + 1], np.log10(lrs[skip:best + 1]))
         return float(lrs[skip + int(np.argmin(slope))]), "steepest descent of the smoothed loss"
@@ -101,18 +118,6 @@ def range_test(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimize
     return pd.DataFrame({"step": np.arange(n), "lr": lrs[:n], "loss": losses, "smoothed_loss": smooth(losses)})
 
 
-def _optimizer(groups: list[dict], f) -> torch.optim.Optimizer:
-    """The fine-tuning optimizer: decay on weights only, not on biases and norms (as finetune)."""
-    cfg = []
-    for g in groups:
-        params = [p for p in g["params"] if p.requires_grad]
-        cfg += [{"params": [p for p in params if p.ndim > 1], "lr_mult": g["lr_mult"], "weight_decay": f.weight_decay},
-                {"params": [p for p in params if p.ndim <= 1], "lr_mult": g["lr_mult"], "weight_decay": 0.0}]
-    if f.optimizer == "adamw":
-        return torch.optim.AdamW(cfg, lr=1e-3)
-    return torch.optim.SGD(cfg, lr=1e-3, momentum=f.momentum, nesterov=f.momentum > 0)
-
-
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     while True:
         order = torch.randperm(n, generator=gen)
@@ -126,16 +131,17 @@ def head_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     torch.manual_seed(params.seed)
     train, meta = load_split("train")
     x, y = train["features"], train["labels"]
-    layer = torch.nn.Linear(x.shape[1], len(meta["classes"]))
-    torch.nn.init.zeros_(layer.weight)
-    torch.nn.init.zeros_(layer.bias)
-    optimizer = _optimizer([{"params": list(layer.parameters()), "lr_mult": 1.0}], f)
+    head = torch.nn.Linear(x.shape[1], len(meta["classes"]))
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    # the fine-tuning optimizer on the head alone (an empty backbone), so its settings apply as there
+    optimizer = finetuning.make_optimizer(Classifier(torch.nn.Identity(), head), f)
     batches = _batches(len(x), f.batch_size, torch.Generator().manual_seed(params.seed))
     label_smoothing = f.label_smoothing
 
     def step():
         idx = next(batches)
-        return F.cross_entropy(layer(x[idx]), y[idx], label_smoothing=label_smoothing)
+        return F.cross_entropy(head(x[idx]), y[idx], label_smoothing=label_smoothing)
     return range_test(step, optimizer, lrs, stop_factor, "lr-find head")
 
 
@@ -144,40 +150,21 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     f = params.finetune
     seed = params.seed
     torch.manual_seed(seed)
-    # The finetune stage's starting point: the probe at finetune.probe_l2 on the backbone.
-    train_features, feat = load_split("train")
-    classes = feat["classes"]
-    weight, bias = linear.fit_probe(train_features["features"], train_features["labels"], len(classes),
-                                    f.probe_l2)
-    backbone = backbones.build(feat["backbone"])
-    if backbone.weights_sha256 != feat["weights_sha256"]:
-        raise TlpipeError("data/features/meta.json: features of other weights; rerun the features stage")
-    model = Classifier(backbone.trunk, linear_from(weight.float(), bias.float()))
-    manifest, manifest_classes = read_manifest()
-    if manifest_classes != classes:
-        raise TlpipeError("data/features/meta.json: classes differ from data/prepared/classes.json; rerun features")
-    rows = manifest.index[manifest["split"] == "train"].to_numpy()
-    paths = image_paths(manifest)
-    geometry = feat["transform"]
-    train_set = ImageFiles([paths[i] for i in rows], train_transform(
-        geometry["img_size"], geometry["interpolation"], f.crop_scale_min, f.hflip, f.randaugment_magnitude),
-        seed=None)  # augmentation from the workers' seeded RNGs: persistent workers keep their state
-    targets = torch.tensor(manifest["target"].to_numpy()[rows], dtype=torch.int64)
-    dev = device()
-    loader = torch.utils.data.DataLoader(train_set, batch_size=f.batch_size, shuffle=True,
-                                         drop_last=len(train_set) > f.batch_size, num_workers=workers(),
+    # augmentation from the workers' seeded RNGs (seed=None): persistent workers keep their state
+    start = finetuning.start_model(f, seed=None)
+    model, record, dev = start.model, start.source["preprocessing"], device()
+    loader = torch.utils.data.DataLoader(start.train_set, batch_size=f.batch_size, shuffle=True,
+                                         drop_last=len(start.train_set) > f.batch_size, num_workers=workers(),
                                          persistent_workers=workers() > 0,  # no worker start-up per pass
                                          generator=torch.Generator().manual_seed(seed))
     model.to(dev, memory_format=torch.channels_last)
     # The blocks finetune trains: last_n's, or all of them (gradual's widest epochs, which the LR
     # must survive too); BatchNorm statistics frozen unless train_bn_stats, as in finetune.
-    groups = backbones.blocks(feat["backbone"], model.trunk)
-    n_blocks = len(groups) if f.unfreeze == "gradual" else trainable_blocks(f.unfreeze, f.unfreeze_last_n, 1,
-                                                                            len(groups))
-    set_trainable(model, groups, n_blocks, f.train_bn_stats)
-    optimizer = _optimizer([{"params": list(model.trunk.parameters()), "lr_mult": f.backbone_lr_mult},
-                            {"params": list(model.head.parameters()), "lr_mult": 1.0}], f)
-    label_smoothing, mean, std = f.label_smoothing, feat["mean"], feat["std"]
+    n_blocks = len(start.blocks) if f.unfreeze == "gradual" else finetuning.trainable_blocks(
+        f.unfreeze, f.unfreeze_last_n, 1, len(start.blocks))
+    finetuning.set_trainable(model, start.blocks, n_blocks, f.train_bn_stats)
+    optimizer = finetuning.make_optimizer(model, f, start.blocks)
+    loss_fn = finetuning.make_loss(f, start.train_targets, len(start.source["classes"]))
 
     def batches():
         while True:
@@ -186,8 +173,8 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
 
     def step():
         images, idx = next(stream)
-        x = normalize_batch(images.to(dev), mean, std).contiguous(memory_format=torch.channels_last)
-        return F.cross_entropy(model(x).float(), targets[idx].to(dev), label_smoothing=label_smoothing)
+        x = normalize_batch(images.to(dev), record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
+        return loss_fn(model(x).float(), start.train_targets[idx].to(dev)) / len(idx)
     return range_test(step, optimizer, lrs, stop_factor, "lr-find finetune")
 
 
@@ -216,7 +203,7 @@ def run(target: str, steps: int, start_lr: float, end_lr: float, stop_factor: fl
     curve = (head_test if target == "head" else finetune_test)(lrs, stop_factor)
     if len(curve) < 5:
         raise TlpipeError(f"lr-find {target}: the loss diverged after {len(curve)} steps; lower the start LR")
-    lr, rule = suggest(curve["lr"].to_numpy(), curve["smoothed_loss"].to_numpy())
+    lr, rule = suggest(curve["lr"].to_numpy(), curve["loss"].to_numpy())
     with atomic_path(out_dir / f"{target}.csv") as tmp:
         curve.to_csv(tmp, index=False)
     plot(curve, lr, rule, f"LR range test: {target}", out_dir / f"{target}.png")

@@ -7,9 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from tlpipe.io import read_json
+from tlpipe.paths import PREPARED
 from tlpipe.runtime import TlpipeError
-
-PREPARED = Path("data/prepared")
 
 
 def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:

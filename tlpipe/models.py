@@ -22,38 +22,6 @@ class Classifier(nn.Module):
         return self.head(self.trunk(x))
 
 
-def trainable_blocks(strategy: str, last_n: int, epoch: int, total: int) -> int:
-    """How many of the backbone's top blocks train in `epoch` (1-based)."""
-    if strategy == "all":
-        return total
-    if strategy == "last_n":
-        return min(last_n, total)
-    return min(epoch - 1, total)  # gradual: head alone first, then one more block each epoch
-
-
-def set_trainable(model: Classifier, groups: list[list[nn.Module]], n: int,
-                  train_bn_stats: bool) -> None:
-    """Train the head and the top `n` blocks; freeze the rest.
-
-    BatchNorm running statistics stay frozen unless train_bn_stats: with small batches, batch
-    statistics differ from the pretrained running ones, so the first train-mode forward would not
-    be the model the probe was fitted on, and the probe's large weights turn that into a huge loss.
-    """
-    model.trunk.eval()
-    for p in model.trunk.parameters():
-        p.requires_grad_(False)
-    for group in groups[len(groups) - n:]:
-        for module in group:
-            module.train()
-            for p in module.parameters():
-                p.requires_grad_(True)
-    if not train_bn_stats:
-        for module in model.trunk.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
-    model.head.train()
-
-
 def linear_from(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     head = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():

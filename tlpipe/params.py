@@ -1,7 +1,8 @@
 """params.yaml: validated by a schema, read through an accessor that records every leaf read.
 
 Validation happens before a stage does any work, so a typo or a wrong type fails fast with the key
-path. Recording exists so a test can prove that what each stage reads equals what `dvc.yaml`
+path. The schema's defaults are the one set of defaults: params.yaml holds exactly them (a test
+checks), so a key missing from a user's params.yaml means what the shipped file says. Recording exists so a test can prove that what each stage reads equals what `dvc.yaml`
 declares for it: set TLPIPE_PARAMS_LOG to a file and every stage appends the leaves it read.
 """
 
@@ -27,7 +28,9 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    source: Literal["digits", "folder", "presplit", "csv", "url"] = "digits"
+    # The names live in tlpipe.sources' table, which checks them before the data stage does any
+    # work; importing it here would make every stage depend on the sources module.
+    source: str = "digits"
     # folder/presplit: the image root; csv: the root that CSV paths are relative to.
     root: str = "data/sources"
     csv_file: str = "labels.csv"  # csv source: relative to root
@@ -35,7 +38,7 @@ class DataParams(_Section):
     label_column: str = "label"
     url: str = ""
     sha256: str = ""
-    archive_layout: Literal["folder", "presplit", "csv"] = "folder"
+    archive_layout: str = "folder"  # url: tlpipe.sources.ARCHIVE_LAYOUTS
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     on_bad_file: Literal["skip", "fail"] = "skip"
@@ -68,8 +71,8 @@ class DataParams(_Section):
 
 
 class ImageParams(_Section):
-    img_size: int = Field(224, ge=8, le=1024)
-    resize_size: int = Field(256, ge=8, le=2048)
+    img_size: int = Field(64, ge=8, le=1024)
+    resize_size: int = Field(64, ge=8, le=2048)
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     # Decode large JPEGs at 1/2, 1/4 or 1/8 scale while the short side stays >= resize_size.
     jpeg_draft: bool = True
@@ -120,7 +123,7 @@ class HeadParams(_Section):
 
 
 class FinetuneParams(_Section):
-    epochs: int = Field(8, ge=1, le=1000)
+    epochs: int = Field(5, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=10)  # the head's LR
@@ -133,17 +136,29 @@ class FinetuneParams(_Section):
     unfreeze: Literal["all", "last_n", "gradual"] = "all"
     unfreeze_last_n: int = Field(2, ge=0, le=1000)  # last_n only
     crop_scale_min: float = Field(0.5, gt=0, le=1)  # RandomResizedCrop scale lower bound
-    hflip: bool = True
+    hflip: bool = False
     randaugment_magnitude: int = Field(0, ge=0, le=30)  # 0 = off
     patience: int = Field(3, ge=1, le=1000)  # early stopping, epochs without val loss improvement
     train_bn_stats: bool = False  # update BatchNorm running statistics (large batches only)
     probe_l2: float = Field(0.01, gt=0, le=1e6)  # L2 of the linear probe fine-tuning starts from
+    # Layer-wise LR decay: the top backbone block trains at lr x backbone_lr_mult, each block below
+    # at layer_decay x the one above (timm/BEiT style); 1 = one LR for the whole backbone.
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # EMA of the weights, per step; 0 = off
+    mixup_alpha: float = Field(0.0, ge=0, le=10)  # Beta(alpha, alpha) MixUp; 0 = off
+    cutmix_alpha: float = Field(0.0, ge=0, le=10)  # Beta(alpha, alpha) CutMix; 0 = off
+    mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed (MixUp or CutMix, 50/50 when both)
+    class_balance: Literal["none", "loss_weights", "sampler"] = "none"
 
     @model_validator(mode="after")
     def _batch_norm(self):
         if self.train_bn_stats and self.batch_size < 2:
             raise ValueError("train_bn_stats needs batch_size >= 2 (BatchNorm statistics of one image)")
         return self
+
+
+class InferParams(_Section):
+    tta: Literal["none", "flip"] = "none"  # flip: average with the mirror image (2x the inference cost)
 
 
 class ScratchParams(_Section):
@@ -169,6 +184,7 @@ class Params(_Section):
     backbone: BackboneParams = BackboneParams()
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
+    infer: InferParams = InferParams()
     scratch: ScratchParams = ScratchParams()
 
     @model_validator(mode="after")

@@ -1,14 +1,14 @@
 """`tlpipe predict`: top-k classes of new images with the head or the fine-tuned model.
 
-Exactly the evaluation path: the model config's geometry (`eval_images`, as the decode stage) and
-mean/std; for the head, the backbone's features computed by `backbones.extract_features` (what the
-features stage caches) and then the head's linear layer (what evaluate applies to the cached test
-features).
+Exactly the evaluation path: the model config's preprocessing record (`eval_images`, as the decode
+stage, then its mean/std); for the head, the backbone's features computed by `inference.outputs`
+(what the features stage caches) and then the head's linear layer (what evaluate applies to the
+cached test features).
 Folders are searched like the data stage's class folders (`tlpipe.images.list_files`: every file
 but hidden and junk ones, whatever its extension), so predict takes exactly the files training
 takes. Each file is decoded once up front as the model's loader will decode it; a file that fails
 (not an image, malformed EXIF, a name that is not UTF-8...) is reported, on stderr and as a CSV
-row with an error, and does not stop the run. The model and the output path are checked before
+row with an error, and does not stop the run. The output path and the model are checked before
 any image is decoded.
 """
 
@@ -21,13 +21,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tlpipe import backbones, linear
+from tlpipe import backbones, inference, linear
 from tlpipe.images import check_image, eval_check, eval_images, list_files, shown
-from tlpipe.io import atomic_path, read_json
+from tlpipe.io import atomic_path
 from tlpipe.models import load_classifier, load_head
+from tlpipe.paths import MODELS
 from tlpipe.runtime import TlpipeError, device, inference_batch_size, workers
-
-MODELS = Path("models")
 
 
 def collect(inputs: list[str]) -> list[Path]:
@@ -59,41 +58,38 @@ def _loader(paths: list[Path], geometry: dict, dev: torch.device):
 
 
 class Model:
-    """A trained model as predict uses it: its config (geometry, classes) and a probability function."""
+    """A trained model as predict uses it: its config (preprocessing, classes) and its probabilities."""
 
     def __init__(self, kind: str, models: Path):
         self.kind = kind
         if kind == "head":
             self.head, cfg = load_head(models / "head.safetensors", models / "head.json")
-            feat = cfg["features"]
-            self.backbone = backbones.build(feat["backbone"])
-            if self.backbone.weights_sha256 != feat["weights_sha256"]:
-                raise TlpipeError(f"{models / 'head.json'}: the head was trained on features of other "
-                                  f"{feat['backbone']} weights")
-            self.geometry, self.mean, self.std = feat["transform"], feat["mean"], feat["std"]
+            self.backbone = backbones.pretrained_for(cfg, str(models / "head.json"))
         else:
             self.model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
-            self.geometry, self.mean, self.std = cfg["transform"], cfg["mean"], cfg["std"]
-        self.classes = cfg["classes"]
+        self.record, self.classes = cfg["preprocessing"], cfg["classes"]
 
-    def proba(self, paths: list[Path]) -> torch.Tensor:
-        dev = device()
-        loader = _loader(paths, self.geometry, dev)
-        if self.kind == "head":
-            features = backbones.extract_features(self.backbone.trunk, loader, self.mean, self.std, dev)
-            return linear.predict_proba(features, self.head.weight.detach(), self.head.bias.detach())
-        # The classifier maps images to logits, so the features helper is the evaluation loop as well.
-        logits = backbones.extract_features(self.model, loader, self.mean, self.std, dev, desc="fine-tuned")
-        return torch.softmax(logits, dim=1)
+    def proba(self, paths: list[Path], tta: str) -> torch.Tensor:
+        record, dev = self.record, device()
+        loader = _loader(paths, record, dev)
+        if self.kind == "finetuned":
+            return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
+                                                 desc="fine-tuned")
+        weight, bias = self.head.weight.detach(), self.head.bias.detach()
+        views = [self.backbone.trunk] + ([inference.Mirrored(self.backbone.trunk)] if tta == "flip" else [])
+        proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
+                                                        desc="features"), weight, bias) for view in views]
+        return sum(proba) / len(proba)
 
 
-def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> pd.DataFrame:
+def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS,
+            tta: str = "none") -> pd.DataFrame:
     check_output(out)
     files = collect(inputs)
     if not files:
         raise TlpipeError("no files found in " + ", ".join(shown(i) for i in inputs))
     trained = Model(model, models)
-    load = eval_check(trained.geometry)
+    load = eval_check(trained.record)
     errors = {}
     for path in files:
         reason = "no such file" if not path.exists() else check_image(path, load=load)
@@ -101,7 +97,7 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
             errors[path] = reason
             print(f"error: {shown(path)}: {reason}", file=sys.stderr)
     good = [p for p in files if p not in errors]
-    proba, classes = (trained.proba(good) if good else None), trained.classes
+    proba, classes = (trained.proba(good, tta) if good else None), trained.classes
     if proba is not None and not bool(torch.isfinite(proba).all()):
         raise TlpipeError(f"the {model} model gave non-finite probabilities; its weights are damaged")
     k = min(top_k, len(classes))

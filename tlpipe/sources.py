@@ -318,3 +318,51 @@ def stratified_split(items: list[Item], val_fraction: float, test_fraction: floa
         for k in order[start:]:
             out.append(Item(group[k].src, group[k].rel, label, "train"))
     return sorted(out, key=lambda i: (SPLITS.index(i.split), i.label, i.rel))
+
+
+def from_digits(folder: Path) -> list[Item]:
+    """scikit-learn's 1797 bundled 8x8 digit scans (values 0..16), written as 8-bit grayscale PNGs
+    into `folder`: the offline default, real images with no download."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    items = []
+    for i, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+        rel = f"digits/{target}/{i:04d}.png"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        scaled = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
+        Image.fromarray(scaled, "L").save(folder / rel)
+        items.append(Item(folder / rel, rel, str(target)))
+    return items
+
+
+# The data sources by `data.source` name: each gives (items, the root they must all resolve inside)
+# from (the source root, the prepared images folder, the data params). Adding a source is one entry
+# here; params.yaml's `data.source` accepts exactly these names and "url".
+SOURCES = {
+    "digits": lambda root, images, d: (from_digits(images), images),
+    "folder": lambda root, images, d: (from_class_folders(root), root),
+    "presplit": lambda root, images, d: (from_presplit(root), root),
+    "csv": lambda root, images, d: (from_csv(root, d["csv_file"], d["file_column"], d["label_column"]), root),
+}
+ARCHIVE_LAYOUTS = ("folder", "presplit", "csv")  # what a `url` archive may hold
+SOURCE_NAMES = (*SOURCES, "url")
+
+
+def collect(data, images: Path, downloads: Path) -> tuple[list[Item], Path]:
+    """The items of the source params.yaml's `data` section names, and the root they resolve in.
+
+    Every data.* param is read whichever source is chosen, so the data stage reads exactly the
+    params dvc.yaml declares for it.
+    """
+    d = data.dump()
+    source, root = d["source"], Path(d["root"])
+    for key, value, known in (("source", source, SOURCE_NAMES), ("archive_layout", d["archive_layout"], ARCHIVE_LAYOUTS)):
+        if value not in known:
+            raise TlpipeError(f"params.yaml: data.{key}: unknown {value!r}; one of {', '.join(known)}")
+    if source == "url":  # an archive, fetched once and verified, holding one of the layouts
+        root = extract(download(d["url"], d["sha256"], downloads), downloads / d["sha256"],
+                       d["extract_max_bytes"], d["extract_max_ratio"])
+        source = d["archive_layout"]
+    return SOURCES[source](root, images, d)
