@@ -207,7 +207,8 @@ def _format_error(err: ValidationError, path: Path) -> str:
                 parent = parent.model_fields[p].annotation
             close = difflib.get_close_matches(str(e["loc"][-1]), parent.model_fields, n=3)
             msg = "unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "")
-        parts.append(f"{key}: {msg}" if e["loc"] else msg)
+        # A check across sections (e.g. image size vs backbone) names its keys itself.
+        parts.append(msg if not e["loc"] and e["type"] == "value_error" else f"{key}: {msg}")
     return f"{path}: " + "; ".join(parts)
 
 
