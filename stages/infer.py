@@ -4,6 +4,7 @@ A stage of its own, so that evaluate only turns predictions into metrics: a head
 re-scores the head from cached features and never re-runs the fine-tuned model.
 """
 
+import torch
 from safetensors.torch import save_file
 
 from tlpipe import inference, preprocessing
