@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from tlpipe import sources
-from tlpipe.images import check_image
+from tlpipe.images import check_image, shown
 from tlpipe.io import atomic_dir, sha256_file, write_json
 from tlpipe.params import load_params
 from tlpipe.paths import DATA_METRICS as METRICS, DOWNLOADS, PREPARED
@@ -43,7 +43,7 @@ def check_classes(items: list[sources.Item], reasons: list[str | None], split: l
     for label in sorted({i.label for i in items} - train):
         mine = [(i, r) for i, r in zip(items, reasons) if i.label == label]
         bad = [(i, r) for i, r in mine if r is not None]
-        first = f"; first: {bad[0][0].src}: {bad[0][1]}" if bad else ""
+        first = f"; first: {shown(bad[0][0].src)}: {bad[0][1]}" if bad else ""
         raise TlpipeError(f"class {label!r} has no usable training image ({len(mine)} file(s), "
                           f"{len(bad)} unusable{first})")
 
@@ -68,14 +68,16 @@ def main() -> None:
     with atomic_dir(PREPARED) as out:
         images = out / "images"
         items, root = sources.collect(p, images, DOWNLOADS)
+        # Fractions that leave a class without a training image fail now, not after the decode check.
+        sources.stratified_split(items, val_fraction, test_fraction, seed)
         reasons = check_all(items, root)
         skipped = [(i, r) for i, r in zip(items, reasons) if r is not None]
         if skipped and on_bad_file == "fail":
             item, reason = skipped[0]
-            raise TlpipeError(f"{item.src}: {reason} ({len(skipped)} bad file(s) in all; "
+            raise TlpipeError(f"{shown(item.src)}: {reason} ({len(skipped)} bad file(s) in all; "
                               f"set data.on_bad_file: skip to skip and report them)")
         for item, reason in skipped:
-            print(f"skipped {item.src}: {reason}")
+            print(f"skipped {shown(item.src)}: {reason}")
         usable = [i for i, r in zip(items, reasons) if r is None]
         if not usable:
             raise TlpipeError("no usable images in the source")
@@ -98,7 +100,7 @@ def main() -> None:
         manifest = pd.DataFrame(rows, columns=["path", "label", "split", "sha256"])
         manifest.to_csv(out / "manifest.csv", index=False)
         write_json(out / "classes.json", classes)
-        pd.DataFrame([(str(i.src), r) for i, r in skipped], columns=["file", "reason"]).to_csv(
+        pd.DataFrame([(shown(i.src), r) for i, r in skipped], columns=["file", "reason"]).to_csv(
             out / "skipped.csv", index=False)
         dup = duplicates(manifest)
         dup.to_csv(out / "duplicates.csv", index=False)

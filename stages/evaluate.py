@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from tlpipe import gallery, linear
 from tlpipe.features import check_source, load_split
-from tlpipe.io import atomic_path, read_json, write_json
+from tlpipe.io import atomic_path, load_tensors, read_json, write_json
 from tlpipe.manifest import read_manifest
 from tlpipe.metrics import per_class, summary
 from tlpipe.params import load_params
@@ -37,10 +36,16 @@ def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, cl
 
 
 def finetuned_proba(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
-    try:
-        predictions = load_file(str(FINETUNED_TEST))
-    except FileNotFoundError:
+    record = FINETUNED_TEST.parent / "meta.json"
+    if not FINETUNED_TEST.exists():
         raise TlpipeError(f"{FINETUNED_TEST}: missing; run the infer stage first") from None
+    try:
+        expected = read_json(record).get("sha256")
+    except FileNotFoundError:
+        raise TlpipeError(f"{record}: missing; run the infer stage first (dvc repro infer)") from None
+    predictions = load_tensors(FINETUNED_TEST, "infer", expected, record)
+    if set(predictions) != {"proba", "ids"}:
+        raise TlpipeError(f"{FINETUNED_TEST}: holds {sorted(predictions)}, not proba and ids")
     if not torch.equal(predictions["ids"], test_ids) or predictions["proba"].shape[1] != len(classes):
         raise TlpipeError(f"{FINETUNED_TEST}: not the test images of the current features; "
                           "rerun the infer stage")
@@ -51,8 +56,9 @@ def main() -> None:
     load_params("evaluate")  # validates params.yaml; evaluate reads no params of its own yet
     manifest, classes = read_manifest()
     test, meta = load_split("test")
-    check_source(HEAD_CONFIG, read_json(HEAD_CONFIG), meta, "rerun the head stage")
-    head = load_file(str(HEAD))
+    head_config = read_json(HEAD_CONFIG)
+    check_source(HEAD_CONFIG, head_config, meta, "rerun the head stage")
+    head = load_tensors(HEAD, "head", head_config.get("sha256"), HEAD_CONFIG)
     y_true = test["labels"].numpy()
     proba = linear.predict_proba(test["features"], head["weight"], head["bias"]).numpy()
 

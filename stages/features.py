@@ -19,8 +19,9 @@ import torchvision
 from tlpipe import backbones, distributed, inference, preprocessing
 from tlpipe.decoded import DecodedSplit, read_meta
 from tlpipe.features import save_split
-from tlpipe.io import atomic_dir, read_json, sha256_file, write_json
+from tlpipe.io import atomic_dir, file_hashes, sha256_file, write_json
 from tlpipe.manifest import read_manifest
+from tlpipe.moments import read_stats
 from tlpipe.params import load_params
 from tlpipe.paths import FEATURES, FEATURES_METRICS, MANIFEST, STATS, WEIGHTS
 from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage
@@ -55,8 +56,7 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = backbones.build(name, weights=weights)
     if normalize == "dataset":
-        stats = read_json(STATS)
-        mean, std = tuple(stats["mean"]), tuple(stats["std"])
+        mean, std = read_stats(STATS, "backbone.normalize: dataset")
     else:
         mean, std = backbone.mean, backbone.std
 
@@ -100,7 +100,8 @@ def main() -> None:
     with atomic_dir(FEATURES) as out:
         for split in ("train", "val", "test"):
             save_split(out, split, features[split], labels[ids[split]], ids[split], meta)
-        write_json(out / "meta.json", meta)
+        # Consumers check these before use (tlpipe.features.load_split).
+        write_json(out / "meta.json", {**meta, "files": file_hashes(out, [f"{s}.safetensors" for s in features])})
     # Timing is not a result: it lives in a git-tracked metrics file, so the cached features stay
     # bit-identical from run to run.
     write_json(FEATURES_METRICS, {"backbone": name, "images": len(manifest), "seconds": round(seconds, 3),

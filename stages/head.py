@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from tlpipe import linear
 from tlpipe.features import load_split, source_of
-from tlpipe.io import atomic_path, write_json
+from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.params import load_params
 from tlpipe.paths import HEAD, HEAD_CONFIG, HEAD_GRID, HEAD_METRICS
 from tlpipe.runtime import run_stage
@@ -32,7 +32,8 @@ def main() -> None:
 
     with atomic_path(HEAD) as tmp:
         save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}, str(tmp))
-    write_json(HEAD_CONFIG, {"type": "linear", **source_of(meta), "l2": rows[best]["l2"]})
+    write_json(HEAD_CONFIG, {"type": "linear", **source_of(meta), "l2": rows[best]["l2"],
+                             "sha256": sha256_file(HEAD)})  # of head.safetensors, checked by its readers
     with atomic_path(HEAD_GRID) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     chosen = rows[best]

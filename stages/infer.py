@@ -4,11 +4,12 @@ A stage of its own, so that evaluate only turns predictions into metrics: a head
 re-scores the head from cached features and never re-runs the fine-tuned model.
 """
 
+import torch
 from safetensors.torch import save_file
 
 from tlpipe import inference, preprocessing
 from tlpipe.decoded import DecodedSplit
-from tlpipe.io import atomic_path
+from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.manifest import read_manifest
 from tlpipe.models import load_classifier
 from tlpipe.params import load_params
@@ -28,8 +29,11 @@ def main() -> None:
     dev = device()
     proba = inference.class_probabilities(model, test.batches(inference_batch_size(dev)), record["mean"],
                                           record["std"], dev, tta, desc="fine-tuned on test").reshape(len(test), len(classes))
+    if not bool(torch.isfinite(proba).all()):
+        raise TlpipeError(f"{FINETUNED}: the fine-tuned model gave non-finite outputs on the test images")
     with atomic_path(FINETUNED_TEST) as tmp:
         save_file({"proba": proba.contiguous(), "ids": test.ids()}, str(tmp))
+    write_json(FINETUNED_TEST.parent / "meta.json", {"sha256": sha256_file(FINETUNED_TEST)})  # evaluate checks it
     print(f"fine-tuned model on {len(test)} test images ({dev.type}, test-time augmentation: {tta})")
 
 

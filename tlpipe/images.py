@@ -1,4 +1,11 @@
-"""Decoding images the same way everywhere, and the deterministic evaluation geometry."""
+"""Decoding images the same way everywhere, and the deterministic evaluation geometry.
+
+Every file is untrusted bytes: any exception PIL (or its EXIF, ICC or plugin code) raises while
+decoding one is that file's reason to be skipped (`decode_error`), never a crash of the run. The
+files considered are the same everywhere (`list_files`): the data stage's class folders and the
+folders given to `tlpipe predict` alike, whatever their extension (AVIF, JFIF, JPEG 2000 and
+extension-less files included); whether a file is an image is the decoder's to say.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,48 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+from tlpipe.runtime import TlpipeError
+
+JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
+# Resized, an image's long side may reach this many times the resize size; beyond it, only the band
+# the centre crop keeps is resized (`_crop_band`), so cost follows pixels, not aspect ratio.
+MAX_ASPECT = 4
+
+
+def is_junk(path: Path) -> bool:
+    return any(part.startswith(".") or part in JUNK_NAMES for part in path.parts)
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Every candidate image under `folder`, recursively: hidden and junk files left out.
+
+    Broken symlinks are listed too, so that the decode check reports them instead of them vanishing.
+    """
+    return sorted(p for p in Path(folder).rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not is_junk(p.relative_to(folder)))
+
+
+def shown(path) -> str:
+    """A path printable anywhere: bytes that are not UTF-8 (kept by Python as surrogates) as \\xNN."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def utf8_name(path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def error_name(e: BaseException) -> str:
+    """`struct.error`, not a bare `error`; builtins without their module."""
+    kind = type(e)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+class BadImage(ValueError):
+    """A decodable image that still cannot be used (e.g. malformed EXIF)."""
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
@@ -38,7 +86,10 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB with EXIF orientation applied, transparency composited on white, 16-bit scaled to 8."""
-    img = ImageOps.exif_transpose(img)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # struct.error, TypeError, KeyError...: whatever malformed EXIF triggers
+        raise BadImage(f"malformed EXIF ({error_name(e)}: {e})".splitlines()[0]) from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = _high_bit_depth_to_l(img)
     # "transparency" in info: a palette entry or a tRNS colour key (L and RGB PNGs have those too).
@@ -74,30 +125,52 @@ def load_rgb_drafted(path: str | Path, resize_size: int, interpolation: str) -> 
         # torchvision's Resize(int): the short side becomes resize_size, the long side is truncated.
         long = int(resize_size * max(w, h) / min(w, h))
         size = (resize_size, long) if w <= h else (long, resize_size)
-        resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
-        return to_rgb(img.resize(size, resample, box=box))
+        return to_rgb(img.resize(size, _resample(interpolation), box=box))
 
 
-def check_image(path: str | Path, root: str | Path | None = None) -> str | None:
-    """Fully decode one file. Returns None when usable, else the reason it is not.
+def _resample(interpolation: str):
+    return Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
 
-    With `root`, a file that resolves outside it (a symlink, or a folder on its path that is one,
-    pointing elsewhere) is refused unread: the data root is the only place images come from.
+
+def _crop_band(img: Image.Image, img_size: int, resize_size: int, interpolation: str) -> Image.Image:
+    """For an image whose resized long side would exceed MAX_ASPECT x resize_size (a 1x20000 strip
+    would become 256 x 5 million pixels), resize only the band of the long side that the centre crop
+    keeps, widened to resize_size so that the eval transform's Resize is a no-op and its CenterCrop
+    takes exactly that band: the same pixels as the full resize (PIL samples a box's output pixels
+    at the full resize's positions), at a cost of resize_size x the image's long side at most,
+    instead of resize_size x the resized long side.
     """
-    path = Path(path)
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(resize_size * long / short)  # torchvision's Resize(int)
+    if new_long <= MAX_ASPECT * resize_size:
+        return img
+    top = int(round((new_long - img_size) / 2.0))  # torchvision's CenterCrop
+    band = resize_size + (resize_size - img_size) % 2  # band - img_size even: its centre crop is exact
+    start = top - (band - img_size) // 2
+    scale = long / new_long
+    lo, hi = start * scale, (start + band) * scale
+    resample = _resample(interpolation)
+    # PIL resizes horizontally, then vertically; doing the two passes as two calls, with the box on
+    # the long axis only, keeps each pass's output pixels those of the full resize (one call with
+    # a 2-D box does not).
+    if w <= h:
+        return img.resize((resize_size, h), resample).resize((resize_size, band), resample,
+                                                             box=(0, lo, resize_size, hi))
+    return img.resize((band, h), resample, box=(lo, 0, hi, h)).resize((band, resize_size), resample)
+
+
+def decode_error(load: Callable[[Path], object], path: Path) -> str | None:
+    """Run `load(path)` (a decode of untrusted bytes); None if it worked, else the reason it did not.
+
+    Any exception is the file's: PIL, its plugins and its EXIF parser raise many types on bad input.
+    """
     try:
-        if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
-            return f"symlink to {path.resolve()}, outside the data root {root}"
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's "corrupt EXIF" and similar: the result decides
             # PIL only warns between 1x and 2x its pixel limit; treat both as refusals.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                rgb = to_rgb(img)
-        if min(rgb.size) < 1:
-            return "image has no pixels"
+            load(path)
     except FileNotFoundError:
         return "file not found" + (" (broken symlink)" if path.is_symlink() else "")
     except UnidentifiedImageError:
@@ -106,9 +179,43 @@ def check_image(path: str | Path, root: str | Path | None = None) -> str | None:
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{pixels.group(1)} pixels" if pixels else "too many pixels"
         return f"{size}, more than PIL's limit of {Image.MAX_IMAGE_PIXELS} (a decompression bomb?)"
+    except BadImage as e:
+        return f"cannot decode: {e}"
     except (OSError, SyntaxError, ValueError) as e:
         return f"cannot decode: {e}".splitlines()[0]
+    except MemoryError:
+        return "cannot decode: out of memory"
+    except Exception as e:
+        return f"cannot decode: {error_name(e)}: {e}".splitlines()[0]
     return None
+
+
+def check_image(path: str | Path, root: str | Path | None = None,
+                load: Callable[[Path], object] | None = None) -> str | None:
+    """Fully decode one file (with `load`, by default load_rgb). Returns None when usable, else the
+    reason it is not.
+
+    With `root`, a file that resolves outside it (a symlink, or a folder on its path that is one,
+    pointing elsewhere) is refused unread: the data root is the only place images come from.
+    """
+    path = Path(path)
+    if not utf8_name(path):
+        return "file name is not valid UTF-8"
+    try:
+        if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+            return f"symlink to {path.resolve()}, outside the data root {root}"
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except FileNotFoundError:
+        return "file not found" + (" (broken symlink)" if path.is_symlink() else "")
+    except (OSError, RuntimeError) as e:  # permission denied, a symlink loop
+        return f"cannot read: {e}".splitlines()[0]
+    return decode_error(load or _load_and_size, path)
+
+
+def _load_and_size(path: Path) -> None:
+    if min(load_rgb(path).size) < 1:
+        raise BadImage("image has no pixels")
 
 
 def _transforms():
@@ -170,21 +277,37 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        img = self.load(self.paths[i])
+        try:
+            img = self.load(self.paths[i])
+        except Exception as e:  # checked by the data stage, so only if the file changed since
+            reason = str(e) if isinstance(e, BadImage) else f"{error_name(e)}: {e}"
+            raise TlpipeError(f"{shown(self.paths[i])}: cannot decode ({reason})".splitlines()[0]) from None
         if self.seed is not None:
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            # Modulo 2^63: torch's seed range, whatever the seed param (numpy's range, < 2^32).
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % (1 << 63))
         return self.transform(img), i
 
 
 def eval_images(paths: Sequence[str | Path], geometry: dict) -> ImageFiles:
     """Images at the geometry of a preprocessing record (tlpipe.preprocessing): the one decoding path of the decode stage, `tlpipe predict` and anything else that must agree with them."""
     transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
-    load = load_rgb
+    return ImageFiles(paths, transform, load=functools.partial(eval_load, geometry=geometry))
+
+
+def eval_load(path: Path, geometry: dict) -> Image.Image:
+    """The RGB image the eval transform gets: drafted when `jpeg_draft`, band-cropped when extreme."""
     if geometry["jpeg_draft"]:
         # After the drafted load the short side is resize_size already, so the Resize is a no-op.
-        load = functools.partial(load_rgb_drafted, resize_size=geometry["resize_size"],
-                                 interpolation=geometry["interpolation"])
-    return ImageFiles(paths, transform, load=load)
+        img = load_rgb_drafted(path, geometry["resize_size"], geometry["interpolation"])
+    else:
+        img = load_rgb(path)
+    return _crop_band(img, geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
+
+
+def eval_check(geometry: dict) -> Callable[[Path], object]:
+    """A `load` for check_image that decodes exactly as eval_images will (for `tlpipe predict`)."""
+    transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
+    return lambda path: transform(eval_load(path, geometry))
 
 
 def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -23,7 +23,8 @@ from tlpipe.runtime import TlpipeError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and inf pass range checks in surprising ways (NaN compares false with everything)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -41,6 +42,17 @@ class DataParams(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     on_bad_file: Literal["skip", "fail"] = "skip"
+    # url: caps on what the archive may expand to (decompression bombs): total bytes, and bytes
+    # per byte of archive (images barely compress: a real image archive is near 1).
+    extract_max_bytes: int = Field(20 << 30, ge=1, le=1 << 50)
+    extract_max_ratio: float = Field(100.0, ge=1.0, le=1e6)
+
+    @field_validator("root", "csv_file", "file_column", "label_column", "url")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("contains a NUL character")
+        return value
 
     @field_validator("sha256")
     @classmethod
@@ -134,6 +146,12 @@ class FinetuneParams(_Section):
     mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed (MixUp or CutMix, 50/50 when both)
     class_balance: Literal["none", "loss_weights", "sampler"] = "none"
 
+    @model_validator(mode="after")
+    def _batch_norm(self):
+        if self.train_bn_stats and self.batch_size < 2:
+            raise ValueError("train_bn_stats needs batch_size >= 2 (BatchNorm statistics of one image)")
+        return self
+
 
 class InferParams(_Section):
     tta: Literal["none", "flip"] = "none"  # flip: average with the mirror image (2x the inference cost)
@@ -143,15 +161,20 @@ class ScratchParams(_Section):
     """A small CNN trained from scratch on the same split: the baseline pretraining must beat."""
     enabled: bool = False  # DVC cannot skip a stage by param: disabled, the stage only says so
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=2, le=4096)  # its BatchNorm layers train: >= 2 images per batch
     lr: float = Field(3e-3, gt=0, le=10)  # AdamW, cosine decay to 0
     weight_decay: float = Field(1e-4, ge=0, le=1)
     width: int = Field(16, ge=4, le=256)  # channels of the first conv block; doubled per block
     hflip: bool = False  # random horizontal flips while training
 
 
+# Backbones whose downsampling needs a larger input than image.img_size's floor of 8 pixels.
+MIN_IMG_SIZE = {"vgg16": 32, "convnext_tiny": 32}
+
+
 class Params(_Section):
-    seed: int = 0
+    # numpy's seed range (torch's is wider); all seeds derived from it stay in torch's
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataParams = DataParams()
     image: ImageParams = ImageParams()
     backbone: BackboneParams = BackboneParams()
@@ -159,6 +182,14 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     infer: InferParams = InferParams()
     scratch: ScratchParams = ScratchParams()
+
+    @model_validator(mode="after")
+    def _backbone_input(self):
+        need = MIN_IMG_SIZE.get(self.backbone.name, 8)
+        if self.image.img_size < need:
+            raise ValueError(f"image.img_size {self.image.img_size} is too small for backbone "
+                             f"{self.backbone.name}: it needs at least {need}")
+        return self
 
 
 def _format_error(err: ValidationError, path: Path) -> str:
@@ -172,7 +203,8 @@ def _format_error(err: ValidationError, path: Path) -> str:
                 parent = parent.model_fields[p].annotation
             close = difflib.get_close_matches(str(e["loc"][-1]), parent.model_fields, n=3)
             msg = "unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "")
-        parts.append(f"{key}: {msg}")
+        # A check across sections (e.g. image size vs backbone) names its keys itself.
+        parts.append(msg if not e["loc"] and e["type"] == "value_error" else f"{key}: {msg}")
     return f"{path}: " + "; ".join(parts)
 
 

@@ -4,39 +4,52 @@ Exactly the evaluation path: the model config's preprocessing record (`eval_imag
 stage, then its mean/std); for the head, the backbone's features computed by `inference.outputs`
 (what the features stage caches) and then the head's linear layer (what evaluate applies to the
 cached test features).
-Files that are not decodable images are reported, on stderr and as CSV rows with an error, and do
-not stop the run.
+Folders are searched like the data stage's class folders (`tlpipe.images.list_files`: every file
+but hidden and junk ones, whatever its extension), so predict takes exactly the files training
+takes. Each file is decoded once up front as the model's loader will decode it; a file that fails
+(not an image, malformed EXIF, a name that is not UTF-8...) is reported, on stderr and as a CSV
+row with an error, and does not stop the run. The output path and the model are checked before
+any image is decoded.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from tlpipe import backbones, inference, linear
-from tlpipe.images import IMAGE_EXTENSIONS, check_image, eval_images
-from tlpipe.io import atomic_path, read_json
-from tlpipe.models import load_classifier
+from tlpipe.images import check_image, eval_check, eval_images, list_files, shown
+from tlpipe.io import atomic_path
+from tlpipe.models import load_classifier, load_head
 from tlpipe.paths import MODELS
 from tlpipe.runtime import TlpipeError, device, inference_batch_size, workers
 
 
 def collect(inputs: list[str]) -> list[Path]:
-    """Files named on the command line as they are; folders searched for image files, recursively."""
+    """Files named on the command line as they are; folders searched as the data stage searches."""
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.is_file()
-                            and f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            files += list_files(path)
         else:
             files.append(path)  # a missing file becomes an error row, like an unreadable one
     return files
+
+
+def check_output(out: Path) -> None:
+    """Fail before any work when the CSV cannot be written where asked."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise TlpipeError(f"--out {out}: is a folder")
+    if not folder.is_dir():
+        raise TlpipeError(f"--out {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise TlpipeError(f"--out {out}: not writable")
 
 
 def _loader(paths: list[Path], geometry: dict, dev: torch.device):
@@ -44,49 +57,53 @@ def _loader(paths: list[Path], geometry: dict, dev: torch.device):
                                        num_workers=workers())
 
 
-def head_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[torch.Tensor, list[str]]:
-    config = models / "head.json"
-    try:
-        cfg = read_json(config)
-        tensors = load_file(str(models / "head.safetensors"))
-    except FileNotFoundError as e:
-        raise TlpipeError(f"{e.filename}: missing; run the head stage first (dvc repro head)") from None
-    backbone = backbones.pretrained_for(cfg, str(config))
-    record, dev = cfg["preprocessing"], device()
-    views = [backbone.trunk] + ([inference.Mirrored(backbone.trunk)] if tta == "flip" else [])
-    proba = [linear.predict_proba(inference.outputs(view, _loader(paths, record, dev), record["mean"],
-                                                    record["std"], dev, desc="features"),
-                                  tensors["weight"], tensors["bias"]) for view in views]
-    return sum(proba) / len(proba), cfg["classes"]
+class Model:
+    """A trained model as predict uses it: its config (preprocessing, classes) and its probabilities."""
 
+    def __init__(self, kind: str, models: Path):
+        self.kind = kind
+        if kind == "head":
+            self.head, cfg = load_head(models / "head.safetensors", models / "head.json")
+            self.backbone = backbones.pretrained_for(cfg, str(models / "head.json"))
+        else:
+            self.model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
+        self.record, self.classes = cfg["preprocessing"], cfg["classes"]
 
-def finetuned_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[torch.Tensor, list[str]]:
-    model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
-    dev = device()
-    record = cfg["preprocessing"]
-    return inference.class_probabilities(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
-                                         tta, desc="fine-tuned"), cfg["classes"]
+    def proba(self, paths: list[Path], tta: str) -> torch.Tensor:
+        record, dev = self.record, device()
+        loader = _loader(paths, record, dev)
+        if self.kind == "finetuned":
+            return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
+                                                 desc="fine-tuned")
+        weight, bias = self.head.weight.detach(), self.head.bias.detach()
+        views = [self.backbone.trunk] + ([inference.Mirrored(self.backbone.trunk)] if tta == "flip" else [])
+        proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
+                                                        desc="features"), weight, bias) for view in views]
+        return sum(proba) / len(proba)
 
 
 def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS,
             tta: str = "none") -> pd.DataFrame:
+    check_output(out)
     files = collect(inputs)
     if not files:
-        raise TlpipeError("no image files found in " + ", ".join(inputs))
+        raise TlpipeError("no files found in " + ", ".join(shown(i) for i in inputs))
+    trained = Model(model, models)
+    load = eval_check(trained.record)
     errors = {}
     for path in files:
-        reason = "no such file" if not path.exists() else check_image(path)
+        reason = "no such file" if not path.exists() else check_image(path, load=load)
         if reason:
             errors[path] = reason
-            print(f"error: {path}: {reason}", file=sys.stderr)
+            print(f"error: {shown(path)}: {reason}", file=sys.stderr)
     good = [p for p in files if p not in errors]
-    proba, classes = (None, [])
-    if good:
-        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models, tta)
-    k = min(top_k, len(classes)) if classes else top_k
+    proba, classes = (trained.proba(good, tta) if good else None), trained.classes
+    if proba is not None and not bool(torch.isfinite(proba).all()):
+        raise TlpipeError(f"the {model} model gave non-finite probabilities; its weights are damaged")
+    k = min(top_k, len(classes))
     rows, good_index = [], {p: i for i, p in enumerate(good)}
     for path in files:
-        row = {"path": str(path)}
+        row = {"path": shown(path)}
         if path in good_index:
             p, idx = proba[good_index[path]].topk(k)
             for rank in range(k):
