@@ -41,7 +41,8 @@ def finetuned_logits(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor
         predictions = load_file(str(FINETUNED_TEST))
     except FileNotFoundError:
         raise TlpipeError(f"{FINETUNED_TEST}: missing; run the infer stage first") from None
-    if not torch.equal(predictions.get("ids"), test_ids) or predictions["logits"].shape[1] != len(classes):
+    if ("logits" not in predictions or not torch.equal(predictions["ids"], test_ids)
+            or predictions["logits"].shape[1] != len(classes)):
         raise TlpipeError(f"{FINETUNED_TEST}: not the test images of the current features; "
                           "rerun the infer stage")
     return predictions["logits"].double()
@@ -66,10 +67,10 @@ def main() -> None:
               "finetuned": finetuned_logits(test["ids"], classes)}
     temperature = {"head": head_cfg["temperature"], "finetuned": read_json(FINETUNED_CALIBRATION)["temperature"]}
 
-    scores, probas, curves = {}, {}, {}
+    scores, probas, calibrated, curves = {}, {}, {}, {}
     for name, z in logits.items():
         proba, scaled = (calibration.scaled_proba(z, t).numpy() for t in (1.0, temperature[name]))
-        probas[name] = proba
+        probas[name], calibrated[name] = proba, scaled
         scores[name] = {**with_intervals(y_true, proba, seed, p.bootstrap_samples),
                         "log_loss_calibrated": round(calibration.log_loss(z, test["labels"], temperature[name]), 6),
                         "ece": round(calibration.ece(y_true, proba), 6),
@@ -92,7 +93,7 @@ def main() -> None:
     write_json(TEST_METRICS, scores)
 
     write_json(TEST_PER_CLASS, {name: per_class(y_true, pr, classes) for name, pr in probas.items()})
-    for name, pr in probas.items():
+    for name, pr in calibrated.items():  # per image, the calibrated confidence (as `tlpipe predict`)
         write_predictions(TEST_PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, pr, classes)
         gallery.write(TEST_PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
     for model in probas:

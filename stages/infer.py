@@ -37,7 +37,7 @@ def main() -> None:
                        "logits": logits[split].contiguous(), "ids": images.ids()}, str(tmp))
     # Val chose the kept epoch too, so this temperature is fitted on images not quite unseen;
     # docs/trust.md says why that is the lesser evil on small sets.
-    val_labels = torch.as_tensor(manifest.loc[DecodedSplit("val").ids().numpy(), "target"].to_numpy())
+    val_labels = torch.tensor(manifest.loc[DecodedSplit("val").ids().numpy(), "target"].to_numpy())
     temperature = calibration.fit_temperature(logits["val"], val_labels)
     write_json(FINETUNED_CALIBRATION, {
         "temperature": round(temperature, 6), "fitted_on": "val", "val_images": len(val_labels),

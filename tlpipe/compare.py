@@ -121,7 +121,8 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
     rows = []
     for e in exps:
         test = e.metrics.get("metrics/test.json", {})
-        row = {k: v for k, v in test.items() if k.split(".")[-1] in ("accuracy", "macro_f1", "log_loss")}
+        row = {k: v for k, v in test.items() if k.split(".")[-1] in ("accuracy", "macro_f1", "log_loss")
+               and k.split(".")[0] in ("head", "finetuned")}
         scratch = e.metrics.get("metrics/scratch.json", {})
         row.update({k: v for k, v in scratch.items() if k in ("scratch.accuracy", "scratch.macro_f1",
                                                                "scratch.log_loss")})
@@ -129,6 +130,33 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
             row["head.val_accuracy"] = e.metrics["metrics/head.json"]["val_accuracy"]
         if "val_accuracy" in e.metrics.get("metrics/finetune.json", {}):
             row["finetuned.val_accuracy"] = e.metrics["metrics/finetune.json"]["val_accuracy"]
+        rows.append(row)
+    return pd.DataFrame(rows, index=[e.name for e in exps])
+
+
+def _interval(test: dict, key: str) -> str:
+    if key not in test:
+        return "-"
+    if f"{key}_low" not in test:
+        return _fmt(test[key])
+    return f"{_fmt(test[key])} [{_fmt(test[f'{key}_low'])}, {_fmt(test[f'{key}_high'])}]"
+
+
+def trust_table(exps: list[Experiment]) -> pd.DataFrame:
+    """How sure each experiment's numbers are: 95 % intervals, the paired verdict, calibration."""
+    rows = []
+    for e in exps:
+        test = e.metrics.get("metrics/test.json", {})
+        row = {f"{m} {k}": _interval(test, f"{m}.{k}") for m in ("head", "finetuned") for k in ("accuracy", "log_loss")}
+        if "paired.verdict" in test:
+            row["head vs fine-tuned (exact McNemar)"] = (
+                f"{test['paired.verdict']} (p = {_fmt(test['paired.p_value'])}; right by one model only: "
+                f"head {test['paired.head_only_right']}, fine-tuned {test['paired.finetuned_only_right']})")
+        for m in ("head", "finetuned"):
+            if f"{m}.ece" in test:
+                row[f"{m} ECE, calibrated"] = f"{_fmt(test[f'{m}.ece'])} -> {_fmt(test[f'{m}.ece_calibrated'])}"
+        if test.get("val.val_too_small"):
+            row["val"] = f"too small ({test['val.val_min_per_class']} in its smallest class)"
         rows.append(row)
     return pd.DataFrame(rows, index=[e.name for e in exps])
 
@@ -290,11 +318,17 @@ def report(exps: list[Experiment], repo: Path = Path("."), out: Path = Path("com
     md.append(markdown_table(params, mark_best=False) if len(params.columns) else "(none: same params)")
     md += ["", "## Test metrics (best per column in bold; higher is better, lower for log loss)", "",
            markdown_table(main, mark_best=True), ""]
+    sure = trust_table(exps)
+    if len(sure.columns):
+        md += ["## How sure: 95 % intervals, head vs fine-tuned, calibration (docs/trust.md)", "",
+               markdown_table(sure, mark_best=False), ""]
 
     parts = [f"<h1>Experiments: {html.escape(names)}</h1>", "<h2>Params that differ</h2>",
              html_table(params, False) if len(params.columns) else "<p>none: same params</p>",
              "<h2>Test metrics</h2><p>Best per column highlighted: higher is better for accuracy and F1, "
-             "lower for loss.</p>", html_table(main, True), "<h2>All metrics</h2>"]
+             "lower for loss.</p>", html_table(main, True),
+             "<h2>How sure: 95 % intervals, head vs fine-tuned, calibration</h2>", html_table(trust_table(exps), False),
+             "<h2>All metrics</h2>"]
     for file in sorted({f for e in exps for f in e.metrics}):
         parts += [f"<h3>{html.escape(file)}</h3>", html_table(metrics_file_table(exps, file), True)]
 

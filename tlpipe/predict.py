@@ -4,6 +4,8 @@ Exactly the evaluation path: the model config's preprocessing record (`eval_imag
 stage, then its mean/std); for the head, the backbone's features computed by `inference.outputs`
 (what the features stage caches) and then the head's linear layer (what evaluate applies to the
 cached test features).
+Probabilities are calibrated: the model's logits divided by its fitted temperature (head.json's,
+fitted on out-of-fold logits; finetuned_calibration.json's, fitted on val), as evaluate scores them.
 Files that are not decodable images are reported, on stderr and as CSV rows with an error, and do
 not stop the run.
 """
@@ -17,7 +19,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from tlpipe import backbones, inference, linear
+from tlpipe import backbones, calibration, inference
 from tlpipe.images import IMAGE_EXTENSIONS, check_image, eval_images
 from tlpipe.io import atomic_path, read_json
 from tlpipe.models import load_classifier
@@ -55,7 +57,9 @@ def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, 
     record, dev = cfg["preprocessing"], device()
     features = inference.outputs(backbone.trunk, _loader(paths, record, dev), record["mean"], record["std"],
                                  dev, desc="features")
-    return linear.predict_proba(features, tensors["weight"], tensors["bias"]), cfg["classes"]
+    logits = features.double() @ tensors["weight"].double().T + tensors["bias"].double()
+    # the temperature fitted on out-of-fold logits (head.json; models from before it: 1)
+    return calibration.scaled_proba(logits, cfg.get("temperature", 1.0)).float(), cfg["classes"]
 
 
 def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
@@ -64,7 +68,13 @@ def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Ten
     record = cfg["preprocessing"]
     logits = inference.outputs(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
                                desc="fine-tuned")
-    return torch.softmax(logits, dim=1), cfg["classes"]
+    # the temperature the infer stage fitted on val; without it (infer not run yet), as trained
+    calibrated = models / "finetuned_calibration.json"
+    temperature = read_json(calibrated)["temperature"] if calibrated.is_file() else 1.0
+    if not calibrated.is_file():
+        print(f"note: {calibrated} missing (run the infer stage); probabilities are not calibrated",
+              file=sys.stderr)
+    return calibration.scaled_proba(logits, temperature).float(), cfg["classes"]
 
 
 def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> pd.DataFrame:
