@@ -19,7 +19,7 @@ from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage
 
 
 def main() -> None:
-    load_params("infer")  # validates params.yaml; inference reads no params (the model has its config)
+    tta = load_params("infer").infer.tta  # the model's preprocessing comes with its config
     model, cfg = load_classifier(FINETUNED, FINETUNED_CONFIG)
     manifest, classes = read_manifest()
     if cfg["classes"] != classes:
@@ -29,22 +29,25 @@ def main() -> None:
     for split, out in (("val", FINETUNED_VAL), ("test", FINETUNED_TEST)):
         images = DecodedSplit(split)
         preprocessing.check(record, images.geometry, FINETUNED_CONFIG, "rerun finetune")
-        logits[split] = inference.outputs(model, images.batches(inference_batch_size(dev)), record["mean"],
-                                          record["std"], dev, desc=f"fine-tuned on {split}"
-                                          ).reshape(len(images), len(classes))
+        proba = inference.class_probabilities(model, images.batches(inference_batch_size(dev)), record["mean"],
+                                              record["std"], dev, tta, desc=f"fine-tuned on {split}"
+                                              ).reshape(len(images), len(classes))
+        # log-probabilities: the logits up to a per-image constant (with flip TTA, of the averaged
+        # probabilities), which is what the temperature divides
+        logits[split] = calibration.logits_of(proba)
         with atomic_path(out) as tmp:
-            save_file({"proba": torch.softmax(logits[split], dim=1).contiguous(),
-                       "logits": logits[split].contiguous(), "ids": images.ids()}, str(tmp))
+            save_file({"proba": proba.contiguous(), "logits": logits[split].contiguous(), "ids": images.ids()},
+                      str(tmp))
     # Val chose the kept epoch too, so this temperature is fitted on images not quite unseen;
     # docs/trust.md says why that is the lesser evil on small sets.
     val_labels = torch.tensor(manifest.loc[DecodedSplit("val").ids().numpy(), "target"].to_numpy())
     temperature = calibration.fit_temperature(logits["val"], val_labels)
     write_json(FINETUNED_CALIBRATION, {
-        "temperature": round(temperature, 6), "fitted_on": "val", "val_images": len(val_labels),
+        "temperature": round(temperature, 6), "fitted_on": "val", "val_images": len(val_labels), "tta": tta,
         "val_log_loss": round(calibration.log_loss(logits["val"], val_labels), 6),
         "val_log_loss_calibrated": round(calibration.log_loss(logits["val"], val_labels, temperature), 6)})
-    print(f"fine-tuned model on {len(logits['val'])} val and {len(logits['test'])} test images ({dev.type}); "
-          f"temperature {temperature:.3f} (fitted on val)")
+    print(f"fine-tuned model on {len(logits['val'])} val and {len(logits['test'])} test images ({dev.type}, "
+          f"test-time augmentation: {tta}); temperature {temperature:.3f} (fitted on val)")
 
 
 if __name__ == "__main__":

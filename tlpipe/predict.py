@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from tlpipe import backbones, calibration, inference
+from tlpipe import backbones, calibration, inference, linear
 from tlpipe.images import IMAGE_EXTENSIONS, check_image, eval_images
 from tlpipe.io import atomic_path, read_json
 from tlpipe.models import load_classifier
@@ -46,7 +46,7 @@ def _loader(paths: list[Path], geometry: dict, dev: torch.device):
                                        num_workers=workers())
 
 
-def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+def head_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[torch.Tensor, list[str]]:
     config = models / "head.json"
     try:
         cfg = read_json(config)
@@ -55,29 +55,32 @@ def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, 
         raise TlpipeError(f"{e.filename}: missing; run the head stage first (dvc repro head)") from None
     backbone = backbones.pretrained_for(cfg, str(config))
     record, dev = cfg["preprocessing"], device()
-    features = inference.outputs(backbone.trunk, _loader(paths, record, dev), record["mean"], record["std"],
-                                 dev, desc="features")
-    logits = features.double() @ tensors["weight"].double().T + tensors["bias"].double()
+    views = [backbone.trunk] + ([inference.Mirrored(backbone.trunk)] if tta == "flip" else [])
+    proba = [linear.predict_proba(inference.outputs(view, _loader(paths, record, dev), record["mean"],
+                                                    record["std"], dev, desc="features"),
+                                  tensors["weight"], tensors["bias"]) for view in views]
     # the temperature fitted on out-of-fold logits (head.json; models from before it: 1)
-    return calibration.scaled_proba(logits, cfg.get("temperature", 1.0)).float(), cfg["classes"]
+    temperature = cfg.get("temperature", 1.0)
+    return calibration.scaled_proba(calibration.logits_of(sum(proba) / len(proba)), temperature).float(), cfg["classes"]
 
 
-def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+def finetuned_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[torch.Tensor, list[str]]:
     model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
     dev = device()
     record = cfg["preprocessing"]
-    logits = inference.outputs(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
-                               desc="fine-tuned")
+    proba = inference.class_probabilities(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
+                                          tta, desc="fine-tuned")
     # the temperature the infer stage fitted on val; without it (infer not run yet), as trained
     calibrated = models / "finetuned_calibration.json"
-    temperature = read_json(calibrated)["temperature"] if calibrated.is_file() else 1.0
     if not calibrated.is_file():
         print(f"note: {calibrated} missing (run the infer stage); probabilities are not calibrated",
               file=sys.stderr)
-    return calibration.scaled_proba(logits, temperature).float(), cfg["classes"]
+    temperature = read_json(calibrated)["temperature"] if calibrated.is_file() else 1.0
+    return calibration.scaled_proba(calibration.logits_of(proba), temperature).float(), cfg["classes"]
 
 
-def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> pd.DataFrame:
+def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS,
+            tta: str = "none") -> pd.DataFrame:
     files = collect(inputs)
     if not files:
         raise TlpipeError("no image files found in " + ", ".join(inputs))
@@ -90,7 +93,7 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
     good = [p for p in files if p not in errors]
     proba, classes = (None, [])
     if good:
-        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models)
+        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models, tta)
     k = min(top_k, len(classes)) if classes else top_k
     rows, good_index = [], {p: i for i, p in enumerate(good)}
     for path in files:
