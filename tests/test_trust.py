@@ -3,6 +3,7 @@ suspect labels and near-duplicates; the statistics against hand-computed or know
 stages through real `dvc repro`."""
 
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -10,12 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HYMENOPTERA, SHARED, TINY, dvc, read_json
+from conftest import SIGN_DIGITS, TINY, dvc, needs_sign_digits, read_json
 from tlpipe import audit, calibration, linear
 from tlpipe.metrics import intervals, mcnemar, wilson
 from tlpipe.scaffold import create_project
-
-SIGN_DIGITS = SHARED / "sign-digits" / "images"
 
 
 # --- intervals ------------------------------------------------------------------------------------
@@ -228,7 +227,7 @@ def test_near_duplicate_of_a_test_image_in_train_is_reported(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SIGN_DIGITS.is_dir(), reason=f"real dataset not available: {SIGN_DIGITS} (../shared is absent)")
+@needs_sign_digits()
 def test_flipped_sign_digit_labels_are_flagged(tmp_path):
     """5 % of sign-digits' labels flipped (a CSV source over the shared images): at least 70 % of
     the top flagged train + val images, in a list as long as the flips there, are flipped ones."""
@@ -239,9 +238,8 @@ def test_flipped_sign_digit_labels_are_flagged(tmp_path):
     classes = sorted(set(labels))
     given = [classes[(classes.index(l) + int(rng.integers(1, len(classes)))) % len(classes)] if i in flipped else l
              for i, l in enumerate(labels)]
-    root = tmp_path / "source"  # the CSV must sit in data.root: a folder with a link to the images
-    root.mkdir()
-    (root / "images").symlink_to(SIGN_DIGITS, target_is_directory=True)
+    root = tmp_path / "source"  # a temporary copy (28 MB): the CSV must sit in data.root
+    shutil.copytree(SIGN_DIGITS, root / "images")
     rel = [f"images/{f.relative_to(SIGN_DIGITS)}" for f in files]
     pd.DataFrame({"file": rel, "label": given}).to_csv(root / "labels.csv", index=False)
     project = create_project(tmp_path / "project", {
