@@ -243,7 +243,7 @@ def test_flipped_sign_digit_labels_are_flagged(tmp_path):
     rel = [f"images/{f.relative_to(SIGN_DIGITS)}" for f in files]
     pd.DataFrame({"file": rel, "label": given}).to_csv(root / "labels.csv", index=False)
     project = create_project(tmp_path / "project", {
-        "data.source": "csv", "data.root": str(root), "image.img_size": 64, "image.resize_size": 64})
+        "data.source": "csv", "data.root": str(root), "image.img_size": 96, "image.resize_size": 100})
     dvc(project, "repro", "head")
     manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv")
     flipped_paths = {rel[i] for i in flipped}

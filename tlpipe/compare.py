@@ -316,12 +316,12 @@ def report(exps: list[Experiment], repo: Path = Path("."), out: Path = Path("com
     names = ", ".join(e.name for e in exps)
     md = [f"# Experiments: {names}", "", "## Params that differ", ""]
     md.append(markdown_table(params, mark_best=False) if len(params.columns) else "(none: same params)")
-    md += ["", "## Test metrics (best per column in bold; higher is better, lower for log loss)", "",
-           markdown_table(main, mark_best=True), ""]
     sure = trust_table(exps)
     if len(sure.columns):
-        md += ["## How sure: 95 % intervals, head vs fine-tuned, calibration (docs/trust.md)", "",
-               markdown_table(sure, mark_best=False), ""]
+        md += ["", "## How sure: 95 % intervals, head vs fine-tuned, calibration (docs/trust.md)", "",
+               markdown_table(sure, mark_best=False)]
+    md += ["", "## Test metrics (best per column in bold; higher is better, lower for log loss)", "",
+           markdown_table(main, mark_best=True), ""]
 
     parts = [f"<h1>Experiments: {html.escape(names)}</h1>", "<h2>Params that differ</h2>",
              html_table(params, False) if len(params.columns) else "<p>none: same params</p>",

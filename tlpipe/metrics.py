@@ -85,7 +85,9 @@ def studentized_mean_interval(values: np.ndarray, rng: np.random.Generator, samp
     if se == 0 or len(t) == 0:
         return float(mean), float(mean)
     t_lo, t_hi = np.percentile(t, [2.5, 97.5])
-    return float(mean - t_hi * se), float(mean - t_lo * se)
+    # A mean lies between the smallest and largest value: on tiny test sets a resample with a
+    # near-zero spread can throw bootstrap-t far outside that range.
+    return float(max(mean - t_hi * se, values.min())), float(min(mean - t_lo * se, values.max()))
 
 
 def intervals(y_true: np.ndarray, proba: np.ndarray, seed: int,
