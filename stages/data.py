@@ -115,15 +115,23 @@ def main() -> None:
         # distinct contents that occur more than once: in two or more splits / within one split
         "duplicates_across_splits": int(leaking["sha256"].nunique()),
         "duplicates_within_split": int(dup[~dup["across_splits"]]["sha256"].nunique()),
+        "duplicates_label_conflicts": int(dup.groupby("sha256")["label"].nunique().gt(1).sum()),
     })
     print(f"{len(manifest)} images in {len(classes)} classes "
           f"({', '.join(f'{s} {int(counts.get(s, 0))}' for s in sources.SPLITS)}); "
           f"{len(skipped)} skipped")
     if len(leaking):
-        print(f"warning: {leaking['sha256'].nunique()} image(s) have identical copies in more than one "
-              f"split ({len(leaking)} files, e.g. {', '.join(leaking['path'].head(2))}): train/test "
-              f"leakage; listed in {PREPARED / 'duplicates.csv'}")
-
+        # Name the splits each copy spans: train/val copies bias choices, copies into test inflate scores.
+        spans = leaking.groupby("sha256")["split"].agg(lambda s: "/".join(sorted(set(s)))).value_counts()
+        print(f"warning: {leaking['sha256'].nunique()} image(s) have identical copies in more than one split "
+              f"({', '.join(f'{n} {splits}' for splits, n in sorted(spans.items()))}; e.g. "
+              f"{', '.join(leaking['path'].head(2))}): "
+              f"{'train/test leakage' if spans.index.str.contains('test').any() else 'val-based choices are optimistic'}"
+              f"; listed in {PREPARED / 'duplicates.csv'}")
+    conflicts = dup.groupby("sha256").filter(lambda g: g["label"].nunique() > 1)
+    if len(conflicts):
+        print(f"warning: {conflicts['sha256'].nunique()} image(s) are copies carrying different labels (label "
+              f"conflicts), e.g. {', '.join(f'{r.path} ({r.label})' for r in conflicts.head(2).itertuples())}")
 
 if __name__ == "__main__":
     run_stage(main)

@@ -110,11 +110,16 @@ class HeadParams(_Section):
     l2_max_log10: float = Field(1.0, ge=-12, le=6)
     l2_steps: int = Field(15, ge=1, le=200)
     max_iter: int = Field(300, ge=1, le=100_000)
+    # Stratified k-fold CV on train + val chooses L2, then the head is fitted on both; 0: choose on
+    # val, fit on train (the classic probe protocol)
+    cv_folds: int = Field(5, ge=0, le=50)
 
     @model_validator(mode="after")
     def _grid(self):
         if self.l2_max_log10 < self.l2_min_log10:
             raise ValueError("l2_max_log10 must be >= l2_min_log10")
+        if self.cv_folds == 1:
+            raise ValueError("cv_folds must be 0 (choose on val) or at least 2")
         return self
 
 
@@ -172,6 +177,13 @@ class ScratchParams(_Section):
 MIN_IMG_SIZE = {"vgg16": 32, "convnext_tiny": 32}
 
 
+class EvaluateParams(_Section):
+    # pairs of images in different splits at least this similar (cosine of centred features) are
+    # reported as near-duplicates
+    near_duplicate_cosine: float = Field(0.95, gt=0, le=1)
+    bootstrap_samples: int = Field(2000, ge=100, le=100_000)  # resamples for the 95 % intervals
+
+
 class Params(_Section):
     # numpy's seed range (torch's is wider); all seeds derived from it stay in torch's
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -182,6 +194,7 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     infer: InferParams = InferParams()
     scratch: ScratchParams = ScratchParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
     def _backbone_input(self):

@@ -10,6 +10,8 @@ takes. Each file is decoded once up front as the model's loader will decode it; 
 (not an image, malformed EXIF, a name that is not UTF-8...) is reported, on stderr and as a CSV
 row with an error, and does not stop the run. The output path and the model are checked before
 any image is decoded.
+Probabilities are calibrated: the model's logits divided by its fitted temperature (head.json's,
+fitted on out-of-fold logits; finetuned_calibration.json's, fitted on val), as evaluate scores them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tlpipe import backbones, inference, linear
+from tlpipe import backbones, calibration, inference, linear
 from tlpipe.images import check_image, eval_check, eval_images, list_files, shown
-from tlpipe.io import atomic_path
+from tlpipe.io import atomic_path, read_json
 from tlpipe.models import load_classifier, load_head
 from tlpipe.paths import MODELS
 from tlpipe.runtime import TlpipeError, device, inference_batch_size, workers
@@ -65,11 +67,22 @@ class Model:
         if kind == "head":
             self.head, cfg = load_head(models / "head.safetensors", models / "head.json")
             self.backbone = backbones.pretrained_for(cfg, str(models / "head.json"))
+            self.temperature = cfg.get("temperature", 1.0)  # fitted on out-of-fold logits
         else:
             self.model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
+            # the temperature the infer stage fitted on val; without it (infer not run yet), as trained
+            calibrated = models / "finetuned_calibration.json"
+            if not calibrated.is_file():
+                print(f"note: {calibrated} missing (run the infer stage); probabilities are not calibrated",
+                      file=sys.stderr)
+            self.temperature = read_json(calibrated)["temperature"] if calibrated.is_file() else 1.0
         self.record, self.classes = cfg["preprocessing"], cfg["classes"]
 
     def proba(self, paths: list[Path], tta: str) -> torch.Tensor:
+        """Calibrated class probabilities (with tta "flip": of the averaged probabilities)."""
+        return calibration.scaled_proba(calibration.logits_of(self.raw_proba(paths, tta)), self.temperature).float()
+
+    def raw_proba(self, paths: list[Path], tta: str) -> torch.Tensor:
         record, dev = self.record, device()
         loader = _loader(paths, record, dev)
         if self.kind == "finetuned":
