@@ -29,7 +29,7 @@ from tlpipe.models import save_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNED, FINETUNED_CONFIG,
                           MANIFEST)
-from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage, workers
+from tlpipe.runtime import inference_batch_size, run_stage, workers
 
 
 def main() -> None:
@@ -39,12 +39,7 @@ def main() -> None:
         return
     group, f, seed = distributed.join(), params.finetune, params.seed
     settings = {"seed": seed, "finetune": f.dump()}
-    if f.train_bn_stats and f.batch_size < 2 * group.world:
-        raise TlpipeError(f"finetune.train_bn_stats needs at least 2 images per process and batch: "
-                          f"finetune.batch_size ({f.batch_size}) < 2 x {group.world} processes")
-    if f.batch_size < group.world:
-        raise TlpipeError(f"finetune.batch_size ({f.batch_size}) is the global batch: it must be at least "
-                          f"the number of processes ({group.world})")
+    finetuning.check_batch_size(f, group.world)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

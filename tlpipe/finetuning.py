@@ -70,6 +70,16 @@ def start_model(f, seed: int | None) -> Start:
                  targets[rows], targets)
 
 
+def check_batch_size(f, world: int) -> None:
+    """`finetune.batch_size` is the global batch, shared by `world` processes."""
+    if f.train_bn_stats and f.batch_size < 2 * world:
+        raise TlpipeError(f"finetune.train_bn_stats needs at least 2 images per process and batch: "
+                          f"finetune.batch_size ({f.batch_size}) < 2 x {world} processes")
+    if f.batch_size < world:
+        raise TlpipeError(f"finetune.batch_size ({f.batch_size}) is the global batch: it must be at least "
+                          f"the number of processes ({world})")
+
+
 def trainable_blocks(strategy: str, last_n: int, epoch: int, total: int) -> int:
     """How many of the backbone's top blocks train in `epoch` (1-based)."""
     if strategy == "all":
