@@ -555,19 +555,15 @@ def test_non_finite_features_are_refused(copy):
 
 
 @pytest.mark.slow  # needs the trained project (a whole pipeline run)
-def test_decoded_shard_altered_in_place_is_refused(copy):
-    path = Path("data/decoded/val-000.safetensors")
+@pytest.mark.parametrize("artifact, record, reader, producer, back", [
+    ("data/decoded/val-000.safetensors", "data/decoded/meta.json", "features", "decode", 5),
+    ("data/predictions/finetuned_test.safetensors", "data/predictions/meta.json", "evaluate", "infer", 2),
+], ids=["decoded-shard", "predictions"])
+def test_artifact_altered_in_place_is_refused(copy, artifact, record, reader, producer, back):
+    path = Path(artifact)
     old = tio.sha256_file(copy / path)
-    flip(copy / path, (copy / path).stat().st_size - 5)
-    assert_error(stage(copy, "features"), tampered(copy, path, "data/decoded/meta.json", "decode", old))
-
-
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
-def test_altered_predictions_are_refused(copy):
-    path = Path("data/predictions/finetuned_test.safetensors")
-    old = tio.sha256_file(copy / path)
-    flip(copy / path, (copy / path).stat().st_size - 2)
-    assert_error(stage(copy, "evaluate"), tampered(copy, path, "data/predictions/meta.json", "infer", old))
+    flip(copy / path, (copy / path).stat().st_size - back)
+    assert_error(stage(copy, reader), tampered(copy, path, record, producer, old))
 
 
 @pytest.mark.slow  # needs the trained project (a whole pipeline run)
