@@ -74,9 +74,6 @@ def main() -> None:
 
     temperature = calibration.fit_temperature(held_logits, held_labels)
     held_proba = {t: calibration.scaled_proba(held_logits, t).numpy() for t in (1.0, temperature)}
-    # Out-of-fold probabilities judge every train + val label; val logits of the classic protocol
-    # come from a model that saw no val label either, so they serve the same way.
-    suspects = write_suspects(held_logits, held_labels, held_ids, temperature)
 
     with atomic_path(HEAD) as tmp:
         save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}, str(tmp))
@@ -84,6 +81,9 @@ def main() -> None:
     write_json(HEAD_CONFIG, {"type": "linear", **source_of(meta), "l2": chosen["l2"], "fitted_on": fitted_on,
                              "temperature": round(temperature, 6),
                              "sha256": sha256_file(HEAD)})  # of head.safetensors, checked by its readers
+    # Out-of-fold probabilities judge every train + val label; val logits of the classic protocol
+    # come from a model that saw no val label either, so they serve the same way.
+    suspects = write_suspects(held_logits, held_labels, held_ids, temperature)
     with atomic_path(HEAD_GRID) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     held = "val" if fitted_on == "train" else "cv"
