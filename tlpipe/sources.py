@@ -200,6 +200,13 @@ def _place(dest: Path, rel: PurePosixPath, name: str, archive: Path, files: set,
     return dest / rel
 
 
+def _folder(rel: PurePosixPath, name: str, archive: Path, files: set, folders: set) -> None:
+    """Record a folder member; refuses one that is also a file in the archive."""
+    if rel in files:
+        raise TlpipeError(f"{archive}: member {name!r} is both a file and a folder")
+    folders.add(rel)
+
+
 def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
     files: set = set()
     folders: set = set()
@@ -217,9 +224,7 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
             if info.flag_bits & 0x1:
                 raise TlpipeError(f"{archive}: refusing encrypted member {info.filename!r} (no password)")
             if info.is_dir():
-                if rel in files:
-                    raise TlpipeError(f"{archive}: member {info.filename!r} is both a file and a folder")
-                folders.add(rel)
+                _folder(rel, info.filename, archive, files, folders)
                 continue
             target = _place(dest, rel, info.filename, archive, files, folders)
             with zf.open(info) as src, open(target, "wb") as out:
@@ -237,9 +242,7 @@ def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
             if member.issym() or member.islnk():
                 raise TlpipeError(f"{archive}: refusing link member {member.name!r}")
             if member.isdir():
-                if rel in files:
-                    raise TlpipeError(f"{archive}: member {member.name!r} is both a file and a folder")
-                folders.add(rel)
+                _folder(rel, member.name, archive, files, folders)
                 continue
             if not member.isfile():
                 raise TlpipeError(f"{archive}: refusing special member {member.name!r}")
