@@ -20,6 +20,7 @@ from pathlib import Path
 import cold_default
 import common
 import features
+import finetune
 import head
 import memory
 import rerun
@@ -27,7 +28,7 @@ import stats
 import synthetic
 from common import REPO, Section, say, table, targets_table
 
-PARTS = ("stats", "features", "head", "memory", "rerun", "default")
+PARTS = ("stats", "features", "head", "memory", "finetune", "rerun", "default")
 
 
 def report(path: Path, info: dict, sections: list[Section], args, started: float, done: bool) -> None:
@@ -89,6 +90,9 @@ def main() -> None:
             else:
                 args.described.append(f"{p.label}: {synthetic.describe(synthetic.default_dir(common.synthetic_n(args)))} "
                                       "(bench/synthetic.py; class folders, split 70/15/15 per class)")
+        if "finetune" in parts:
+            args.described.append(f"finetune: {args.hymenoptera / 'train'} as class folders (split 70/15/15 "
+                                  "per class), and a copy of a fifth of it for the memory row")
         args.described.append("geometry on both: resize the short side to 256 (bicubic), centre-crop 224; "
                               f"backbone {common.BACKBONE}")
 
@@ -106,6 +110,10 @@ def main() -> None:
             n = common.synthetic_n(args)
             small = memory.small_project(workdir, max(100, n // 5), synthetic.default_dir(n))
             add(memory.run(large, small))
+        if "finetune" in parts:
+            # Its own image set (hymenoptera's train/ as a class folder) and projects.
+            add(finetune.run(workdir, finetune.parse(["--data", str(args.hymenoptera / "train")]
+                                                     + (["--quick"] if args.quick else []))))
         if "rerun" in parts:
             add(rerun.run(workdir, args.hymenoptera, {"finetune.epochs": 1} if args.quick else {}))
         if "default" in parts:
