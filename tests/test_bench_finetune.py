@@ -46,8 +46,9 @@ def test_quick_run_measures_three_loops_and_judges_the_targets(tmp_path, digit_f
                                                    ("vs compute limit", 0.8, "ours", "limit")):
         cells = row(out, f"finetune {name}")
         ratio = float(re.match(r"([\d.]+)x", cells[2]).group(1))
-        assert ratio == pytest.approx(rates[numerator] / rates[denominator], abs=0.02)
-        assert cells[3] == ("PASS" if rates[numerator] >= required * rates[denominator] else "FAIL")
+        assert ratio == pytest.approx(rates[numerator] / rates[denominator], rel=0.01, abs=0.01)
+        if abs(ratio - required) > 0.01:  # away from the threshold, where rounding cannot decide
+            assert cells[3] == ("PASS" if ratio > required else "FAIL")
     memory = row(out, "finetune peak RSS (3 vs 24 train images)")
     small, large = (int(m) for m in re.findall(r"(\d+) MiB", memory[2]))
     allowed = int(re.search(r"<= (\d+) MiB", memory[1]).group(1))
