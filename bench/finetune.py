@@ -331,8 +331,8 @@ def run(workdir: Path, args) -> Section:
          "channels_last", limit["images"][0], f"best of {len(limit['rates'])} passes", limit["best"],
          spread(limit), mib(limit["peak_rss"])],
     ]
-    section = Section(f"finetune: {name} ({n} train images, {args.img_size} px crops from images resized to "
-                      f"{args.resize_size} for eval, {BACKBONE}, unfreeze all, AdamW, batch {BATCH})")
+    section = Section(f"finetune: {name} ({n} train images, {args.img_size} px crops, {BACKBONE}, "
+                      f"unfreeze all, AdamW, batch {BATCH})")
     section.parts.append(table(["loop", "train images", "timed", "images/s", "range (images/s)", "peak RSS"],
                                rows))
     section.parts.append(
