@@ -290,6 +290,18 @@ def project_for(folder: Path, workdir: Path, label: str, args) -> Project:
         "finetune.cutmix_alpha": 0.0, "finetune.ema_decay": 0.0, "finetune.class_balance": "none"})
 
 
+def memory_target(n_small: int, small_rss: int, n: int, large_rss: int) -> Target:
+    """Peak RSS flat in n: growth from n_small to n train images at most max(64 MiB, 10 %). Judged
+    only when the small run fills a batch: below that its batches are smaller, and the activations
+    of a batch (gigabytes at 224 px) follow the batch, not n."""
+    allowed = max(SLACK_BYTES, SLACK_FRACTION * small_rss)
+    judged = n_small >= BATCH
+    return Target(f"finetune peak RSS ({n_small} vs {n} train images)", f"growth <= {mib(allowed)}",
+                  f"{mib(small_rss)} -> {mib(large_rss)}", large_rss - small_rss <= allowed if judged else None,
+                  "tlpipe's training loop" if judged else
+                  f"not judged: n/5 is below one batch of {BATCH}, so the batches differ, not only n")
+
+
 def run(workdir: Path, args) -> Section:
     if not args.data.is_dir():
         sys.exit(f"--data: not a folder: {args.data}")
@@ -344,8 +356,6 @@ def run(workdir: Path, args) -> Section:
         f"{args.interpolation} on both. Peak RSS: the summed RSS of the process tree (DataLoader workers "
         "included), polled every 20 ms, over the whole process (model building included).")
 
-    growth = ours["peak_rss"] - ours_small["peak_rss"]
-    allowed = max(SLACK_BYTES, SLACK_FRACTION * ours_small["peak_rss"])
     section.targets += [
         Target(f"finetune vs plain loop ({name})", f">= {SPEEDUP:g}x images/s",
                f"{ours['median'] / plain['median']:.2f}x ({ours['median']:.2f} vs {plain['median']:.2f} img/s)",
@@ -353,9 +363,7 @@ def run(workdir: Path, args) -> Section:
         Target(f"finetune vs compute limit ({name})", f">= {OF_LIMIT:g}x",
                f"{ours['median'] / limit['best']:.2f}x ({ours['median']:.2f} vs {limit['best']:.2f} img/s)",
                ours["median"] >= OF_LIMIT * limit["best"], "forward + backward + step on tensors in memory"),
-        Target(f"finetune peak RSS ({n_small} vs {n} train images)", f"growth <= {mib(allowed)}",
-               f"{mib(ours_small['peak_rss'])} -> {mib(ours['peak_rss'])}", growth <= allowed,
-               "tlpipe's training loop"),
+        memory_target(n_small, ours_small["peak_rss"], n, ours["peak_rss"]),
     ]
     return section
 
