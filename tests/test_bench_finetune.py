@@ -35,10 +35,11 @@ def row(text: str, start: str) -> list[str]:
 
 @pytest.mark.slow  # two projects through data..features, then four training processes
 def test_quick_run_measures_three_loops_and_judges_the_targets(tmp_path, digit_folder):
+    # The timeout guards against hangs: the run takes ~85 s of CPU, far more wall on a busy CPU.
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--data", str(digit_folder), "--img-size", "32",
          "--resize-size", "36", "--workdir", str(tmp_path / "work")],
-        env=tool_env(TLPIPE_WORKERS="1"), text=True, capture_output=True, timeout=1800)  # a guard against hangs: ~85 s of CPU, far more wall on a busy CPU
+        env=tool_env(TLPIPE_WORKERS="1"), text=True, capture_output=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "| CPU |" in out  # the machine it ran on
