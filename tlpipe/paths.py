@@ -21,6 +21,8 @@ HEAD_CONFIG = MODELS / "head.json"
 FINETUNED = MODELS / "finetuned.safetensors"  # finetune
 FINETUNED_CONFIG = MODELS / "finetuned.json"
 RESUME = MODELS / ".resume"                 # finetune's per-epoch checkpoint (not an output)
+HEAD_ONNX = MODELS / "head.onnx"            # export_head
+FINETUNED_ONNX = MODELS / "finetuned.onnx"  # export_finetuned
 
 METRICS = Path("metrics")
 DATA_METRICS = METRICS / "data.json"
@@ -33,3 +35,5 @@ TEST_PER_CLASS = METRICS / "test_per_class.json"
 TEST_PREDICTIONS = METRICS / "predictions"
 GALLERY = METRICS / "gallery"
 SCRATCH_METRICS = METRICS / "scratch.json"
+EXPORT_HEAD_METRICS = METRICS / "export_head.json"
+EXPORT_FINETUNED_METRICS = METRICS / "export_finetuned.json"
