@@ -7,6 +7,7 @@ images (metrics/export_head.json). A stage of its own, so fine-tuning changes do
 from safetensors.torch import load_file
 
 from tlpipe import backbones, export
+from tlpipe.decoded import DecodedSplit
 from tlpipe.io import read_json
 from tlpipe.models import Classifier, linear_from
 from tlpipe.params import load_params
@@ -20,7 +21,8 @@ def main() -> None:
     tensors = load_file(str(HEAD))
     backbone = backbones.pretrained_for(cfg, str(HEAD_CONFIG))
     model = Classifier(backbone.trunk, linear_from(tensors["weight"], tensors["bias"])).eval()
-    export.export(model, cfg, HEAD, HEAD_CONFIG, HEAD_ONNX, EXPORT_HEAD_METRICS)
+    export.export(model, cfg, HEAD, HEAD_CONFIG, HEAD_ONNX, EXPORT_HEAD_METRICS,
+                  DecodedSplit("test"))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
     tlpipe compare [EXP ...] [--out compare.html]
     tlpipe lr-find head|finetune [--steps N] [--start-lr 1e-7] [--end-lr 10] [--out-dir lr_find]
-    tlpipe predict --model head|finetuned IMAGE_OR_FOLDER ... [--top-k K] [--out preds.csv]
+    tlpipe predict --model head|finetuned|FILE.onnx IMAGE_OR_FOLDER ... [--top-k K] [--out preds.csv]
 
-The heavy imports (torch, dvc) happen inside each command, so `tlpipe --help` is instant.
+The heavy imports (torch, dvc) happen inside each command, so `tlpipe --help` is instant, and
+`predict` with a .onnx file never imports torch (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def _predict(args) -> None:
     predict.predict(args.inputs, args.model, args.top_k, Path(args.out))
 
 
+def _model(value: str) -> str:
+    if value in ("head", "finetuned") or value.endswith(".onnx"):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected head, finetuned or a .onnx file")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tlpipe", description="Tools around the tlpipe pipeline "
                                 "(run from the project root).")
@@ -65,9 +72,12 @@ def parser() -> argparse.ArgumentParser:
     lr.add_argument("--out-dir", default="lr_find", help="where <target>.csv and .png go (default: %(default)s)")
     lr.set_defaults(func=_lr_find)
 
-    pr = sub.add_parser("predict", help="top-k classes of images with the head or the fine-tuned model")
+    pr = sub.add_parser("predict", help="top-k classes of images with the head, the fine-tuned model "
+                        "or an exported .onnx file")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
-    pr.add_argument("--model", choices=["head", "finetuned"], required=True)
+    pr.add_argument("--model", type=_model, required=True, metavar="head|finetuned|FILE.onnx",
+                    help="models/head.*, models/finetuned.*, or an ONNX export (e.g. models/finetuned.onnx; "
+                         "runs on onnxruntime without torch)")
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--out", default="preds.csv", help="CSV (default: %(default)s)")
     pr.set_defaults(func=_predict)

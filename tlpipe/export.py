@@ -81,11 +81,11 @@ def parity(model: nn.Module, onnx_file: Path, test: DecodedSplit, record: dict) 
             "tolerance": TOLERANCE}
 
 
-def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, metrics: Path) -> dict:
-    """Export `model` (trained from `source` + `config`, eval mode, CPU) to `out`; parity numbers to
-    `metrics`. Nothing is written when parity fails."""
+def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, metrics: Path,
+           test: DecodedSplit) -> dict:
+    """Export `model` (loaded from `source` + `config`, eval mode, CPU) to `out`, checked on the
+    decoded `test` split; parity numbers to `metrics`. Nothing is written when parity fails."""
     record = cfg["preprocessing"]
-    test = DecodedSplit("test")
     preprocessing.check(record, test.geometry, config, f"rerun the stage that writes {config}")
     if len(test) == 0:
         raise TlpipeError(f"{out}: no test images to check the export on (data.test_fraction is 0)")

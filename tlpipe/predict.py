@@ -1,28 +1,27 @@
-"""`tlpipe predict`: top-k classes of new images with the head or the fine-tuned model.
+"""`tlpipe predict`: top-k classes of new images with the head, the fine-tuned model or an ONNX export.
 
-Exactly the evaluation path: the model config's preprocessing record (`eval_images`, as the decode
-stage, then its mean/std); for the head, the backbone's features computed by `inference.outputs`
-(what the features stage caches) and then the head's linear layer (what evaluate applies to the
-cached test features).
+Exactly the evaluation path: the model's preprocessing record (decoding by tlpipe.pixels, as the
+decode stage, then its mean/std); for the head, the backbone's features computed by
+`inference.outputs` (what the features stage caches) and then the head's linear layer (what evaluate
+applies to the cached test features). With a `.onnx` file (the export stages' models/*.onnx), the
+record comes from the file's metadata and onnxruntime runs it: torch is never imported on that path,
+nor pandas, so Pillow, numpy and onnxruntime suffice (docs/deploy.md).
 Files that are not decodable images are reported, on stderr and as CSV rows with an error, and do
 not stop the run.
 """
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
-import pandas as pd
-import torch
-from safetensors.torch import load_file
+import numpy as np
 
-from tlpipe import backbones, inference, linear
-from tlpipe.images import IMAGE_EXTENSIONS, check_image, eval_images
 from tlpipe.io import atomic_path, read_json
-from tlpipe.models import load_classifier
 from tlpipe.paths import MODELS
-from tlpipe.runtime import TlpipeError, device, inference_batch_size, workers
+from tlpipe.pixels import IMAGE_EXTENSIONS, check_image, load_eval_pixels
+from tlpipe.runtime import TlpipeError, inference_batch_size, workers
 
 
 def collect(inputs: list[str]) -> list[Path]:
@@ -39,12 +38,21 @@ def collect(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _loader(paths: list[Path], geometry: dict, dev: torch.device):
+def _loader(paths: list[Path], geometry: dict, dev):
+    import torch
+
+    from tlpipe.images import eval_images
+
     return torch.utils.data.DataLoader(eval_images(paths, geometry), batch_size=inference_batch_size(dev),
                                        num_workers=workers())
 
 
-def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[np.ndarray, list[str]]:
+    from safetensors.torch import load_file
+
+    from tlpipe import backbones, inference, linear
+    from tlpipe.runtime import device
+
     config = models / "head.json"
     try:
         cfg = read_json(config)
@@ -55,22 +63,49 @@ def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, 
     record, dev = cfg["preprocessing"], device()
     features = inference.outputs(backbone.trunk, _loader(paths, record, dev), record["mean"], record["std"],
                                  dev, desc="features")
-    return linear.predict_proba(features, tensors["weight"], tensors["bias"]), cfg["classes"]
+    return linear.predict_proba(features, tensors["weight"], tensors["bias"]).numpy(), cfg["classes"]
 
 
-def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[torch.Tensor, list[str]]:
+def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[np.ndarray, list[str]]:
+    import torch
+
+    from tlpipe import inference
+    from tlpipe.models import load_classifier
+    from tlpipe.runtime import device
+
     model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
     dev = device()
     record = cfg["preprocessing"]
     logits = inference.outputs(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
                                desc="fine-tuned")
-    return torch.softmax(logits, dim=1), cfg["classes"]
+    return torch.softmax(logits, dim=1).numpy(), cfg["classes"]
 
 
-def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> pd.DataFrame:
+def onnx_proba(model, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
+    """`model`: a tlpipe.onnx_model.OnnxModel. Decoded and run one batch at a time."""
+    batch, chunks = inference_batch_size(), []
+    for lo in range(0, len(paths), batch):
+        pixels = np.stack([load_eval_pixels(p, model.preprocessing) for p in paths[lo:lo + batch]])
+        chunks.append(model.proba(pixels))
+    return np.concatenate(chunks), model.classes
+
+
+def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> list[dict]:
+    """`model`: head, finetuned, or the path of a .onnx file."""
     files = collect(inputs)
     if not files:
         raise TlpipeError("no image files found in " + ", ".join(inputs))
+    onnx = None
+    if model.endswith(".onnx"):
+        from tlpipe.onnx_model import OnnxModel
+
+        onnx = OnnxModel(model)  # a bad model file fails before any image is read
+    else:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise TlpipeError(f"--model {model} needs torch (pip install tlpipe); a runtime without it "
+                              "takes an exported .onnx file (docs/deploy.md)") from None
     errors = {}
     for path in files:
         reason = "no such file" if not path.exists() else check_image(path)
@@ -80,21 +115,25 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
     good = [p for p in files if p not in errors]
     proba, classes = (None, [])
     if good:
-        proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models)
+        if onnx is not None:
+            proba, classes = onnx_proba(onnx, good)
+        else:
+            proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models)
     k = min(top_k, len(classes)) if classes else top_k
     rows, good_index = [], {p: i for i, p in enumerate(good)}
     for path in files:
         row = {"path": str(path)}
         if path in good_index:
-            p, idx = proba[good_index[path]].topk(k)
-            for rank in range(k):
-                row[f"label_{rank + 1}"] = classes[int(idx[rank])]
-                row[f"prob_{rank + 1}"] = round(float(p[rank]), 6)
+            p = proba[good_index[path]]
+            for rank, idx in enumerate(np.argsort(-p, kind="stable")[:k]):
+                row[f"label_{rank + 1}"] = classes[int(idx)]
+                row[f"prob_{rank + 1}"] = round(float(p[idx]), 6)
         row["error"] = errors.get(path, "")
         rows.append(row)
     columns = ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
-    table = pd.DataFrame(rows, columns=columns)
-    with atomic_path(out) as tmp:
-        table.to_csv(tmp, index=False)
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
     print(f"{len(good)} images predicted with the {model} model, {len(errors)} errors -> {out}")
-    return table
+    return rows
