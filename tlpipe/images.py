@@ -1,4 +1,4 @@
-"""Decoding images the same way everywhere, and the deterministic evaluation geometry."""
+"""Images as torch tensors: the evaluation geometry (decoded by tlpipe.pixels), fine-tuning's augmentation."""
 
 from __future__ import annotations
 
