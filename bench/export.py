@@ -1,6 +1,6 @@
 """ONNX export: onnxruntime (CPU) against PyTorch on the same decoded images; parity and file size.
 
-    python bench/export.py [--images DIR] [--n 153] [--passes 3] [--batch-sizes 1,16]
+    python bench/export.py [--images DIR] [--n 153] [--passes 3] [--batch-sizes 1,16] [--threads 1,2]
 
 The model is the default backbone (tf_efficientnet_lite0, pretrained) with its own ImageNet head
 (1000 classes: real trained weights, so the parity numbers are those of a trained classifier), at
@@ -9,8 +9,11 @@ as the export stages do. Images: --images (default: ../shared's hymenoptera val/
 decoded once by tlpipe.pixels; when that folder is absent, synthetic noise images (said in the output).
 
 - PyTorch: tlpipe.inference.outputs (the evaluation path: normalization, channels_last forward) plus
-  softmax, on the CPU, torch's default threads.
-- onnxruntime: the exported file, CPUExecutionProvider, default threads, uint8 batches in.
+  softmax, on the CPU.
+- onnxruntime: the exported file, CPUExecutionProvider, uint8 batches in.
+Both with the same number of intra-op threads, for each of --threads (on a CPU shared with other
+jobs, torch's OpenMP threads suffer more from oversubscription than onnxruntime's: compare the
+1-thread rows there).
 Both run on the same pre-decoded uint8 batches (decoding excluded); images/s is the best of
 --passes passes after one warm-up pass. The CPU may be shared with other jobs: the load average is
 printed, and numbers from a loaded machine are noisy.
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=153)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}")
     args = parser.parse_args()
 
     pixels, what = images(args.images, args.n)
@@ -97,26 +101,30 @@ def main() -> None:
         agree = int((got.argmax(1) == expected.argmax(1)).sum())
 
         rows = []
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            pt = best_rate(torch_proba, pixels, batch, args.passes)
-            ox = best_rate(runtime.proba, pixels, batch, args.passes)
-            rows.append((batch, pt, ox))
+        for threads in [int(t) for t in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            runtime = OnnxModel(path, threads=threads)
+            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+                pt = best_rate(torch_proba, pixels, batch, args.passes)
+                ox = best_rate(runtime.proba, pixels, batch, args.passes)
+                rows.append((threads, batch, pt, ox))
 
     import onnxruntime as ort
 
     load = os.getloadavg()
     print(f"## ONNX export: onnxruntime vs PyTorch, CPU ({what}, 224 px)\n")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}; load "
+          f"{torch.__version__}, onnxruntime {ort.__version__}; load "
           f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min): a shared CPU makes these "
           f"numbers noisy.\n")
     print(f"File: {size / 2**20:.1f} MiB ({size} bytes), opset {export.OPSET}, exported in {export_s:.1f} s.")
     print(f"Parity on {len(pixels)} images, 1000 ImageNet classes: largest |probability difference| "
           f"{diff.max():.2e}, mean {diff.mean():.2e}; argmax identical on {agree}/{len(pixels)}.\n")
-    print("| batch | PyTorch images/s | onnxruntime images/s | onnxruntime / PyTorch |")
-    print("|---|---|---|---|")
-    for batch, pt, ox in rows:
-        print(f"| {batch} | {pt:.1f} | {ox:.1f} | {ox / pt:.2f}x |")
+    print(f"images/s, best of {args.passes} passes over the {len(pixels)} pre-decoded images:\n")
+    print("| threads | batch | PyTorch images/s | onnxruntime images/s | onnxruntime / PyTorch |")
+    print("|---|---|---|---|---|")
+    for threads, batch, pt, ox in rows:
+        print(f"| {threads} | {batch} | {pt:.1f} | {ox:.1f} | {ox / pt:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def _first_line(e: Exception) -> str:
 
 
 class OnnxModel:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: int | None = None):
+        """`threads`: onnxruntime's intra-op threads (default: its own, one per physical core)."""
         self.path = path = Path(path)
         try:
             import onnxruntime as ort
@@ -35,6 +36,8 @@ class OnnxModel:
             raise TlpipeError(f"{path}: no such file")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings would interleave with our output
+        if threads:
+            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, InvalidGraph, ...)
