@@ -52,10 +52,15 @@ def main() -> None:
     val = DecodedSplit("val")
     preprocessing.check(record, val.geometry, FEATURES / "meta.json", "rerun the features stage")
     val_batches = val.batches(inference_batch_size(dev), group.rank, group.world)
-    batches = distributed.GlobalBatches(len(start.train_set), f.batch_size, group, seed)
+    n_classes = len(start.source["classes"])
+    balance = finetuning.class_weights(start.train_targets, n_classes)[start.train_targets]
+    batches = distributed.GlobalBatches(len(start.train_set), f.batch_size, group, seed,
+                                        weights=balance if f.class_balance == "sampler" else None)
     model.to(dev, memory_format=torch.channels_last)
-    optimizer = finetuning.make_optimizer(model, f)
+    optimizer = finetuning.make_optimizer(model, f, start.blocks)
     scheduler = finetuning.make_scheduler(optimizer, f, len(batches))
+    loss_fn, mixing = finetuning.make_loss(f, start.train_targets, n_classes), finetuning.make_mixing(f, n_classes)
+    ema = finetuning.make_ema(model, f)
 
     # Resume only a run with exactly these inputs, code and device (its results would differ else).
     code = [Path("stages/finetune.py"), *sorted(Path("tlpipe").glob("*.py"))]
@@ -65,7 +70,7 @@ def main() -> None:
     if group.is_main:
         checkpoint.remove_others()
     say = print if group.is_main else (lambda *_: None)
-    progress = finetuning.Progress.resume(checkpoint, model, optimizer, scheduler)
+    progress = finetuning.Progress.resume(checkpoint, model, optimizer, scheduler, ema)
     if progress is None:
         progress = finetuning.Progress.from_probe(model, *finetuning.evaluate(model, val_batches, start.targets,
                                                                               record, group))
@@ -88,18 +93,18 @@ def main() -> None:
                                              pin_memory=dev.type == "cuda")
         kept = f"the checkpoint of epoch {epoch - 1} stays in {checkpoint.folder}" if epoch > 1 else "no epoch had finished"
         train_loss = finetuning.train_one_epoch(net, optimizer, scheduler, loader, start.train_targets, record, group,
-                                                f, epoch, [len(b) for b in batches.global_batches()], kept)
-        val_loss, val_acc = finetuning.evaluate(model, val_batches, start.targets, record, group)
+                                                f, epoch, [len(b) for b in batches.global_batches()], kept,
+                                                loss_fn, mixing, ema)
+        scores = finetuning.score_on_val(model, ema, val_batches, start.targets, record, group)
         if f.schedule == "plateau":
-            scheduler.step(val_loss)
-        progress.end_epoch(epoch, {"train/loss": train_loss, "val/loss": val_loss, "val/accuracy": val_acc,
-                                   "lr/head": optimizer.param_groups[-1]["lr"],
-                                   "lr/backbone": optimizer.param_groups[0]["lr"]}, model, f)
-        say(f"epoch {epoch}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  val acc {val_acc:.4f}")
+            scheduler.step(scores["val/loss"])
+        say(f"epoch {epoch}: train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, "lr/head": optimizer.param_groups[-1]["lr"],
+                                   "lr/backbone": optimizer.param_groups[0]["lr"]}, model, f, ema)
         if progress.stopped:
             say(f"early stop: val loss has not improved for {f.patience} epochs")
         if group.is_main:
-            progress.save(checkpoint, model, optimizer, scheduler)
+            progress.save(checkpoint, model, optimizer, scheduler, ema)
     distributed.barrier(group)  # every rank finished cleanly before anything is written
     if group.is_main:
         write_outputs(model, progress, start.source, f.probe_l2)
@@ -116,13 +121,13 @@ def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: 
     best = progress.best
     model.load_state_dict(best["state"])
     save_classifier(model, FINETUNED, FINETUNED_CONFIG, {**source_of(source), "probe_l2": probe_l2,
-                                                          "best_epoch": best["epoch"]})
+                                                          "best_epoch": best["epoch"], "weights": best["weights"]})
     first = progress.history[0]
     write_json(FINETUNE_METRICS, {
         "initial_val_accuracy": round(first["val/accuracy"], 6), "initial_val_loss": round(first["val/loss"], 6),
-        "best_epoch": best["epoch"], "epochs_run": len(progress.history) - 1,
+        "best_epoch": best["epoch"], "kept_weights": best["weights"], "epochs_run": len(progress.history) - 1,
         "val_loss": round(best["val_loss"], 6), "val_accuracy": round(best["val_accuracy"], 6)})
-    print(f"kept epoch {best['epoch']}: val loss {best['val_loss']:.4f} acc {best['val_accuracy']:.4f}")
+    print(f"kept epoch {best['epoch']} ({best['weights']} weights): val loss {best['val_loss']:.4f} acc {best['val_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ A stage of its own, so that evaluate only turns predictions into metrics: a head
 re-scores the head from cached features and never re-runs the fine-tuned model.
 """
 
-import torch
 from safetensors.torch import save_file
 
 from tlpipe import inference, preprocessing
@@ -18,7 +17,7 @@ from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage
 
 
 def main() -> None:
-    load_params("infer")  # validates params.yaml; inference reads no params (the model has its config)
+    tta = load_params("infer").infer.tta  # the model's preprocessing comes with its config
     model, cfg = load_classifier(FINETUNED, FINETUNED_CONFIG)
     _, classes = read_manifest()
     if cfg["classes"] != classes:
@@ -27,12 +26,11 @@ def main() -> None:
     record = cfg["preprocessing"]
     preprocessing.check(record, test.geometry, FINETUNED_CONFIG, "rerun finetune")
     dev = device()
-    logits = inference.outputs(model, test.batches(inference_batch_size(dev)), record["mean"], record["std"],
-                               dev, desc="fine-tuned on test").reshape(len(test), len(classes))
-    proba = torch.softmax(logits, dim=1)
+    proba = inference.class_probabilities(model, test.batches(inference_batch_size(dev)), record["mean"],
+                                          record["std"], dev, tta, desc="fine-tuned on test").reshape(len(test), len(classes))
     with atomic_path(FINETUNED_TEST) as tmp:
         save_file({"proba": proba.contiguous(), "ids": test.ids()}, str(tmp))
-    print(f"fine-tuned model on {len(test)} test images ({dev.type})")
+    print(f"fine-tuned model on {len(test)} test images ({dev.type}, test-time augmentation: {tta})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from tlpipe.scaffold import create_project
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HYMENOPTERA = SHARED / "hymenoptera"
+SIGN_DIGITS = SHARED / "sign-digits" / "images"
 
 # Small geometry so the real backbone runs in a blink on tiny images.
 TINY = {"image.img_size": 32, "image.resize_size": 36, "head.l2_steps": 4, "head.max_iter": 100,
@@ -28,6 +29,11 @@ def tiny_params(image_folder: Path) -> dict:
     """Params of a tiny, fast project on a class-folder source (see the digit_folder fixture)."""
     return {**TINY, "data.source": "folder", "data.root": str(image_folder),
             "data.val_fraction": 0.25, "data.test_fraction": 0.25}
+
+
+def needs_sign_digits():
+    return pytest.mark.skipif(not SIGN_DIGITS.is_dir(),
+                              reason=f"real dataset not available: {SIGN_DIGITS} (../shared is absent)")
 
 
 def needs_hymenoptera():

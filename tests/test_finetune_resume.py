@@ -31,9 +31,14 @@ def result_of(repo: Path) -> dict:
             "curve": (repo / CURVE).read_text()}
 
 
-def test_killed_finetune_resumes_with_the_uninterrupted_result(tiny_project):
+@pytest.mark.parametrize("recipe", [
+    {},
+    # the EMA's state and MixUp/CutMix's draws from the global RNG must survive the kill too
+    {"finetune__ema_decay": 0.9, "finetune__mixup_alpha": 0.4, "finetune__cutmix_alpha": 1.0},
+], ids=["plain", "ema-mixup-cutmix"])
+def test_killed_finetune_resumes_with_the_uninterrupted_result(tiny_project, recipe):
     epochs = 6
-    repo = tiny_project(finetune__epochs=epochs, finetune__patience=epochs)
+    repo = tiny_project(finetune__epochs=epochs, finetune__patience=epochs, **recipe)
     dvc(repo, "repro", "head")
 
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "finetune"], cwd=repo, env=tool_env(),

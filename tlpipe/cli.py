@@ -41,7 +41,7 @@ def _predict(args) -> None:
 
     if args.top_k < 1:
         raise TlpipeError("--top-k must be at least 1")
-    predict.predict(args.inputs, args.model, args.top_k, Path(args.out))
+    predict.predict(args.inputs, args.model, args.top_k, Path(args.out), tta="flip" if args.tta else "none")
 
 
 def _model(value: str) -> str:
@@ -80,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
                          "runs on onnxruntime without torch)")
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--out", default="preds.csv", help="CSV (default: %(default)s)")
+    pr.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: average with the mirror image (twice the cost)")
     pr.set_defaults(func=_predict)
     return p
 

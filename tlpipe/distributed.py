@@ -125,12 +125,16 @@ class GlobalBatches(torch.utils.data.Sampler):
     are the same whatever the number of processes, and a resumed run sees the batches it would have.
     """
 
-    def __init__(self, n: int, batch_size: int, group: Group, seed: int):
+    def __init__(self, n: int, batch_size: int, group: Group, seed: int, weights: torch.Tensor | None = None):
         self.n, self.batch_size, self.group, self.seed, self.epoch = n, batch_size, group, seed, 0
+        self.weights = weights  # per-image draw weights: an epoch of n draws with replacement
 
     def global_batches(self) -> list[list[int]]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + self.epoch)).tolist()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist()
+        else:
+            order = torch.randperm(self.n, generator=generator).tolist()
         if self.n <= self.batch_size:
             return [order]
         return [order[i:i + self.batch_size] for i in range(0, self.n - self.batch_size + 1, self.batch_size)]

@@ -5,7 +5,10 @@
   training images with the fine-tuning augmentation. Epoch 0 therefore scores the probe, and the
   first gradients do not wreck the pretrained features as a random head's would.
 - `make_optimizer` / `make_scheduler`: discriminative learning rates (backbone LR = head LR x
-  `backbone_lr_mult`), no weight decay on biases and norms; cosine with warmup, or plateau.
+  `backbone_lr_mult`, optionally decayed layer by layer), no weight decay on biases and norms;
+  cosine with warmup, or plateau.
+- `make_loss`, `make_mixing`, `make_ema`: label smoothing and class weights, MixUp/CutMix, an
+  exponential moving average of the weights.
 - `set_trainable`: which backbone blocks train in an epoch (`unfreeze`: all, last_n, gradual).
 - `train_one_epoch`, `evaluate`: one pass over the training batches, one over val.
 - `Progress`: the epoch record, the best epoch so far and early stopping, saved with the weights
@@ -99,14 +102,32 @@ def set_trainable(model: Classifier, blocks: list[list[nn.Module]], n: int, trai
     model.head.train()
 
 
-def make_optimizer(model: Classifier, f) -> torch.optim.Optimizer:
-    """AdamW or SGD over four parameter groups: backbone and head, each with weight decay on weights
-    and none on biases and norms. Each group's `lr_mult` is its LR over the head's (`f.lr`), so an LR
-    schedule or a range test sets every group from one number. Frozen parameters stay in the groups
-    (the optimizer skips them while they have no gradient), so unfreezing needs no new optimizer."""
+def lr_multipliers(model: Classifier, blocks: list[list[nn.Module]], f) -> list[tuple[list, float]]:
+    """(parameters, LR / head LR) pairs, backbone first and the head last.
+
+    With `layer_decay` < 1 (layer-wise LR decay, as timm and BEiT do it) the backbone is split into
+    its blocks, top first: the top block gets `backbone_lr_mult`, each block below `layer_decay`
+    times the one above, so the generic low-level features move least."""
+    head = (list(model.head.parameters()), 1.0)
+    if f.layer_decay == 1 or not blocks:
+        return [(list(model.trunk.parameters()), f.backbone_lr_mult), head]
+    parts, seen = [], set()
+    for depth, block in enumerate(reversed(blocks)):
+        params = [p for m in block for p in m.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        parts.append((params, f.backbone_lr_mult * f.layer_decay ** depth))
+    rest = [p for p in model.trunk.parameters() if id(p) not in seen]  # none for the known backbones
+    return parts + ([(rest, f.backbone_lr_mult * f.layer_decay ** len(blocks))] if rest else []) + [head]
+
+
+def make_optimizer(model: Classifier, f, blocks: list[list[nn.Module]] = ()) -> torch.optim.Optimizer:
+    """AdamW or SGD over parameter groups (`lr_multipliers`), each split into weights with weight
+    decay and biases and norms without. Each group's `lr_mult` is its LR over the head's (`f.lr`),
+    so an LR schedule or a range test sets every group from one number. Frozen parameters stay in
+    the groups (the optimizer skips them while they have no gradient), so unfreezing needs no new
+    optimizer."""
     groups = []
-    for module, mult in ((model.trunk, f.backbone_lr_mult), (model.head, 1.0)):
-        params = list(module.parameters())
+    for params, mult in lr_multipliers(model, list(blocks), f):
         groups += [{"params": [p for p in params if p.ndim > 1], "lr": f.lr * mult, "lr_mult": mult,
                     "weight_decay": f.weight_decay},
                    {"params": [p for p in params if p.ndim <= 1], "lr": f.lr * mult, "lr_mult": mult,
@@ -134,8 +155,57 @@ def make_scheduler(optimizer: torch.optim.Optimizer, f, steps_per_epoch: int):
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=max(1, f.patience // 2))
 
 
+def class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """n / (classes x count): each class weighs the same in the loss (scikit-learn's "balanced")."""
+    counts = torch.bincount(targets, minlength=n_classes).double()
+    return (len(targets) / (n_classes * counts.clamp(min=1))).float()
+
+
+def make_loss(f, train_targets: torch.Tensor, n_classes: int):
+    """Summed cross-entropy with label smoothing and, for `class_balance: loss_weights`, class
+    weights; it takes class indices or (mixed) class probabilities as targets."""
+    weight = class_weights(train_targets, n_classes) if f.class_balance == "loss_weights" else None
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = None if weight is None else weight.to(logits.device)
+        return F.cross_entropy(logits, y, weight=w, label_smoothing=f.label_smoothing, reduction="sum")
+    return loss
+
+
+def make_mixing(f, n_classes: int):
+    """MixUp and/or CutMix (torchvision transforms.v2) on a share `mix_prob` of the batches, or None.
+
+    They draw from torch's global RNG in the main process, whose state the checkpoint keeps, so a
+    resumed run mixes the same batches the same way."""
+    from torchvision.transforms import v2
+
+    mixes = ([v2.MixUp(alpha=f.mixup_alpha, num_classes=n_classes)] if f.mixup_alpha > 0 else []) + \
+            ([v2.CutMix(alpha=f.cutmix_alpha, num_classes=n_classes)] if f.cutmix_alpha > 0 else [])
+    if not mixes or f.mix_prob == 0:
+        return None
+    mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+    def apply(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(torch.rand(())) >= f.mix_prob:
+            return x, F.one_hot(y, n_classes).float()
+        return mix(x, y)
+    return apply
+
+
+def make_ema(model: nn.Module, f):
+    """An exponential moving average of the weights, updated after every step, or None.
+
+    torch's AveragedModel with `use_buffers`, so BatchNorm statistics are averaged with the
+    weights; the first update copies the model."""
+    if f.ema_decay == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(f.ema_decay), use_buffers=True)
+
+
 def train_one_epoch(net: nn.Module, optimizer, scheduler, loader, targets: torch.Tensor, record: dict,
-                    group: distributed.Group, f, epoch: int, global_sizes: list[int], kept: str) -> float:
+                    group: distributed.Group, f, epoch: int, global_sizes: list[int], kept: str,
+                    loss_fn, mixing=None, ema=None) -> float:
     """One pass over the training batches; the mean training loss over all ranks' images.
 
     `kept` says, in the error a diverging loss raises, what a rerun would resume from."""
@@ -145,18 +215,21 @@ def train_one_epoch(net: nn.Module, optimizer, scheduler, loader, targets: torch
     for step, (images, idx) in enumerate(bar, start=1):
         x = normalize_batch(images.to(dev, non_blocking=True), record["mean"], record["std"])
         y = targets[idx].to(dev, non_blocking=True)
+        if mixing is not None:
+            x, y = mixing(x, y)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x.contiguous(memory_format=torch.channels_last))
             # Sum over this rank's images / the global batch, x world because DDP averages the
             # ranks' gradients: the step is the global batch's mean gradient for any world size.
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=f.label_smoothing,
-                                   reduction="sum") * (group.world / global_sizes[step - 1])
+            loss = loss_fn(logits.float(), y) * (group.world / global_sizes[step - 1])
         if not torch.isfinite(loss):
             raise TlpipeError(f"finetune: loss is {loss.item()} at epoch {epoch} step {step}; "
                               f"{kept}; lower finetune.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(net.module if hasattr(net, "module") else net)
         if f.schedule == "cosine":
             scheduler.step()
         loss_sum += loss.item() * global_sizes[step - 1] / group.world
@@ -186,6 +259,15 @@ def evaluate(model: nn.Module, batches, targets: torch.Tensor, record: dict,
     return loss_sum / count, correct / count
 
 
+def score_on_val(model: nn.Module, ema, batches, targets: torch.Tensor, record: dict,
+                 group: distributed.Group) -> dict[str, float]:
+    """val/loss and val/accuracy of the weights, and val_ema/... of their EMA when there is one."""
+    scores = dict(zip(("val/loss", "val/accuracy"), evaluate(model, batches, targets, record, group)))
+    if ema is not None:
+        scores.update(zip(("val_ema/loss", "val_ema/accuracy"), evaluate(ema.module, batches, targets, record, group)))
+    return scores
+
+
 def counts_toward_patience(epoch: int, schedule: str, warmup_epochs: int) -> bool:
     """Whether an epoch without val loss improvement uses up patience.
 
@@ -199,9 +281,13 @@ def counts_toward_patience(epoch: int, schedule: str, warmup_epochs: int) -> boo
 @dataclass
 class Progress:
     """Everything about a run so far except the live weights: the per-epoch records, the best epoch
-    (by val loss) with its weights, and early stopping."""
+    (by val loss) with its weights, and early stopping.
+
+    With an EMA, each epoch scores both the raw weights (val/...) and the average (val_ema/...); the
+    better of the two competes for best, and `best["weights"]` says which was kept (probe, raw, ema).
+    """
     history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=dict)  # epoch, val_loss, val_accuracy, state (weights)
+    best: dict = field(default_factory=dict)  # epoch, weights, val_loss, val_accuracy, state
     epoch: int = 0
     stale: int = 0
     stopped: bool = False
@@ -209,39 +295,46 @@ class Progress:
     @classmethod
     def from_probe(cls, model: nn.Module, val_loss: float, val_acc: float) -> "Progress":
         return cls([{"val/loss": val_loss, "val/accuracy": val_acc}],
-                   {"epoch": 0, "val_loss": val_loss, "val_accuracy": val_acc,
+                   {"epoch": 0, "weights": "probe", "val_loss": val_loss, "val_accuracy": val_acc,
                     "state": copy.deepcopy(model.state_dict())})
 
-    def end_epoch(self, epoch: int, record: dict, model: nn.Module, f) -> None:
+    def end_epoch(self, epoch: int, record: dict, model: nn.Module, f, ema=None) -> None:
         """Record an epoch; keep its weights when val loss improved, else count it toward patience."""
         self.epoch = epoch
         self.history.append(record)
-        if record["val/loss"] < self.best["val_loss"]:
-            self.best = {"epoch": epoch, "val_loss": record["val/loss"], "val_accuracy": record["val/accuracy"],
-                         "state": copy.deepcopy(model.state_dict())}
+        options = [("raw", model, record["val/loss"], record["val/accuracy"])]
+        if ema is not None:
+            options.append(("ema", ema.module, record["val_ema/loss"], record["val_ema/accuracy"]))
+        weights, module, val_loss, val_acc = min(options, key=lambda o: o[2])
+        if val_loss < self.best["val_loss"]:
+            self.best = {"epoch": epoch, "weights": weights, "val_loss": val_loss, "val_accuracy": val_acc,
+                         "state": copy.deepcopy(module.state_dict())}
             self.stale = 0
         elif counts_toward_patience(epoch, f.schedule, f.warmup_epochs):
             self.stale += 1
             self.stopped = self.stale >= f.patience
 
-    def save(self, checkpoint: checkpoints.EpochCheckpoint, model, optimizer, scheduler) -> None:
+    def save(self, checkpoint: checkpoints.EpochCheckpoint, model, optimizer, scheduler, ema=None) -> None:
         opt_tensors, opt_rest = checkpoints.optimizer_to_flat(optimizer.state_dict())
         checkpoint.save(
             {"model": model.state_dict(), "best": self.best["state"], "optimizer": opt_tensors,
-             "rng": {"torch": torch.get_rng_state()}},
+             "rng": {"torch": torch.get_rng_state()}, **({"ema": ema.state_dict()} if ema is not None else {})},
             {"epoch": self.epoch, "stale": self.stale, "stopped": self.stopped, "history": self.history,
              "best": {k: v for k, v in self.best.items() if k != "state"},
              "optimizer": opt_rest, "scheduler": scheduler.state_dict()})
 
     @classmethod
-    def resume(cls, checkpoint: checkpoints.EpochCheckpoint, model, optimizer, scheduler) -> "Progress | None":
-        """The run's state after its last finished epoch, loaded into model, optimizer, scheduler and
-        torch's RNG; None when this run has no checkpoint."""
+    def resume(cls, checkpoint: checkpoints.EpochCheckpoint, model, optimizer, scheduler,
+               ema=None) -> "Progress | None":
+        """The run's state after its last finished epoch, loaded into model, optimizer, scheduler, the
+        EMA and torch's RNG; None when this run has no checkpoint."""
         resumed = checkpoint.load()
         if resumed is None:
             return None
         tensors, record = resumed
         model.load_state_dict(tensors["model"])
+        if ema is not None:
+            ema.load_state_dict(tensors["ema"])
         optimizer.load_state_dict(checkpoints.optimizer_from_flat(tensors.get("optimizer", {}),
                                                                   record["optimizer"]))
         scheduler.load_state_dict(record["scheduler"])

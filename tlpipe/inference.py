@@ -28,3 +28,25 @@ def outputs(model: nn.Module, batches: Iterable, mean: Sequence[float], std: Seq
         x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
         chunks.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+class Mirrored(nn.Module):
+    """A model applied to the horizontal mirror image: the view flip test-time augmentation adds."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.flip(-1))
+
+
+def class_probabilities(model: nn.Module, batches, mean: Sequence[float], std: Sequence[float],
+                        dev: torch.device, tta: str = "none", desc: str = "inference") -> torch.Tensor:
+    """Softmax of a classifier's logits; with tta "flip", the mean of the image's and its mirror
+    image's probabilities (two forward passes: twice the cost). `batches` must be re-iterable."""
+    proba = torch.softmax(outputs(model, batches, mean, std, dev, desc=desc), dim=1)
+    if tta == "flip":
+        mirrored = torch.softmax(outputs(Mirrored(model), batches, mean, std, dev, desc=f"{desc} (mirrored)"), dim=1)
+        proba = (proba + mirrored) / 2
+    return proba

@@ -5,8 +5,9 @@ Train from the pipeline's starting point while the LR grows exponentially from `
 average) loss exceeds `stop_factor` x its best (it has diverged). The curve is then smoothed
 without lag (a running median, then the moving average run forward and backward), and the
 suggestion is the LR where that smoothed loss falls fastest (steepest negative slope against
-log10 LR, up to its minimum); when the minimum comes too early for a slope, it is the LR at the
-minimum / 10 (never below the start LR). The rule used is printed.
+log10 LR, up to its minimum) when the curve really descends (see `suggest`); on a curve with no
+real descent it is the LR where the loss starts to rise, / 10; when the minimum comes too early
+for a slope, the LR at the minimum / 10 (never below the start LR). The rule used is printed.
 
 - `head`: a zero-initialized linear layer on the cached train features (data/features), with the
   fine-tuning optimizer settings (finetune.optimizer, weight_decay, momentum, batch_size,
@@ -66,10 +67,27 @@ def smooth(losses, beta: float = BETA) -> np.ndarray:
     return ema(ema(median, beta)[::-1], beta)[::-1]
 
 
-def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str]:
-    """(suggested LR, the rule that chose it)."""
-    best = int(np.argmin(smoothed))
-    skip = max(2, len(smoothed) // 20)  # the ends of a smoothed curve are the least reliable
+def suggest(lrs: np.ndarray, losses) -> tuple[float, str]:
+    """(suggested LR, the rule that chose it) from a range test's raw losses.
+
+    A curve that really descends: the steepest descent of the smoothed loss before its minimum.
+    A curve with no real descent (flat, then diverging: common when starting from a good probe)
+    has no meaningful steepest point; its smoothed "slope" is noise and edge effects, and chasing it
+    once gave 3.5e-07 on a curve flat up to 3e-3. There the rule is the LR where the loss starts
+    to rise above its flat level, / 10. "Real" means the drop from the starting level (the median
+    of the first raw losses, robust to one odd batch) exceeds 2 % of it and twice the batch noise.
+    """
+    losses = np.asarray(losses, dtype=float)
+    smoothed = smooth(losses)
+    n, best = len(smoothed), int(np.argmin(smoothed))
+    skip = max(2, n // 20)  # the ends of a smoothed curve are the least reliable
+    start = float(np.median(losses[:max(3, skip)]))
+    noise = 1.4826 * float(np.median(np.abs(losses[:best + 1] - smoothed[:best + 1])))
+    tolerance = max(0.02 * abs(start), 2 * noise)
+    if start - smoothed[best] <= tolerance:
+        above = np.flatnonzero(smoothed[skip:] > start + tolerance)
+        edge = skip + int(above[0]) - 1 if len(above) else n - 1
+        return float(max(lrs[max(edge, 0)] / 10, lrs[0])), "no real descent: LR where the loss starts to rise / 10"
     if best - skip >= 3:
         slope = np.gradient(smoothed[skip:best + 1], np.log10(lrs[skip:best + 1]))
         return float(lrs[skip + int(np.argmin(slope))]), "steepest descent of the smoothed loss"
@@ -145,7 +163,8 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     n_blocks = len(start.blocks) if f.unfreeze == "gradual" else finetuning.trainable_blocks(
         f.unfreeze, f.unfreeze_last_n, 1, len(start.blocks))
     finetuning.set_trainable(model, start.blocks, n_blocks, f.train_bn_stats)
-    optimizer = finetuning.make_optimizer(model, f)
+    optimizer = finetuning.make_optimizer(model, f, start.blocks)
+    loss_fn = finetuning.make_loss(f, start.train_targets, len(start.source["classes"]))
 
     def batches():
         while True:
@@ -155,7 +174,7 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     def step():
         images, idx = next(stream)
         x = normalize_batch(images.to(dev), record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
-        return F.cross_entropy(model(x).float(), start.train_targets[idx].to(dev), label_smoothing=f.label_smoothing)
+        return loss_fn(model(x).float(), start.train_targets[idx].to(dev)) / len(idx)
     return range_test(step, optimizer, lrs, stop_factor, "lr-find finetune")
 
 
@@ -184,7 +203,7 @@ def run(target: str, steps: int, start_lr: float, end_lr: float, stop_factor: fl
     curve = (head_test if target == "head" else finetune_test)(lrs, stop_factor)
     if len(curve) < 5:
         raise TlpipeError(f"lr-find {target}: the loss diverged after {len(curve)} steps; lower the start LR")
-    lr, rule = suggest(curve["lr"].to_numpy(), curve["smoothed_loss"].to_numpy())
+    lr, rule = suggest(curve["lr"].to_numpy(), curve["loss"].to_numpy())
     with atomic_path(out_dir / f"{target}.csv") as tmp:
         curve.to_csv(tmp, index=False)
     plot(curve, lr, rule, f"LR range test: {target}", out_dir / f"{target}.png")

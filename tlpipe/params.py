@@ -129,6 +129,18 @@ class FinetuneParams(_Section):
     patience: int = Field(3, ge=1, le=1000)  # early stopping, epochs without val loss improvement
     train_bn_stats: bool = False  # update BatchNorm running statistics (large batches only)
     probe_l2: float = Field(0.01, gt=0, le=1e6)  # L2 of the linear probe fine-tuning starts from
+    # Layer-wise LR decay: the top backbone block trains at lr x backbone_lr_mult, each block below
+    # at layer_decay x the one above (timm/BEiT style); 1 = one LR for the whole backbone.
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # EMA of the weights, per step; 0 = off
+    mixup_alpha: float = Field(0.0, ge=0, le=10)  # Beta(alpha, alpha) MixUp; 0 = off
+    cutmix_alpha: float = Field(0.0, ge=0, le=10)  # Beta(alpha, alpha) CutMix; 0 = off
+    mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed (MixUp or CutMix, 50/50 when both)
+    class_balance: Literal["none", "loss_weights", "sampler"] = "none"
+
+
+class InferParams(_Section):
+    tta: Literal["none", "flip"] = "none"  # flip: average with the mirror image (2x the inference cost)
 
 
 class ScratchParams(_Section):
@@ -149,6 +161,7 @@ class Params(_Section):
     backbone: BackboneParams = BackboneParams()
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
+    infer: InferParams = InferParams()
     scratch: ScratchParams = ScratchParams()
 
 

@@ -47,7 +47,7 @@ def _loader(paths: list[Path], geometry: dict, dev):
                                        num_workers=workers())
 
 
-def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[np.ndarray, list[str]]:
+def head_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[np.ndarray, list[str]]:
     from safetensors.torch import load_file
 
     from tlpipe import backbones, inference, linear
@@ -61,14 +61,14 @@ def head_proba(paths: list[Path], models: Path = MODELS) -> tuple[np.ndarray, li
         raise TlpipeError(f"{e.filename}: missing; run the head stage first (dvc repro head)") from None
     backbone = backbones.pretrained_for(cfg, str(config))
     record, dev = cfg["preprocessing"], device()
-    features = inference.outputs(backbone.trunk, _loader(paths, record, dev), record["mean"], record["std"],
-                                 dev, desc="features")
-    return linear.predict_proba(features, tensors["weight"], tensors["bias"]).numpy(), cfg["classes"]
+    views = [backbone.trunk] + ([inference.Mirrored(backbone.trunk)] if tta == "flip" else [])
+    proba = [linear.predict_proba(inference.outputs(view, _loader(paths, record, dev), record["mean"],
+                                                    record["std"], dev, desc="features"),
+                                  tensors["weight"], tensors["bias"]) for view in views]
+    return (sum(proba) / len(proba)).numpy(), cfg["classes"]
 
 
-def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[np.ndarray, list[str]]:
-    import torch
-
+def finetuned_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[np.ndarray, list[str]]:
     from tlpipe import inference
     from tlpipe.models import load_classifier
     from tlpipe.runtime import device
@@ -76,21 +76,25 @@ def finetuned_proba(paths: list[Path], models: Path = MODELS) -> tuple[np.ndarra
     model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
     dev = device()
     record = cfg["preprocessing"]
-    logits = inference.outputs(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
-                               desc="fine-tuned")
-    return torch.softmax(logits, dim=1).numpy(), cfg["classes"]
+    return inference.class_probabilities(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
+                                         tta, desc="fine-tuned").numpy(), cfg["classes"]
 
 
-def onnx_proba(model, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
-    """`model`: a tlpipe.onnx_model.OnnxModel. Decoded and run one batch at a time."""
+def onnx_proba(model, paths: list[Path], tta: str = "none") -> tuple[np.ndarray, list[str]]:
+    """`model`: a tlpipe.onnx_model.OnnxModel. Decoded and run one batch at a time; with tta "flip",
+    averaged with the mirror image's probabilities, as inference.class_probabilities does."""
     batch, chunks = inference_batch_size(), []
     for lo in range(0, len(paths), batch):
         pixels = np.stack([load_eval_pixels(p, model.preprocessing) for p in paths[lo:lo + batch]])
-        chunks.append(model.proba(pixels))
+        proba = model.proba(pixels)
+        if tta == "flip":
+            proba = (proba + model.proba(pixels[..., ::-1])) / 2
+        chunks.append(proba)
     return np.concatenate(chunks), model.classes
 
 
-def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS) -> list[dict]:
+def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS,
+            tta: str = "none") -> list[dict]:
     """`model`: head, finetuned, or the path of a .onnx file."""
     files = collect(inputs)
     if not files:
@@ -116,9 +120,9 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
     proba, classes = (None, [])
     if good:
         if onnx is not None:
-            proba, classes = onnx_proba(onnx, good)
+            proba, classes = onnx_proba(onnx, good, tta)
         else:
-            proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models)
+            proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models, tta)
     k = min(top_k, len(classes)) if classes else top_k
     rows, good_index = [], {p: i for i, p in enumerate(good)}
     for path in files:
