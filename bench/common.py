@@ -39,7 +39,7 @@ from tlpipe.compare import flatten  # noqa: E402 (needs the path above)
 from tlpipe.scaffold import PHOTO_GEOMETRY, create_project  # noqa: E402
 
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
-# The README's photo geometry, used on both image sets (the defaults suit 8x8 digit scans).
+# The photo geometry of docs/photos.md, used on both image sets (the defaults suit 8x8 digit scans).
 BACKBONE = "tf_efficientnet_lite0"
 
 

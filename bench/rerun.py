@@ -67,7 +67,7 @@ def run(workdir: Path, dataset: Path = HYMENOPTERA, overrides: dict | None = Non
         ["`dvc exp run -S head.l2_steps=9`", warm, stage_list(warm_stages, warm_times)],
         ["ratio rerun / cold", f"{ratio:.3f}", ""]]))
     changed = dict(overrides or {})
-    section.parts.append(f"Params: the README's photo settings{f', with {changed}' if changed else ''}. "
+    section.parts.append(f"Params: the photo settings of docs/photos.md{f', with {changed}' if changed else ''}. "
                          f"Fine-tuning ran {finetune['epochs_run']} epoch(s) (best epoch "
                          f"{finetune['best_epoch']}). Test accuracy of the cold run: linear probe "
                          f"{test['head']['accuracy']:.4f}, fine-tuned {test['finetuned']['accuracy']:.4f} "

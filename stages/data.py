@@ -11,26 +11,25 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from tlpipe import sources
 from tlpipe.images import check_image
 from tlpipe.io import atomic_dir, sha256_file, write_json
 from tlpipe.params import load_params
 from tlpipe.paths import DATA_METRICS as METRICS, DOWNLOADS, PREPARED
-from tlpipe.runtime import TlpipeError, progress_enabled, run_stage, workers
+from tlpipe.runtime import TlpipeError, progress, run_stage, workers
 
 
 def check_all(items: list[sources.Item], root: Path) -> list[str | None]:
     paths = [str(i.src) for i in items]
     roots = [str(root)] * len(paths)
     n_workers = workers()
-    bar = dict(total=len(paths), desc="decode check", disable=not progress_enabled())
+    bar = dict(total=len(paths), desc="decode check")
     if n_workers <= 1:
-        reasons = [check_image(p, r) for p, r in tqdm(zip(paths, roots), **bar)]
+        reasons = [check_image(p, r) for p, r in progress(zip(paths, roots), **bar)]
     else:
         with ProcessPoolExecutor(n_workers) as pool:
-            reasons = list(tqdm(pool.map(check_image, paths, roots, chunksize=16), **bar))
+            reasons = list(progress(pool.map(check_image, paths, roots, chunksize=16), **bar))
     # A CSV row's line number goes with its file's reason.
     return [r if r is None or not i.where else f"{r} ({i.where})" for i, r in zip(items, reasons)]
 
@@ -87,7 +86,7 @@ def main() -> None:
             raise TlpipeError(f"only one class ({classes[0]!r}) found; classification needs two or more")
 
         rows = []
-        for item in tqdm(split, desc="copy", disable=not progress_enabled()):
+        for item in progress(split, desc="copy"):
             dest = images / item.rel
             if item.src != dest:
                 dest.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ image.img_size; with image.jpeg_draft, large JPEGs are decoded at a reduced scal
 """
 
 import torch
-from tqdm import tqdm
 
 from tlpipe import preprocessing
 from tlpipe.decoded import ShardWriter
@@ -16,7 +15,7 @@ from tlpipe.io import atomic_dir, sha256_file, write_json
 from tlpipe.manifest import image_paths, read_manifest
 from tlpipe.params import load_params
 from tlpipe.paths import DECODED, MANIFEST
-from tlpipe.runtime import progress_enabled, run_stage, workers
+from tlpipe.runtime import progress, run_stage, workers
 
 BATCH = 32  # of the loader only; the shards do not depend on it
 
@@ -37,7 +36,7 @@ def main() -> None:
                                                  batch_size=BATCH, num_workers=workers(main_computes=False))
             writer = ShardWriter(out, split, shape)
             row_ids = torch.tensor(rows)
-            for images, positions in tqdm(loader, desc=f"decode {split}", disable=not progress_enabled()):
+            for images, positions in progress(loader, desc=f"decode {split}"):
                 writer.add(images, row_ids[positions])
             writer.flush()
             meta["splits"][split] = {"images": len(rows), "shards": writer.sizes}

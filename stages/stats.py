@@ -5,14 +5,13 @@ One streaming pass over the decode stage's uint8 shards, counting a per-channel 
 Values are on the 0..1 scale that models normalize.
 """
 
-from tqdm import tqdm
 
 from tlpipe.decoded import DecodedSplit
 from tlpipe.io import write_json
 from tlpipe.moments import ChannelMoments
 from tlpipe.params import load_params
 from tlpipe.paths import STATS
-from tlpipe.runtime import progress_enabled, run_stage
+from tlpipe.runtime import progress, run_stage
 
 BATCH = 256  # pixels already decoded: big batches only amortize the per-batch overhead
 
@@ -21,7 +20,7 @@ def main() -> None:
     load_params("stats")  # validates params.yaml; the geometry comes with the decoded images
     train = DecodedSplit("train")
     moments = ChannelMoments()
-    for images, _ in tqdm(train.batches(BATCH), desc="stats", disable=not progress_enabled()):
+    for images, _ in progress(train.batches(BATCH), desc="stats"):
         moments.update(images)
 
     stats = {

@@ -15,6 +15,8 @@ import yaml
 
 from conftest import dvc, tool_env
 
+pytestmark = pytest.mark.slow  # several torchrun processes over a tiny pipeline, five stage runs
+
 VAL_LOSS = Path("metrics/finetune_curves/plots/metrics/val/loss.tsv")
 
 

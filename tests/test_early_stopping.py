@@ -1,9 +1,12 @@
 """Fine-tuning keeps the epoch with the best val loss and stops after `patience` epochs without
 improvement; warmup epochs, whose rising LR usually raises val loss first, do not use up patience."""
 
+import pytest
 import yaml
 
 from conftest import dvc, read_json
+
+pytestmark = pytest.mark.slow  # fine-tuning runs of two schedules
 
 
 def test_warmup_epochs_do_not_use_up_patience(tiny_project, monkeypatch):

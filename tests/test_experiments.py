@@ -49,7 +49,9 @@ def tlpipe(repo: Path, *args: str, check: bool = True, code: Path | None = None)
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, digit_folder):
-    """Baseline (committed) + `lr-high` (finetune.lr 0.003) + `scratch-on` (the scratch baseline)."""
+    """Baseline (committed) + `lr-high` (finetune.lr 0.003) + `scratch-on` (the scratch baseline).
+
+    Three pipeline runs: every test that uses this project (or `repo`) is marked slow."""
     root = tmp_path_factory.mktemp("experiments")
     repo = create_project(root / "project", tiny_params(digit_folder))
     dvc(repo, "repro")
@@ -81,11 +83,13 @@ def exp_rows(repo: Path) -> dict[str, dict]:
 
 # --- DVC's own commands ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_experiments_ran_what_their_params_touch(project):
     assert project.runs["lr-high"].executed == ["finetune", "infer", "export_finetuned", "evaluate"]
     assert project.runs["scratch-on"].executed == ["scratch"]
 
 
+@pytest.mark.slow
 def test_exp_show_has_test_metrics_of_every_model_and_the_params(repo):
     rows = exp_rows(repo)
     assert {"main", "lr-high", "scratch-on"} <= set(rows)
@@ -108,14 +112,22 @@ def test_exp_show_has_test_metrics_of_every_model_and_the_params(repo):
         assert unchanged not in header
     assert "[lr-high]" in table and "[scratch-on]" in table
 
-    # the README's focused view: test accuracy and macro-F1 of every model, backbone, key params
+    # docs/experiments.md's focused view: test accuracy and macro-F1 of every model, backbone, key params
     keep = r"(head|finetuned|scratch)\.(accuracy|macro_f1)$|backbone\.name|head\.l2_steps|finetune\.(lr|epochs)$|Experiment"
     table = dvc(repo, "exp", "show", "--md", "--hide-workspace", "--drop", ".*", "--keep", keep).stdout
     assert [c.strip() for c in table.splitlines()[0].split("|")[1:-1]] == [
         "Experiment", "head.accuracy", "head.macro_f1", "finetuned.accuracy", "finetuned.macro_f1",
         "scratch.accuracy", "scratch.macro_f1", "backbone.name", "head.l2_steps", "finetune.epochs", "finetune.lr"]
 
+    # the README's recipe: the test accuracy of every model and the param varied
+    keep = r"Experiment|(head|finetuned|scratch)\.accuracy$|finetune\.lr$"
+    table = dvc(repo, "exp", "show", "--md", "--drop", ".*", "--keep", keep).stdout
+    assert [c.strip() for c in table.splitlines()[0].split("|")[1:-1]] == [
+        "Experiment", "head.accuracy", "finetuned.accuracy", "scratch.accuracy", "finetune.lr"]
+    assert "[lr-high]" in table and "workspace" in table
 
+
+@pytest.mark.slow
 def test_exp_diff_and_metrics_diff_show_deltas(repo):
     rows = exp_rows(repo)
     old = rows["scratch-on"]["metrics"]["metrics/test.json"]["data"]["finetuned"]["log_loss"]
@@ -137,6 +149,7 @@ def test_exp_diff_and_metrics_diff_show_deltas(repo):
     assert re.search(r"\| metrics/test.json\s+\| finetuned.log_loss\s+\|", md)
 
 
+@pytest.mark.slow
 def test_plots_show_renders_every_plot_including_the_galleries(repo):
     data = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
     expected = ["metrics/head_grid.csv", *CONFUSION, f"{CURVES}/train/loss.tsv", f"{CURVES}/val/loss.tsv",
@@ -160,6 +173,7 @@ def test_plots_show_renders_every_plot_including_the_galleries(repo):
     assert "gallery" in page and "<img" in page, html
 
 
+@pytest.mark.slow
 def test_plots_diff_between_two_experiments(repo):
     data = json.loads(dvc(repo, "plots", "diff", "lr-high", "scratch-on", "--json").stdout)["data"]
     for name in ["metrics/head_grid.csv", f"{CURVES}/val/loss.tsv", *CONFUSION]:
@@ -171,6 +185,7 @@ def test_plots_diff_between_two_experiments(repo):
 
 # --- the scratch baseline -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_scratch_disabled_writes_its_metrics_without_torch(repo):
     code = ("import runpy, sys, time; t = time.perf_counter(); sys.argv = ['stages/scratch.py'];"
             "runpy.run_module('stages.scratch', run_name='__main__');"
@@ -183,6 +198,7 @@ def test_scratch_disabled_writes_its_metrics_without_torch(repo):
     assert read_json(repo / "metrics" / "scratch.json") == {"scratch": {"trained": False}}
 
 
+@pytest.mark.slow
 def test_scratch_enabled_is_reproducible(repo):
     git(repo, "checkout", "-q", exp_rev(repo, "scratch-on"), "--", "params.yaml", "metrics/scratch.json")
     before = read_json(repo / "metrics" / "scratch.json")
@@ -200,6 +216,7 @@ def exp_rev(repo: Path, name: str) -> str:
 
 # --- galleries ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gallery_files_are_the_galleries_of_the_predictions(repo, tmp_path):
     for model in ("head", "finetuned"):
         png = repo / "metrics" / "gallery" / f"{model}.png"
@@ -233,6 +250,7 @@ def test_gallery_draws_wrong_images_most_confident_first(tmp_path, digit_folder)
 
 # --- tlpipe compare -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compare_report_has_every_experiment_and_marks_the_best(repo, tmp_path):
     out = tmp_path / "report.html"
     md = tlpipe(repo, "compare", "--out", str(out)).stdout
@@ -243,6 +261,11 @@ def test_compare_report_has_every_experiment_and_marks_the_best(repo, tmp_path):
         for file, entry in rows[name]["metrics"].items():
             for key, value in compare.flatten(entry["data"]).items():
                 assert compare._fmt(value) in page, (name, file, key)
+
+    # one data set: every experiment knows its manifest, no note, no data column
+    exps = compare.load_experiments([], repo)
+    assert len({e.manifest for e in exps}) == 1 and exps[0].manifest
+    assert "Different data" not in md and "| data |" not in md
 
     # params that differ: finetune.lr and scratch.enabled, nothing else
     params_table = md.split("## Params that differ")[1].split("##")[0]
@@ -268,6 +291,7 @@ def test_compare_report_has_every_experiment_and_marks_the_best(repo, tmp_path):
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
 
 
+@pytest.mark.slow
 def test_compare_selected_experiments_and_errors(repo, tmp_path):
     md = tlpipe(repo, "compare", "lr-high", "main", "--out", str(tmp_path / "two.html")).stdout
     assert "# Experiments: lr-high, main" in md and "scratch-on" not in md
@@ -282,6 +306,37 @@ def test_confusion_is_skipped_with_a_note_when_predictions_are_unavailable(tmp_p
     assert image is None and "not in the local DVC cache" in note
 
 
+def test_compare_ranks_only_within_the_same_data(tmp_path):
+    def exp(name, manifest, source, accuracy, log_loss, classes):
+        test = {"head.accuracy": accuracy, "head.log_loss": log_loss, "finetuned.accuracy": accuracy}
+        counts = {"classes": classes, "test_images": 20 * classes}
+        return compare.Experiment(name, "workspace", {"seed": 0, "data.source": source, "data.root": f"/d/{name}"},
+                                  {"metrics/test.json": test, "metrics/data.json": counts}, manifest=manifest)
+
+    exps = [exp("digits-a", "m1", "digits", 0.90, 0.30, 10), exp("ants", "m2", "presplit", 0.99, 0.05, 2),
+            exp("digits-b", "m1", "digits", 0.95, 0.40, 10)]
+    assert compare.data_groups(exps) == [["digits-a", "digits-b"], ["ants"]]
+    md = compare.report(exps, tmp_path, tmp_path / "r.html")
+    note = [line for line in md.splitlines() if line.startswith("Different data:")]
+    assert len(note) == 1
+    assert "data 1: digits-a, digits-b (digits, 10 classes, 200 test images, seed 0)" in note[0]
+    assert "data 2: ants (presplit, /d/ants, 2 classes, 40 test images, seed 0)" in note[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in md.split("## Test metrics")[1].splitlines() if line.startswith("| ")}
+    assert rows["Experiment"][:3] == ["data", "head.accuracy", "head.log_loss"]
+    # within the digits: b has the better accuracy, a the better loss; ants alone is never "best"
+    assert rows["digits-a"][:3] == ["1", "0.9", "**0.3**"]
+    assert rows["digits-b"][:3] == ["1", "**0.95**", "0.4"]
+    assert rows["ants"][:3] == ["2", "0.99", "0.05"]
+    page = (tmp_path / "r.html").read_text()
+    assert "Different data: 2 data sets" in page and page.count('class="best"') == 3 + 3  # the headline, metrics/test.json
+
+    # without manifests (DVC did not record them) the data.* params and seed decide
+    for e in exps:
+        e.manifest = None
+    assert compare.data_groups(exps) == [["digits-a"], ["ants"], ["digits-b"]]  # data.root differs
+
+
 def test_best_marks_direction_and_ties():
     table = pd.DataFrame({"a.accuracy": [0.5, 0.9, 0.9], "a.log_loss": [0.2, 0.1, 0.3],
                           "best_epoch": [1, 2, 3], "b.macro_f1": [0.7, 0.7, 0.7]}, index=["x", "y", "z"])
@@ -293,6 +348,7 @@ def test_best_marks_direction_and_ties():
 
 # --- tlpipe predict -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["head", "finetuned", "models/head.onnx", "models/finetuned.onnx"])
 def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
     """PyTorch or onnxruntime (the export stages' files), the same preprocessing and the same CSV."""
@@ -318,6 +374,7 @@ def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
     assert len(errors) == 2 and (errors["label_1"] == "").all()
 
 
+@pytest.mark.slow
 def test_predict_folder_and_errors(repo, tmp_path):
     out = tmp_path / "p.csv"
     proc = tlpipe(repo, "predict", "--model", "head", "data/prepared/images/class0", "missing.png",
@@ -398,6 +455,7 @@ def _suggested(stdout: str) -> float:
     return float(re.search(r"suggested LR: (\S+)", stdout).group(1))
 
 
+@pytest.mark.slow
 def test_lr_find_head_records_the_curve_and_suggests_an_lr_in_range(repo, tmp_path):
     proc = tlpipe(repo, "lr-find", "head", "--out-dir", str(tmp_path))
     curve = pd.read_csv(tmp_path / "head.csv")

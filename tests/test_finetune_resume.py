@@ -15,6 +15,8 @@ import pytest
 from conftest import dvc, read_json, tool_env
 from tlpipe.runtime import TlpipeError
 
+pytestmark = pytest.mark.slow  # real `dvc repro` runs of fine-tuning, one of them killed
+
 CURVE = Path("metrics/finetune_curves/plots/metrics/val/loss.tsv")
 
 

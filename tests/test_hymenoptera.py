@@ -1,5 +1,5 @@
-"""The whole pipeline on the real ants/bees photos with the default backbone and the README's photo
-settings (slow: real data, about two minutes on 2 CPU cores). bench/rerun.py times the same run."""
+"""The whole pipeline on the real ants/bees photos with the default backbone and the photo
+settings of docs/photos.md (slow: real data, about two minutes on 2 CPU cores). bench/rerun.py times the same run."""
 
 import pytest
 from safetensors.torch import load_file

@@ -21,7 +21,9 @@ STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "e
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, digit_folder):
-    """A project after one cold `dvc repro`, committed, with the params each stage read."""
+    """A project after one cold `dvc repro`, committed, with the params each stage read.
+
+    Every test that uses it (or `baseline`) runs the pipeline and is marked slow."""
     root = tmp_path_factory.mktemp("pipeline")
     project = create_project(root / "project", tiny_params(digit_folder))
     log = root / "params-read.jsonl"
@@ -40,12 +42,14 @@ def baseline(repo):
     yield repo.path
 
 
+@pytest.mark.slow
 def test_cold_repro_runs_every_stage_then_nothing(repo, baseline):
     assert repo.cold.executed == STAGES
     assert "Data and pipelines are up to date" in dvc(baseline, "status").stdout
     assert dvc(baseline, "repro").executed == []
 
 
+@pytest.mark.slow
 def test_head_param_change_reruns_head_its_export_and_evaluate_only(baseline):
     onnx_before = (baseline / "models" / "finetuned.onnx").read_bytes()
     result = dvc(baseline, "exp", "run", "-n", "small-grid", "-S", "head.l2_steps=3")
@@ -69,6 +73,7 @@ def test_head_param_change_reruns_head_its_export_and_evaluate_only(baseline):
     assert "head.l2_steps" in dvc(baseline, "exp", "show", "--md", "--only-changed").stdout
 
 
+@pytest.mark.slow
 def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
     result = dvc(baseline, "exp", "run", "-S", "backbone.normalize=dataset")
     assert result.executed == ["features", "head", "finetune", "infer", "export_head", "export_finetuned",
@@ -78,12 +83,14 @@ def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
     assert meta["preprocessing"]["normalize"] == "dataset" and meta["preprocessing"]["mean"] == stats["mean"]
 
 
+@pytest.mark.slow
 def test_geometry_change_reruns_stats_and_features(baseline):
     result = dvc(baseline, "exp", "run", "-S", "image.img_size=28")
     assert result.executed == ["decode", "stats", "features", "head", "finetune", "infer", "export_head",
                                "export_finetuned", "evaluate", "scratch"]
 
 
+@pytest.mark.slow
 def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
     # Also exercises the other code paths: SGD, plateau schedule, gradual unfreezing, RandAugment.
     result = dvc(baseline, "exp", "run", "-S", "finetune.optimizer=sgd", "-S", "finetune.schedule=plateau",
@@ -94,6 +101,7 @@ def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
     assert lr[0].split() == ["step", "head"] and len(lr) == 3  # header + 2 epochs
 
 
+@pytest.mark.slow
 def test_exports_agree_with_pytorch_and_name_their_source(baseline):
     """Both ONNX files: cached DVC outputs (so push/pull carry them), checked against PyTorch on every
     test image, with the classes, the preprocessing record and the source model's sha256 inside."""
@@ -121,12 +129,14 @@ def test_exports_agree_with_pytorch_and_name_their_source(baseline):
         assert meta["source_sha256"] == hashlib.sha256(source).hexdigest()
 
 
+@pytest.mark.slow
 def test_evaluate_change_does_not_recompute_the_finetuned_model(baseline):
     with open(baseline / "stages" / "evaluate.py", "a") as f:
         f.write("\n# an edit to evaluate only\n")
     assert dvc(baseline, "repro").executed == ["evaluate"]
 
 
+@pytest.mark.slow
 def test_lpft_starts_where_the_head_ended(baseline):
     """Before its first step, the fine-tuned model is the head on the frozen backbone.
 
@@ -144,6 +154,7 @@ def test_lpft_starts_where_the_head_ended(baseline):
     assert 1 <= finetune["epochs_run"] <= 2
 
 
+@pytest.mark.slow
 def test_finetune_is_reproducible(baseline):
     def finetune_outs():
         return yaml.safe_load((baseline / "dvc.lock").read_text())["stages"]["finetune"]["outs"]
@@ -164,6 +175,7 @@ def _leaves(params: dict, key: str) -> list[str]:
     return [leaf for name in node for leaf in _leaves(params, f"{key}.{name}")]
 
 
+@pytest.mark.slow
 def test_params_each_stage_reads_equal_params_it_declares(repo):
     params = yaml.safe_load((repo.path / "params.yaml").read_text())
     declared = {name: sorted(leaf for key in stage.get("params", []) for leaf in _leaves(params, key))
@@ -201,6 +213,7 @@ def test_code_deps_are_the_stage_module_and_what_it_imports():
         assert code_deps == expected, name
 
 
+@pytest.mark.slow
 def test_features_are_bit_identical_when_recomputed(baseline):
     def feature_hashes():
         lock = yaml.safe_load((baseline / "dvc.lock").read_text())

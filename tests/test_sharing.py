@@ -20,6 +20,8 @@ import pytest
 from conftest import dvc, tiny_params, tool_env
 from tlpipe.scaffold import GIT_IDENTITY, create_project
 
+pytestmark = pytest.mark.slow  # a cold repro, pushes and fresh clones
+
 STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "export_head", "export_finetuned",
           "evaluate", "scratch"]
 UP_TO_DATE = "Data and pipelines are up to date"
@@ -67,7 +69,6 @@ def clone(shared, dest: Path) -> Path:
 
 # --- local directory remote ----------------------------------------------------------------------
 
-@pytest.mark.slow  # a head + evaluate run on top of the shared cold repro
 def test_teammate_pulls_and_recomputes_nothing(shared, tmp_path):
     mate = clone(shared, tmp_path / "mate")
     assert not (mate / "data" / "features").exists()
@@ -95,7 +96,6 @@ def test_repro_pull_allow_missing_in_a_fresh_clone_runs_nothing(shared, tmp_path
     assert digests(mate) == shared.digests
 
 
-@pytest.mark.slow  # an experiment run by the owner, then by the teammate
 def test_run_cache_restores_features_in_a_fresh_clone(shared, tmp_path):
     # Owner: an experiment that changes the features, run aside (--temp leaves the workspace
     # alone), shared with its outputs and the run-cache. Only up to `head`: that is enough to show

@@ -55,31 +55,50 @@ def parser() -> argparse.ArgumentParser:
                                 "(run from the project root).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compare", help="compare experiments: Markdown on stdout, an HTML report")
+    c = sub.add_parser("compare", help="compare experiments: Markdown on stdout, an HTML report",
+                       description="Params that differ, test metrics (best marked among experiments on "
+                       "the same data), all metrics, fine-tuning curves, confusion matrices and galleries "
+                       "of the baseline commit and its finished experiments.")
     c.add_argument("experiments", nargs="*", metavar="EXP",
                    help="experiment names or revs (default: the baseline commit and all its experiments; "
                         "'workspace' for the workspace)")
-    c.add_argument("--out", default="compare.html", help="HTML report (default: %(default)s)")
+    c.add_argument("--out", default="compare.html",
+                   help="the self-contained HTML report to write (default: %(default)s)")
     c.set_defaults(func=_compare)
 
-    lr = sub.add_parser("lr-find", help="learning-rate range test for the head or for fine-tuning")
-    lr.add_argument("target", choices=["head", "finetune"])
-    lr.add_argument("--steps", type=int, default=None, help="LR steps (default: 200 head, 60 finetune)")
-    lr.add_argument("--start-lr", type=float, default=1e-7)
-    lr.add_argument("--end-lr", type=float, default=10.0)
+    lr = sub.add_parser("lr-find", help="learning-rate range test for the head or for fine-tuning",
+                        description="The LR range test: train one batch per step while the LR grows "
+                        "exponentially from --start-lr to --end-lr, stop when the loss diverges, and "
+                        "suggest an LR. Nothing in the pipeline changes; the curve goes to "
+                        "OUT_DIR/<target>.csv and .png.")
+    lr.add_argument("target", choices=["head", "finetune"],
+                    help="head: a linear layer on the cached train features (seconds); finetune: the "
+                         "finetune stage's start on the backbone, suggesting finetune.lr")
+    lr.add_argument("--steps", type=int, default=None,
+                    help="number of LR values, one batch each (default: 200 head, 60 finetune; at least 10)")
+    lr.add_argument("--start-lr", type=float, default=1e-7, help="first LR (default: %(default)s)")
+    lr.add_argument("--end-lr", type=float, default=10.0, help="last LR, if the loss has not diverged "
+                    "before (default: %(default)s)")
     lr.add_argument("--stop-factor", type=float, default=4.0,
                     help="stop when the smoothed loss exceeds this x its best (default: %(default)s)")
     lr.add_argument("--out-dir", default="lr_find", help="where <target>.csv and .png go (default: %(default)s)")
     lr.set_defaults(func=_lr_find)
 
     pr = sub.add_parser("predict", help="top-k classes of images with the head, the fine-tuned model "
-                        "or an exported .onnx file")
-    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+                        "or an exported .onnx file",
+                        description="Classify new images with a model of the pipeline (models/), "
+                        "preprocessed exactly as the evaluation does. Unreadable files are reported and "
+                        "listed with their error; they do not stop the run.")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                    help="image files, or folders searched recursively for image files")
     pr.add_argument("--model", type=_model, required=True, metavar="head|finetuned|FILE.onnx",
-                    help="models/head.*, models/finetuned.*, or an ONNX export (e.g. models/finetuned.onnx; "
-                         "runs on onnxruntime without torch)")
-    pr.add_argument("--top-k", type=int, default=1)
-    pr.add_argument("--out", default="preds.csv", help="CSV (default: %(default)s)")
+                    help="head: the linear probe on the backbone's features (models/head.*); "
+                         "finetuned: the fine-tuned network (models/finetuned.*); a .onnx file of the "
+                         "export stages (e.g. models/finetuned.onnx) runs on onnxruntime, without torch")
+    pr.add_argument("--top-k", type=int, default=1,
+                    help="how many classes to list per image, most probable first (default: %(default)s)")
+    pr.add_argument("--out", default="preds.csv",
+                    help="CSV with path, label_1, prob_1, ..., error per image (default: %(default)s)")
     pr.add_argument("--tta", action="store_true",
                     help="test-time augmentation: average with the mirror image (twice the cost)")
     pr.set_defaults(func=_predict)

@@ -30,6 +30,7 @@ CURVES = "metrics/finetune_curves/plots/metrics"
 CURVE_FILES = {"train loss": "train/loss.tsv", "val loss": "val/loss.tsv", "val accuracy": "val/accuracy.tsv"}
 PREDICTIONS = {"head": "metrics/predictions/head.csv", "finetuned": "metrics/predictions/finetuned.csv"}
 GALLERIES = {"head": "metrics/gallery/head.png", "finetuned": "metrics/gallery/finetuned.png"}
+MANIFEST = "data/prepared/manifest.csv"
 
 
 @dataclass
@@ -39,6 +40,9 @@ class Experiment:
     params: dict[str, object]
     metrics: dict[str, dict[str, object]]  # metrics file -> flat {dotted key: value}
     notes: list[str] = field(default_factory=list)
+    # What the test metrics were measured on: the hash of the data stage's manifest (every image's
+    # path, label, split and sha256); None when DVC does not know it.
+    manifest: str | None = None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -54,7 +58,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def _experiment(name: str, rev: str, data: dict) -> Experiment:
     params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
     metrics = {file: flatten(entry.get("data") or {}) for file, entry in (data.get("metrics") or {}).items()}
-    return Experiment(name, rev, params, metrics)
+    manifest = ((data.get("deps") or {}).get(MANIFEST) or {}).get("hash")
+    return Experiment(name, rev, params, metrics, manifest=manifest)
 
 
 def load_experiments(selected: list[str], repo: Path = Path(".")) -> list[Experiment]:
@@ -137,16 +142,58 @@ def metrics_file_table(exps: list[Experiment], file: str) -> pd.DataFrame:
     return pd.DataFrame([e.metrics.get(file, {}) for e in exps], index=[e.name for e in exps])
 
 
-def best_mask(table: pd.DataFrame) -> pd.DataFrame:
-    """True where a value is the best of its column (all ties marked); only where values differ."""
+def data_groups(exps: list[Experiment]) -> list[list[str]]:
+    """Names of the experiments evaluated on the same data, group by group, in order of appearance.
+
+    Same data means the same manifest (images, labels and split); without its hash, the same data.*
+    params and seed. Test metrics on different data do not rank: a digits score says nothing
+    against an ants/bees one.
+    """
+    groups: dict[str, list[str]] = {}
+    for e in exps:
+        key = e.manifest or json.dumps({k: v for k, v in e.params.items()
+                                        if k == "seed" or k.startswith("data.")}, sort_keys=True)
+        groups.setdefault(key, []).append(e.name)
+    return list(groups.values())
+
+
+def describe_data(exp: Experiment) -> str:
+    counts = exp.metrics.get("metrics/data.json", {})
+    parts = [str(exp.params.get("data.source", "?"))]
+    if exp.params.get("data.source") not in (None, "digits"):
+        parts.append(str(exp.params.get(f"data.{'url' if exp.params.get('data.source') == 'url' else 'root'}")))
+    for key, what in (("classes", "classes"), ("test_images", "test images")):
+        if key in counts:
+            parts.append(f"{_fmt(counts[key])} {what}")
+    if "seed" in exp.params:
+        parts.append(f"seed {exp.params['seed']}")
+    return ", ".join(parts)
+
+
+def data_note(exps: list[Experiment], groups: list[list[str]]) -> str | None:
+    """One line when the experiments ran on different data, naming the groups; None otherwise."""
+    if len(groups) < 2:
+        return None
+    by_name = {e.name: e for e in exps}
+    listed = "; ".join(f"data {i}: {', '.join(g)} ({describe_data(by_name[g[0]])})"
+                       for i, g in enumerate(groups, start=1))
+    return (f"{len(groups)} data sets (images, labels or split differ); best values are marked only "
+            f"within each. {listed}")
+
+
+def best_mask(table: pd.DataFrame, groups: list[list[str]] | None = None) -> pd.DataFrame:
+    """True where a value is the best of its column (all ties marked) among the rows of its group
+    (default: all rows); only where values differ."""
     mask = pd.DataFrame(False, index=table.index, columns=table.columns)
-    for col in table.columns:
-        sign = direction(col)
-        values = pd.to_numeric(table[col], errors="coerce")
-        if sign == 0 or values.notna().sum() < 2 or values.nunique() < 2:
-            continue
-        best = values.max() if sign > 0 else values.min()
-        mask[col] = np.isclose(values, best, rtol=0, atol=1e-12) & values.notna()
+    for rows in groups or [list(table.index)]:
+        rows = [r for r in rows if r in table.index]
+        for col in table.columns:
+            sign = direction(col)
+            values = pd.to_numeric(table.loc[rows, col], errors="coerce")
+            if sign == 0 or values.notna().sum() < 2 or values.nunique() < 2:
+                continue
+            best = values.max() if sign > 0 else values.min()
+            mask.loc[rows, col] = np.isclose(values, best, rtol=0, atol=1e-12) & values.notna()
     return mask
 
 
@@ -160,8 +207,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def markdown_table(table: pd.DataFrame, mark_best: bool) -> str:
-    mask = best_mask(table) if mark_best else None
+def markdown_table(table: pd.DataFrame, mark_best: bool, groups: list[list[str]] | None = None) -> str:
+    mask = best_mask(table, groups) if mark_best else None
     lines = ["| Experiment | " + " | ".join(table.columns) + " |",
              "|---|" + "---:|" * len(table.columns)]
     for name, row in table.iterrows():
@@ -173,8 +220,8 @@ def markdown_table(table: pd.DataFrame, mark_best: bool) -> str:
     return "\n".join(lines)
 
 
-def html_table(table: pd.DataFrame, mark_best: bool) -> str:
-    mask = best_mask(table) if mark_best else None
+def html_table(table: pd.DataFrame, mark_best: bool, groups: list[list[str]] | None = None) -> str:
+    mask = best_mask(table, groups) if mark_best else None
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     body = []
     for name, row in table.iterrows():
@@ -285,18 +332,26 @@ def report(exps: list[Experiment], repo: Path = Path("."), out: Path = Path("com
     files = Files(repo)
     params = differing_params(exps)
     main = headline(exps)
+    groups = data_groups(exps)
+    different = data_note(exps, groups)
+    if different:  # say which data each row ran on, beside its scores
+        main.insert(0, "data", [next(i for i, g in enumerate(groups, 1) if e.name in g) for e in exps])
+    best = "best per column in bold" + (" among experiments on the same data" if different else "")
     names = ", ".join(e.name for e in exps)
     md = [f"# Experiments: {names}", "", "## Params that differ", ""]
     md.append(markdown_table(params, mark_best=False) if len(params.columns) else "(none: same params)")
-    md += ["", "## Test metrics (best per column in bold; higher is better, lower for log loss)", "",
-           markdown_table(main, mark_best=True), ""]
+    md += ["", f"## Test metrics ({best}; higher is better, lower for log loss)", ""]
+    md += [f"Different data: {different}", ""] if different else []
+    md += [markdown_table(main, mark_best=True, groups=groups), ""]
 
     parts = [f"<h1>Experiments: {html.escape(names)}</h1>", "<h2>Params that differ</h2>",
              html_table(params, False) if len(params.columns) else "<p>none: same params</p>",
-             "<h2>Test metrics</h2><p>Best per column highlighted: higher is better for accuracy and F1, "
-             "lower for loss.</p>", html_table(main, True), "<h2>All metrics</h2>"]
+             f"<h2>Test metrics</h2><p>{best.capitalize().replace(' in bold', ' highlighted')}: "
+             "higher is better for accuracy and F1, lower for loss.</p>"]
+    parts += [f'<p class="note">Different data: {html.escape(different)}</p>'] if different else []
+    parts += [html_table(main, True, groups), "<h2>All metrics</h2>"]
     for file in sorted({f for e in exps for f in e.metrics}):
-        parts += [f"<h3>{html.escape(file)}</h3>", html_table(metrics_file_table(exps, file), True)]
+        parts += [f"<h3>{html.escape(file)}</h3>", html_table(metrics_file_table(exps, file), True, groups)]
 
     notes = []
     curves, missing = curves_figure(exps, files)

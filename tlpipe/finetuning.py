@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from tlpipe import backbones, checkpoints, distributed, linear
 from tlpipe.features import load_split
@@ -35,7 +34,7 @@ from tlpipe.images import ImageFiles, normalize_batch, train_transform
 from tlpipe.manifest import image_paths, read_manifest
 from tlpipe.models import Classifier, linear_from
 from tlpipe.paths import CLASSES, FEATURES
-from tlpipe.runtime import TlpipeError, progress_enabled
+from tlpipe.runtime import TlpipeError, progress
 
 
 @dataclass
@@ -211,7 +210,7 @@ def train_one_epoch(net: nn.Module, optimizer, scheduler, loader, targets: torch
     `kept` says, in the error a diverging loss raises, what a rerun would resume from."""
     dev, amp = group.device, group.device.type == "cuda"
     loss_sum, seen = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{f.epochs}", disable=not (progress_enabled() and group.is_main))
+    bar = progress(loader, desc=f"epoch {epoch}/{f.epochs}", enabled=group.is_main)
     for step, (images, idx) in enumerate(bar, start=1):
         x = normalize_batch(images.to(dev, non_blocking=True), record["mean"], record["std"])
         y = targets[idx].to(dev, non_blocking=True)

@@ -11,10 +11,9 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from tlpipe.images import normalize_batch
-from tlpipe.runtime import progress_enabled
+from tlpipe.runtime import progress as progress_bar
 
 
 @torch.inference_mode()
@@ -24,7 +23,7 @@ def outputs(model: nn.Module, batches: Iterable, mean: Sequence[float], std: Seq
     # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
     model.to(dev, memory_format=torch.channels_last)
     chunks = []
-    for images, _ in tqdm(batches, desc=desc, disable=not (progress and progress_enabled())):
+    for images, _ in progress_bar(batches, desc=desc, enabled=progress):
         x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
         chunks.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)

@@ -30,7 +30,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from tlpipe import finetuning
 from tlpipe.features import load_split
@@ -38,7 +37,7 @@ from tlpipe.images import normalize_batch
 from tlpipe.io import atomic_path
 from tlpipe.models import Classifier
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, device, progress_enabled, workers
+from tlpipe.runtime import TlpipeError, device, progress, workers
 
 BETA = 0.9  # loss smoothing: exponential moving average (bias-corrected) over ~10 steps
 
@@ -99,7 +98,7 @@ def range_test(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimize
     """Run `step` (one batch: forward, return the loss) at each LR until the loss diverges."""
     mults = [g.get("lr_mult", 1.0) for g in optimizer.param_groups]
     losses, best, running = [], math.inf, 0.0
-    for i, lr in enumerate(tqdm(lrs, desc=desc, disable=not progress_enabled()), start=1):
+    for i, lr in enumerate(progress(lrs, desc=desc), start=1):
         for group, mult in zip(optimizer.param_groups, mults):
             group["lr"] = float(lr) * mult
         loss = step()

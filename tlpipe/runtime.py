@@ -7,7 +7,7 @@ GPU box must not invalidate DVC's caches.
     TLPIPE_WORKERS     data-loading worker processes (default: CPUs - 1, at least 1, at most 4,
                        beside a process that runs a model; CPUs, at most 8, for the decode stage)
     TLPIPE_BATCH_SIZE  inference batch size (default: 16 on CPU, where larger is slower; 128 on CUDA)
-    TLPIPE_PROGRESS    0 to hide progress bars
+    TLPIPE_PROGRESS    0 to hide progress bars (off a terminal they are plain lines every 30 s)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 
 class TlpipeError(Exception):
@@ -84,3 +84,47 @@ def inference_batch_size(dev=None) -> int:
 
 def progress_enabled() -> bool:
     return os.environ.get("TLPIPE_PROGRESS", "1") != "0"
+
+
+# Off a terminal (a log file, CI, a DVC queue worker), a progress line at most this often.
+LOG_INTERVAL = 30.0
+
+
+class _Lines:
+    """tqdm's output stream off a terminal: a plain line at most every LOG_INTERVAL seconds.
+
+    tqdm redraws its bar with '\r', which a log file keeps, piling every update into one line of
+    thousands of characters. Here each redraw replaces a pending line, written when the interval has
+    passed; the first one and the last (tqdm ends a bar with a bare newline) are always written.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.pending, self.last = stream, None, None
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        now = time.monotonic()
+        if text:
+            self.pending = text
+            if self.last is not None and now - self.last < LOG_INTERVAL:
+                return
+        if self.pending:
+            self.stream.write(self.pending + "\n")
+            self.pending, self.last = None, now
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(iterable: Iterable | None = None, desc: str | None = None, total: int | None = None,
+             enabled: bool = True, **kwargs: Any):
+    """A tqdm progress bar on a terminal; elsewhere a line such as `decode train:  35% 40/113 [00:30<00:55,
+    1.32it/s]` at the start, every LOG_INTERVAL seconds and at the end. Hidden by TLPIPE_PROGRESS=0,
+    or by `enabled` False (e.g. on every rank but the first)."""
+    from tqdm import tqdm
+
+    disable = not (enabled and progress_enabled())
+    if disable or sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, disable=disable, **kwargs)
+    return tqdm(iterable, desc=desc, total=total, file=_Lines(sys.stderr), ncols=0,
+                **kwargs)

@@ -21,7 +21,7 @@ PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
 PIPELINE_DIRS = ("stages", "tlpipe")
 GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
 
-# The README's settings for photos (its hymenoptera example); the defaults suit 8x8 digit scans.
+# The settings for photos of docs/photos.md (its hymenoptera example); the defaults suit 8x8 digit scans.
 PHOTO_GEOMETRY = {"image.img_size": 224, "image.resize_size": 256}
 PHOTO_SETTINGS = {
     **PHOTO_GEOMETRY,

@@ -15,10 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from tlpipe.images import normalize_batch
-from tlpipe.runtime import TlpipeError, progress_enabled
+from tlpipe.runtime import TlpipeError, progress
 
 
 def small_cnn(n_classes: int, width: int) -> nn.Sequential:
@@ -53,7 +52,7 @@ def train(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_v
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
     best = {"epoch": 0, "val_loss": math.inf, "val_accuracy": 0.0, "state": None}
-    for epoch in tqdm(range(1, epochs + 1), desc="scratch", disable=not progress_enabled()):
+    for epoch in progress(range(1, epochs + 1), desc="scratch"):
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
         for start in range(0, len(order), batch_size):
