@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from tlpipe import sources
-from tlpipe.images import check_image
+from tlpipe.images import check_image, shown
 from tlpipe.io import atomic_dir, sha256_file, write_json
 from tlpipe.params import load_params
 from tlpipe.paths import DATA_METRICS as METRICS, DOWNLOADS, PREPARED
@@ -43,7 +43,7 @@ def check_classes(items: list[sources.Item], reasons: list[str | None], split: l
     for label in sorted({i.label for i in items} - train):
         mine = [(i, r) for i, r in zip(items, reasons) if i.label == label]
         bad = [(i, r) for i, r in mine if r is not None]
-        first = f"; first: {bad[0][0].src}: {bad[0][1]}" if bad else ""
+        first = f"; first: {shown(bad[0][0].src)}: {bad[0][1]}" if bad else ""
         raise TlpipeError(f"class {label!r} has no usable training image ({len(mine)} file(s), "
                           f"{len(bad)} unusable{first})")
 
@@ -68,14 +68,16 @@ def main() -> None:
     with atomic_dir(PREPARED) as out:
         images = out / "images"
         items, root = sources.collect(p, images, DOWNLOADS)
+        # Fractions that leave a class without a training image fail now, not after the decode check.
+        sources.stratified_split(items, val_fraction, test_fraction, seed)
         reasons = check_all(items, root)
         skipped = [(i, r) for i, r in zip(items, reasons) if r is not None]
         if skipped and on_bad_file == "fail":
             item, reason = skipped[0]
-            raise TlpipeError(f"{item.src}: {reason} ({len(skipped)} bad file(s) in all; "
+            raise TlpipeError(f"{shown(item.src)}: {reason} ({len(skipped)} bad file(s) in all; "
                               f"set data.on_bad_file: skip to skip and report them)")
         for item, reason in skipped:
-            print(f"skipped {item.src}: {reason}")
+            print(f"skipped {shown(item.src)}: {reason}")
         usable = [i for i, r in zip(items, reasons) if r is None]
         if not usable:
             raise TlpipeError("no usable images in the source")
@@ -98,7 +100,7 @@ def main() -> None:
         manifest = pd.DataFrame(rows, columns=["path", "label", "split", "sha256"])
         manifest.to_csv(out / "manifest.csv", index=False)
         write_json(out / "classes.json", classes)
-        pd.DataFrame([(str(i.src), r) for i, r in skipped], columns=["file", "reason"]).to_csv(
+        pd.DataFrame([(shown(i.src), r) for i, r in skipped], columns=["file", "reason"]).to_csv(
             out / "skipped.csv", index=False)
         dup = duplicates(manifest)
         dup.to_csv(out / "duplicates.csv", index=False)
@@ -113,15 +115,23 @@ def main() -> None:
         # distinct contents that occur more than once: in two or more splits / within one split
         "duplicates_across_splits": int(leaking["sha256"].nunique()),
         "duplicates_within_split": int(dup[~dup["across_splits"]]["sha256"].nunique()),
+        "duplicates_label_conflicts": int(dup.groupby("sha256")["label"].nunique().gt(1).sum()),
     })
     print(f"{len(manifest)} images in {len(classes)} classes "
           f"({', '.join(f'{s} {int(counts.get(s, 0))}' for s in sources.SPLITS)}); "
           f"{len(skipped)} skipped")
     if len(leaking):
-        print(f"warning: {leaking['sha256'].nunique()} image(s) have identical copies in more than one "
-              f"split ({len(leaking)} files, e.g. {', '.join(leaking['path'].head(2))}): train/test "
-              f"leakage; listed in {PREPARED / 'duplicates.csv'}")
-
+        # Name the splits each copy spans: train/val copies bias choices, copies into test inflate scores.
+        spans = leaking.groupby("sha256")["split"].agg(lambda s: "/".join(sorted(set(s)))).value_counts()
+        print(f"warning: {leaking['sha256'].nunique()} image(s) have identical copies in more than one split "
+              f"({', '.join(f'{n} {splits}' for splits, n in sorted(spans.items()))}; e.g. "
+              f"{', '.join(leaking['path'].head(2))}): "
+              f"{'train/test leakage' if spans.index.str.contains('test').any() else 'val-based choices are optimistic'}"
+              f"; listed in {PREPARED / 'duplicates.csv'}")
+    conflicts = dup.groupby("sha256").filter(lambda g: g["label"].nunique() > 1)
+    if len(conflicts):
+        print(f"warning: {conflicts['sha256'].nunique()} image(s) are copies carrying different labels (label "
+              f"conflicts), e.g. {', '.join(f'{r.path} ({r.label})' for r in conflicts.head(2).itertuples())}")
 
 if __name__ == "__main__":
     run_stage(main)

@@ -40,7 +40,9 @@ def main() -> None:
                 writer.add(images, row_ids[positions])
             writer.flush()
             meta["splits"][split] = {"images": len(rows), "shards": writer.sizes}
+            meta.setdefault("files", {}).update(writer.files)  # readers check these (tlpipe.decoded)
         meta["bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
         write_json(out / "meta.json", meta)
     counts = ", ".join(f"{s} {v['images']}" for s, v in meta["splits"].items())
     print(f"decoded {counts} images at {shape[1]}x{shape[2]} into "

@@ -1,26 +1,25 @@
 """evaluate: score both models on the test split, the one split no choice was made on.
 
-The head is scored on the cached test features; the fine-tuned model by the probabilities the infer
-stage computed on the test images. Evaluate itself runs no network, so re-scoring after a head-only
-change takes a second. metrics/test.json holds one block per model
-({"head": {...}, "finetuned": {...}}), so `dvc exp show` puts their numbers side by side;
-per-class scores and per-image predictions (for the confusion plots) sit beside it.
+The head is scored on the cached test features; the fine-tuned model by the logits the infer stage
+computed on the test images. Evaluate itself runs no network, so re-scoring after a head-only
+change takes a second. metrics/test.json holds one block per model ({"head": {...}, "finetuned":
+{...}}) with 95 % intervals and calibration, the paired McNemar verdict, the val size and the
+duplicates found (docs/trust.md); per-class scores and per-image predictions sit beside it.
 """
 
 from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
-from tlpipe import gallery, linear
+from tlpipe import audit, calibration, gallery
 from tlpipe.features import check_source, load_split
-from tlpipe.io import atomic_path, read_json, write_json
+from tlpipe.io import atomic_path, load_tensors, read_json, write_json
 from tlpipe.manifest import read_manifest
-from tlpipe.metrics import per_class, summary
+from tlpipe.metrics import mcnemar, per_class, with_intervals
 from tlpipe.params import load_params
-from tlpipe.paths import (FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG, TEST_METRICS, TEST_PER_CLASS,
-                          TEST_PREDICTIONS)
+from tlpipe.paths import (DUPLICATES, FINETUNED_CALIBRATION, FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG,
+                          RELIABILITY, TEST_DUPLICATES, TEST_METRICS, TEST_PER_CLASS, TEST_PREDICTIONS)
 from tlpipe.runtime import TlpipeError, run_stage
 
 
@@ -36,37 +35,85 @@ def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, cl
         table.to_csv(tmp, index=False)
 
 
-def finetuned_proba(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
-    try:
-        predictions = load_file(str(FINETUNED_TEST))
-    except FileNotFoundError:
+def finetuned_logits(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
+    record = FINETUNED_TEST.parent / "meta.json"
+    if not FINETUNED_TEST.exists():
         raise TlpipeError(f"{FINETUNED_TEST}: missing; run the infer stage first") from None
-    if not torch.equal(predictions["ids"], test_ids) or predictions["proba"].shape[1] != len(classes):
+    try:
+        expected = read_json(record).get("sha256")
+    except FileNotFoundError:
+        raise TlpipeError(f"{record}: missing; run the infer stage first (dvc repro infer)") from None
+    predictions = load_tensors(FINETUNED_TEST, "infer", expected, record)
+    if ("logits" not in predictions or "ids" not in predictions or not torch.equal(predictions["ids"], test_ids)
+            or predictions["logits"].shape[1] != len(classes)):
         raise TlpipeError(f"{FINETUNED_TEST}: not the test images of the current features; "
                           "rerun the infer stage")
-    return predictions["proba"]
+    return predictions["logits"].double()
+
+
+def verdict(paired: dict) -> str:
+    if not paired["significant"]:
+        return "no significant difference"
+    return "finetuned better" if paired["finetuned_only_right"] > paired["head_only_right"] else "finetuned worse"
 
 
 def main() -> None:
-    load_params("evaluate")  # validates params.yaml; evaluate reads no params of its own yet
+    params = load_params("evaluate")
+    p, seed = params.evaluate, params.seed
     manifest, classes = read_manifest()
     test, meta = load_split("test")
-    check_source(HEAD_CONFIG, read_json(HEAD_CONFIG), meta, "rerun the head stage")
-    head = load_file(str(HEAD))
+    head_cfg = read_json(HEAD_CONFIG)
+    check_source(HEAD_CONFIG, head_cfg, meta, "rerun the head stage")
+    head = load_tensors(HEAD, "head", head_cfg.get("sha256"), HEAD_CONFIG)
     y_true = test["labels"].numpy()
-    proba = linear.predict_proba(test["features"], head["weight"], head["bias"]).numpy()
+    logits = {"head": test["features"].double() @ head["weight"].double().T + head["bias"].double(),
+              "finetuned": finetuned_logits(test["ids"], classes)}
+    temperature = {"head": head_cfg["temperature"], "finetuned": read_json(FINETUNED_CALIBRATION)["temperature"]}
 
-    probas = {"head": proba, "finetuned": finetuned_proba(test["ids"], classes).numpy()}
+    scores, probas, calibrated, curves = {}, {}, {}, {}
+    for name, z in logits.items():
+        proba, scaled = (calibration.scaled_proba(z, t).numpy() for t in (1.0, temperature[name]))
+        probas[name], calibrated[name] = proba, scaled
+        scores[name] = {**with_intervals(y_true, proba, seed, p.bootstrap_samples),
+                        "log_loss_calibrated": round(calibration.log_loss(z, test["labels"], temperature[name]), 6),
+                        "ece": round(calibration.ece(y_true, proba), 6),
+                        "ece_calibrated": round(calibration.ece(y_true, scaled), 6),
+                        "temperature": temperature[name]}
+        curves[name] = [("as trained", y_true, proba), (f"temperature {temperature[name]:.2f}", y_true, scaled)]
+    calibration.diagram(curves, RELIABILITY, f"reliability on {len(y_true)} test images")
 
-    scores = {name: summary(y_true, p) for name, p in probas.items()}
+    paired = mcnemar(y_true, probas["head"].argmax(1), probas["finetuned"].argmax(1))
+    paired = {"head_only_right": paired.pop("a_only"), "finetuned_only_right": paired.pop("b_only"), **paired}
+    scores["paired"] = {**paired, "verdict": verdict(paired)}
+
+    scores["val"] = audit.val_counts(manifest, classes)
+    splits = {s: load_split(s)[0] for s in ("train", "val")} | {"test": test}
+    report = audit.duplicate_report(manifest, {s: (t["features"], t["ids"]) for s, t in splits.items()},
+                                    pd.read_csv(DUPLICATES, dtype=str, keep_default_na=False), p.near_duplicate_cosine)
+    with atomic_path(TEST_DUPLICATES) as tmp:
+        report.to_csv(tmp, index=False)
+    scores["duplicates"] = audit.duplicate_counts(report)
     write_json(TEST_METRICS, scores)
-    write_json(TEST_PER_CLASS, {name: per_class(y_true, p, classes) for name, p in probas.items()})
-    for name, p in probas.items():
-        write_predictions(TEST_PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, p, classes)
+
+    write_json(TEST_PER_CLASS, {name: per_class(y_true, pr, classes) for name, pr in probas.items()})
+    for name, pr in calibrated.items():  # per image, the calibrated confidence (as `tlpipe predict`)
+        write_predictions(TEST_PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, pr, classes)
         gallery.write(TEST_PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
-    for model, s in scores.items():
-        print(f"{model}: test accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, "
-              f"log loss {s['log_loss']:.4f} ({len(y_true)} images)")
+    for model in probas:
+        s = scores[model]
+        print(f"{model}: test accuracy {s['accuracy']:.4f} (95 % interval {s['accuracy_low']:.4f}-"
+              f"{s['accuracy_high']:.4f}), macro-F1 {s['macro_f1']:.4f}, log loss {s['log_loss']:.4f} "
+              f"({s['log_loss_calibrated']:.4f} calibrated), ECE {s['ece']:.4f} -> {s['ece_calibrated']:.4f} "
+              f"({len(y_true)} images)")
+    print(f"head vs fine-tuned (exact McNemar, {paired['head_only_right']} vs {paired['finetuned_only_right']} "
+          f"images right by one model only): {scores['paired']['verdict']} (p = {paired['p_value']:.3g})")
+    v = scores["val"]
+    if v["val_too_small"]:
+        print(f"warning: val has {v['val_min_per_class']} image(s) in its smallest class (< "
+              f"{audit.MIN_VAL_PER_CLASS}): early stopping, the kept epoch and the fine-tuned model's "
+              f"temperature rest on few images (docs/trust.md)")
+    for line in audit.describe(report):
+        print(line + f"; listed in {TEST_DUPLICATES}")
 
 
 if __name__ == "__main__":

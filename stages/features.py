@@ -10,16 +10,20 @@ processes round-robin and gathered back in order on rank 0, which alone writes: 
 computed in the same batch as by one process, so the files are the same.
 """
 
+import time
+from pathlib import Path
+
 import torch
 import torchvision
 
 from tlpipe import backbones, distributed, inference, preprocessing
 from tlpipe.decoded import DecodedSplit, read_meta
 from tlpipe.features import save_split
-from tlpipe.io import atomic_dir, read_json, sha256_file, write_json
+from tlpipe.io import atomic_dir, file_hashes, sha256_file, write_json
 from tlpipe.manifest import read_manifest
+from tlpipe.moments import read_stats
 from tlpipe.params import load_params
-from tlpipe.paths import FEATURES, MANIFEST, STATS
+from tlpipe.paths import FEATURES, FEATURES_METRICS, MANIFEST, STATS, WEIGHTS
 from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage
 
 
@@ -45,18 +49,23 @@ def main() -> None:
         distributed.launch("stages.features")
         return
     group = distributed.join()
-    name, normalize = params.backbone.name, params.backbone.normalize
+    name, normalize, weights = params.backbone.name, params.backbone.normalize, params.backbone.weights
+    backbones.entry(name)  # an unknown name fails here, before any work
+    check_weights_path(weights, group.is_main)
 
     torch.manual_seed(0)
-    backbone = backbones.build(name)
+    backbone = backbones.build(name, weights=weights)
     if normalize == "dataset":
-        stats = read_json(STATS)
-        mean, std = tuple(stats["mean"]), tuple(stats["std"])
+        mean, std = read_stats(STATS, "backbone.normalize: dataset")
     else:
         mean, std = backbone.mean, backbone.std
 
     manifest, classes = read_manifest()
     decoded = read_meta()
+    warning = backbones.check_input_size(backbone, decoded["preprocessing"]["img_size"])
+    if warning and group.is_main:
+        print(warning)
+    started = time.perf_counter()
     dev = group.device
     size = inference_batch_size(dev)
     features, ids = {}, {}
@@ -68,6 +77,7 @@ def main() -> None:
         features[split] = gather_batches(group, mine, images.batch_lengths(size)).reshape(
             -1, backbone.feature_dim)  # an empty split, or a rank without a batch, gives no chunk
     distributed.leave(group)
+    seconds = time.perf_counter() - started
     if not group.is_main:
         return
     if not all(torch.isfinite(f).all() for f in features.values()):
@@ -75,7 +85,8 @@ def main() -> None:
 
     meta = {
         "backbone": name,
-        "weights_file": backbone.weights_file.name,
+        "weights_source": backbone.weights_source,
+        "weights_file": backbone.weights_file,
         "weights_sha256": backbone.weights_sha256,
         "feature_dim": backbone.feature_dim,
         "classes": classes,
@@ -89,8 +100,30 @@ def main() -> None:
     with atomic_dir(FEATURES) as out:
         for split in ("train", "val", "test"):
             save_split(out, split, features[split], labels[ids[split]], ids[split], meta)
-        write_json(out / "meta.json", meta)
-    print(f"{len(manifest)} images -> {backbone.feature_dim}-d features ({name}, {dev.type})")
+        # Consumers check these before use (tlpipe.features.load_split).
+        write_json(out / "meta.json", {**meta, "files": file_hashes(out, [f"{s}.safetensors" for s in features])})
+    # Timing is not a result: it lives in a git-tracked metrics file, so the cached features stay
+    # bit-identical from run to run.
+    write_json(FEATURES_METRICS, {"backbone": name, "images": len(manifest), "seconds": round(seconds, 3),
+                                  "ms_per_image": round(1000 * seconds / max(len(manifest), 1), 3),
+                                  "device": dev.type, "processes": group.world})
+    print(f"{len(manifest)} images -> {backbone.feature_dim}-d features ({name}, weights from "
+          f"{backbone.weights_source}: {backbone.weights_file}, {dev.type}, {1000 * seconds / max(len(manifest), 1):.1f} ms/image)")
+
+
+def check_weights_path(weights: str, say: bool) -> None:
+    """A weights file inside the project must be under weights/ (the folder dvc.yaml declares), so
+    that changing it reruns features; one outside is only checked by its recorded sha256."""
+    if not weights:
+        return
+    path = Path(weights).expanduser().resolve()
+    root = Path.cwd().resolve()
+    if path.is_relative_to(root) and not path.is_relative_to(root / WEIGHTS):
+        raise TlpipeError(f"backbone.weights: {weights} is inside the project but not under {WEIGHTS}/, "
+                          f"the folder dvc.yaml declares as a dependency of features; move it there")
+    if not path.is_relative_to(root) and say:
+        print(f"note: backbone.weights {weights} is outside the project: DVC does not watch it; its sha256 "
+              "is recorded and checked downstream (after changing it: dvc repro -f features)")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ from dvclive import Live
 from tlpipe import checkpoints, distributed, finetuning, preprocessing
 from tlpipe.decoded import DecodedSplit
 from tlpipe.features import source_of
-from tlpipe.io import sha256_file, write_json
+from tlpipe.io import sha256_file, write_json, writing
 from tlpipe.models import save_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNED, FINETUNED_CONFIG,
                           MANIFEST)
-from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage, workers
+from tlpipe.runtime import inference_batch_size, run_stage, workers
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
         return
     group, f, seed = distributed.join(), params.finetune, params.seed
     settings = {"seed": seed, "finetune": f.dump()}
-    if f.batch_size < group.world:
-        raise TlpipeError(f"finetune.batch_size ({f.batch_size}) is the global batch: it must be at least "
-                          f"the number of processes ({group.world})")
+    finetuning.check_batch_size(f, group.world)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -107,13 +105,13 @@ def main() -> None:
             progress.save(checkpoint, model, optimizer, scheduler, ema)
     distributed.barrier(group)  # every rank finished cleanly before anything is written
     if group.is_main:
-        write_outputs(model, progress, start.source, f.probe_l2)
+        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name)
         checkpoint.remove()
     distributed.leave(group)
 
 
-def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: float) -> None:
-    with Live(str(FINETUNE_CURVES), dvcyaml=False, save_dvc_exp=False) as live:
+def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: float, resume_key: str) -> None:
+    with writing(FINETUNE_CURVES), Live(str(FINETUNE_CURVES), dvcyaml=False, save_dvc_exp=False) as live:
         for step, record in enumerate(progress.history):
             live.step = step
             for name, value in record.items():
@@ -121,7 +119,9 @@ def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: 
     best = progress.best
     model.load_state_dict(best["state"])
     save_classifier(model, FINETUNED, FINETUNED_CONFIG, {**source_of(source), "probe_l2": probe_l2,
-                                                          "best_epoch": best["epoch"], "weights": best["weights"]})
+                                                          "best_epoch": best["epoch"], "weights": best["weights"],
+                                                          # its checkpoint is stale once these outputs exist
+                                                          "resume_key": resume_key})
     first = progress.history[0]
     write_json(FINETUNE_METRICS, {
         "initial_val_accuracy": round(first["val/accuracy"], 6), "initial_val_loss": round(first["val/loss"], 6),

@@ -1,36 +1,57 @@
-"""infer: run the fine-tuned model once over the test images; per-image class probabilities.
+"""infer: run the fine-tuned model once over the val and test images; per-image class probabilities.
 
 A stage of its own, so that evaluate only turns predictions into metrics: a head-only change then
-re-scores the head from cached features and never re-runs the fine-tuned model.
+re-scores the head from cached features and never re-runs the fine-tuned model. The val logits fit
+the model's temperature (tlpipe/calibration.py), which `tlpipe predict` and evaluate apply.
 """
 
+import torch
 from safetensors.torch import save_file
 
-from tlpipe import inference, preprocessing
+from tlpipe import calibration, inference, preprocessing
 from tlpipe.decoded import DecodedSplit
-from tlpipe.io import atomic_path
+from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.manifest import read_manifest
 from tlpipe.models import load_classifier
 from tlpipe.params import load_params
-from tlpipe.paths import FINETUNED, FINETUNED_CONFIG, FINETUNED_TEST
+from tlpipe.paths import FINETUNED, FINETUNED_CALIBRATION, FINETUNED_CONFIG, FINETUNED_TEST, FINETUNED_VAL
 from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage
 
 
 def main() -> None:
     tta = load_params("infer").infer.tta  # the model's preprocessing comes with its config
     model, cfg = load_classifier(FINETUNED, FINETUNED_CONFIG)
-    _, classes = read_manifest()
+    manifest, classes = read_manifest()
     if cfg["classes"] != classes:
         raise TlpipeError(f"{FINETUNED_CONFIG}: classes differ from data/prepared/classes.json; rerun finetune")
-    test = DecodedSplit("test")
-    record = cfg["preprocessing"]
-    preprocessing.check(record, test.geometry, FINETUNED_CONFIG, "rerun finetune")
-    dev = device()
-    proba = inference.class_probabilities(model, test.batches(inference_batch_size(dev)), record["mean"],
-                                          record["std"], dev, tta, desc="fine-tuned on test").reshape(len(test), len(classes))
-    with atomic_path(FINETUNED_TEST) as tmp:
-        save_file({"proba": proba.contiguous(), "ids": test.ids()}, str(tmp))
-    print(f"fine-tuned model on {len(test)} test images ({dev.type}, test-time augmentation: {tta})")
+    record, dev = cfg["preprocessing"], device()
+    logits = {}
+    for split, out in (("val", FINETUNED_VAL), ("test", FINETUNED_TEST)):
+        images = DecodedSplit(split)
+        preprocessing.check(record, images.geometry, FINETUNED_CONFIG, "rerun finetune")
+        proba = inference.class_probabilities(model, images.batches(inference_batch_size(dev)), record["mean"],
+                                              record["std"], dev, tta, desc=f"fine-tuned on {split}"
+                                              ).reshape(len(images), len(classes))
+        if not bool(torch.isfinite(proba).all()):
+            raise TlpipeError(f"{FINETUNED}: the fine-tuned model gave non-finite outputs on the {split} images")
+        # log-probabilities: the logits up to a per-image constant (with flip TTA, of the averaged
+        # probabilities), which is what the temperature divides
+        logits[split] = calibration.logits_of(proba)
+        with atomic_path(out) as tmp:
+            save_file({"proba": proba.contiguous(), "logits": logits[split].contiguous(), "ids": images.ids()},
+                      str(tmp))
+    write_json(FINETUNED_TEST.parent / "meta.json", {  # evaluate checks these
+        "sha256": sha256_file(FINETUNED_TEST), "val_sha256": sha256_file(FINETUNED_VAL)})
+    # Val chose the kept epoch too, so this temperature is fitted on images not quite unseen;
+    # docs/trust.md says why that is the lesser evil on small sets.
+    val_labels = torch.tensor(manifest.loc[DecodedSplit("val").ids().numpy(), "target"].to_numpy())
+    temperature = calibration.fit_temperature(logits["val"], val_labels)
+    write_json(FINETUNED_CALIBRATION, {
+        "temperature": round(temperature, 6), "fitted_on": "val", "val_images": len(val_labels), "tta": tta,
+        "val_log_loss": round(calibration.log_loss(logits["val"], val_labels), 6),
+        "val_log_loss_calibrated": round(calibration.log_loss(logits["val"], val_labels, temperature), 6)})
+    print(f"fine-tuned model on {len(logits['val'])} val and {len(logits['test'])} test images ({dev.type}, "
+          f"test-time augmentation: {tta}); temperature {temperature:.3f} (fitted on val)")
 
 
 if __name__ == "__main__":

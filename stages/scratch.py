@@ -7,7 +7,7 @@ the stage reads are exactly the params it declares. Normalized with the train sp
 statistics (data/stats.json): a network trained from scratch has no pretraining statistics.
 """
 
-from tlpipe.io import read_json, write_json
+from tlpipe.io import write_json
 from tlpipe.params import load_params
 from tlpipe.paths import SCRATCH_METRICS as METRICS, STATS
 from tlpipe.runtime import run_stage
@@ -31,8 +31,10 @@ def main() -> None:
     from tlpipe.metrics import summary
     from tlpipe.runtime import device
 
+    from tlpipe.moments import read_stats
+
     manifest, classes = read_manifest()
-    stats = read_json(STATS)
+    mean, std = read_stats(STATS, "the scratch baseline (which normalizes by dataset statistics)")
     targets = torch.tensor(manifest["target"].to_numpy(), dtype=torch.int64)
     # The baseline is small and trains for many epochs: all of its images stay in memory.
     images, ids = {}, {}
@@ -41,8 +43,8 @@ def main() -> None:
         images[name], ids[name] = decoded.rows(0, len(decoded))
     dev = device()
     model, run = scratch.train(images["train"], targets[ids["train"]], images["val"], targets[ids["val"]],
-                               len(classes), mean=stats["mean"], std=stats["std"], dev=dev, **settings)
-    proba = scratch.predict_proba(model, images["test"], stats["mean"], stats["std"], dev)
+                               len(classes), mean=mean, std=std, dev=dev, **settings)
+    proba = scratch.predict_proba(model, images["test"], mean, std, dev)
     test = summary(targets[ids["test"]].numpy(), proba.numpy())
     # One "scratch" block, so `dvc exp show` has scratch.accuracy beside head.* and finetuned.*
     write_json(METRICS, {"scratch": {"trained": True, **test, "val_accuracy": round(run["val_accuracy"], 6),

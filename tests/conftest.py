@@ -13,7 +13,8 @@ from PIL import Image
 
 from tlpipe.scaffold import create_project
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# ../shared/datasets beside the checkout; TLPIPE_SHARED_DATASETS overrides (a worktree elsewhere)
+SHARED = Path(os.environ.get("TLPIPE_SHARED_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 HYMENOPTERA = SHARED / "hymenoptera"
 SIGN_DIGITS = SHARED / "sign-digits" / "images"
 

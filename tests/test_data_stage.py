@@ -141,7 +141,8 @@ def test_messy_folder_skips_each_bad_file_with_its_reason_and_ignores_junk(proje
         assert "\n" not in got[name]
     assert metrics == {"files": 33 + len(bad), "skipped": len(bad), "classes": 3,
                        "train_images": 15, "val_images": 9, "test_images": 9,
-                       "duplicates_across_splits": 0, "duplicates_within_split": 0}
+                       "duplicates_across_splits": 0, "duplicates_within_split": 0,
+                       "duplicates_label_conflicts": 0}
     out = capsys.readouterr().out
     for name in bad:
         assert f"skipped {root / 'b' / name}: {got[name]}" in out
@@ -193,20 +194,26 @@ def test_duplicates_across_and_within_splits_are_listed_counted_and_warned(proje
     save(root / "test" / "a" / "leak.png", same)            # leakage: train and test
     save(root / "train" / "b" / "twice1.png", noisy(seed=7))
     save(root / "train" / "b" / "twice2.png", noisy(seed=7))  # twice within train only
+    save(root / "train" / "a" / "conflict.png", noisy(seed=5))
+    save(root / "train" / "b" / "conflict.png", noisy(seed=5))  # one image, two labels
     folder = project(source="presplit", root=str(root))
     data.main()
 
     dup = pd.read_csv(folder / "data" / "prepared" / "duplicates.csv", dtype=str)
     assert dup.columns.tolist() == ["sha256", "path", "label", "split", "across_splits"]
     rows = sorted(zip(dup["path"], dup["split"], dup["across_splits"]))
+    # the conflicting pair may land in train and val (val is carved out of train)
+    rows = [r for r in rows if "conflict" not in r[0]]
     assert rows == [("test/a/leak.png", "test", "True"), ("train/a/leak.png", "train", "True"),
                     ("train/b/twice1.png", "train", "False"), ("train/b/twice2.png", "train", "False")]
     metrics = read_json(folder / "metrics" / "data.json")
-    assert metrics["duplicates_across_splits"] == 1 and metrics["duplicates_within_split"] == 1
+    assert metrics["duplicates_label_conflicts"] == 1
+    assert metrics["duplicates_across_splits"] + metrics["duplicates_within_split"] == 3
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
-    assert warnings == ["warning: 1 image(s) have identical copies in more than one split (2 files, e.g. "
-                        "test/a/leak.png, train/a/leak.png): train/test leakage; listed in "
-                        "data/prepared/duplicates.csv"]
+    assert warnings[0].startswith("warning: ") and "1 test/train" in warnings[0]
+    assert "train/test leakage; listed in data/prepared/duplicates.csv" in warnings[0]
+    assert warnings[1] == ("warning: 1 image(s) are copies carrying different labels (label conflicts), "
+                           "e.g. train/a/conflict.png (a), train/b/conflict.png (b)")
 
 
 def test_no_duplicates_gives_an_empty_listing_with_header(project, tmp_path, capsys):

@@ -147,7 +147,8 @@ def test_missing_shards_name_the_stage_to_run(project):
 def test_an_empty_split_reads_as_no_images(tmp_path):
     writer = decoded.ShardWriter(tmp_path, "test", (3, 8, 8))
     writer.flush()
-    meta = {"preprocessing": {"img_size": 8}, "splits": {"test": {"images": 0, "shards": writer.sizes}}}
+    meta = {"preprocessing": {"img_size": 8}, "splits": {"test": {"images": 0, "shards": writer.sizes}},
+            "files": writer.files}
     test = DecodedSplit("test", tmp_path, meta=meta)
     assert len(test) == 0 and list(test.batches(4)) == [] and test.ids().numel() == 0
     pixels, ids = test.rows(0, 0)

@@ -159,7 +159,8 @@ def test_plots_show_renders_every_plot_including_the_galleries(repo):
     grid = data["metrics/head_grid.csv"][0]
     assert grid["type"] == "vega"
     values = grid["content"]["data"]["values"]
-    assert len(values) == 4 and {"log10_l2", "val_accuracy"} <= set(values[0])  # tiny grid: 4 points
+    # tiny grid of 4 points; the cross-validated sweep stops 3 points past its best, so maybe fewer
+    assert 1 <= len(values) <= 4 and {"log10_l2", "cv_log_loss", "cv_log_loss_plus_sd"} <= set(values[0])
     for name in CONFUSION:
         values = data[name][0]["content"]["data"]["values"]
         assert len(values) == 9 and {"actual", "predicted"} <= set(values[0])  # 9 test images

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from tlpipe import export
+from tlpipe import calibration, export
 from tlpipe.decoded import DecodedSplit, ShardWriter
 from tlpipe.models import Classifier
 from tlpipe.onnx_model import OnnxModel
@@ -56,7 +56,8 @@ def decoded_test_split(folder, n: int, low: int, high: int) -> DecodedSplit:
     writer.add(images, torch.arange(n))
     writer.flush()
     geometry = {k: RECORD[k] for k in ("img_size", "resize_size", "interpolation", "jpeg_draft")}
-    return DecodedSplit("test", folder, {"splits": {"test": {"shards": writer.sizes}}, "preprocessing": geometry})
+    return DecodedSplit("test", folder, {"splits": {"test": {"shards": writer.sizes}}, "preprocessing": geometry,
+                                         "files": writer.files})
 
 
 class Trunk(nn.Module):
@@ -78,7 +79,10 @@ class Trunk(nn.Module):
         return f
 
 
-def export_tiny(tmp_path, branchy: bool = False, low: int = 0, high: int = 256):
+TEMPERATURE = 1.7  # a fitted temperature (tlpipe.calibration) that the export bakes into the graph
+
+
+def export_tiny(tmp_path, branchy: bool = False, low: int = 0, high: int = 256, temperature: float = TEMPERATURE):
     model = Classifier(Trunk(branchy), nn.Linear(8, len(CLASSES))).eval()
     source = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source))
@@ -86,7 +90,8 @@ def export_tiny(tmp_path, branchy: bool = False, low: int = 0, high: int = 256):
     (tmp_path / "decoded").mkdir()
     test = decoded_test_split(tmp_path / "decoded", 37, low, high)
     out, metrics = tmp_path / "model.onnx", tmp_path / "export.json"
-    numbers = export.export(model, cfg, source, tmp_path / "model.json", out, metrics, test)
+    numbers = export.export(model, cfg, source, tmp_path / "model.json", out, metrics, test, temperature,
+                            str(tmp_path / "calibration.json"))
     return model, out, metrics, numbers, test
 
 
@@ -103,16 +108,36 @@ def test_export_writes_a_checked_onnx_file_with_its_metadata(tmp_path):
     assert json.loads(meta["classes"]) == CLASSES
     assert json.loads(meta["preprocessing"]) == RECORD
     assert meta["source_sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert float(meta["temperature"]) == TEMPERATURE and meta["temperature_from"] == str(tmp_path / "calibration.json")
+    assert numbers["temperature"] == TEMPERATURE
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.HasField("dim_value")  # dynamic batch
 
-    # Any batch size gives PyTorch's probabilities.
+    # Any batch size gives PyTorch's probabilities, calibrated as `tlpipe predict` calibrates them
+    # (the temperature on the log of the softmax), and its raw logits.
     runtime = OnnxModel(out)
+    assert runtime.temperature == TEMPERATURE
     pixels, _ = test.rows(0, 5)
     with torch.no_grad():
-        expected = export.Deployable(model, RECORD["mean"], RECORD["std"])(pixels).numpy()
+        logits = model((pixels.float() / 255 - 0.5) / 0.5)
+    calibrated = calibration.scaled_proba(calibration.logits_of(torch.softmax(logits, dim=1)), TEMPERATURE).numpy()
+    as_trained = torch.softmax(logits, dim=1).numpy()
+    assert np.abs(calibrated - as_trained).max() > 1e-3  # the temperature matters on these images
     for n in (1, 5):
-        assert runtime.proba(pixels[:n].numpy()) == pytest.approx(expected[:n], abs=1e-5)
+        proba, raw = runtime.run(pixels[:n].numpy())
+        assert proba == pytest.approx(calibrated[:n], abs=1e-5)
+        assert raw == pytest.approx(logits[:n].numpy(), abs=1e-4)
+        assert runtime.proba(pixels[:n].numpy()) == pytest.approx(calibrated[:n], abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bad_temperature_stops_the_export_in_one_line(tmp_path, temperature):
+    with pytest.raises(TlpipeError) as err:
+        export_tiny(tmp_path, temperature=temperature)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'calibration.json'}: temperature ")
+    assert not (tmp_path / "model.onnx").exists()
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
@@ -165,3 +190,9 @@ def test_corrupted_or_foreign_onnx_files_fail_in_one_line(tmp_path):
             p.value = json.dumps({**RECORD, "img_size": 24})
     onnx.save(proto, str(tmp_path / "resized.onnx"))
     assert "uint8 N x 3 x 24 x 24" in one_line_error(tmp_path / "resized.onnx")
+    proto = onnx.load(str(out))
+    for p in proto.metadata_props:
+        if p.key == "temperature":
+            p.value = "hot"
+    onnx.save(proto, str(tmp_path / "hot.onnx"))
+    assert "metadata 'temperature' is 'hot', not a number above 0" in one_line_error(tmp_path / "hot.onnx")

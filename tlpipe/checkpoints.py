@@ -5,7 +5,14 @@ runs a stage, and `persist: true` (which would keep them) disables the stage's r
 gets a folder named by a hash of everything its result depends on, so a run resumes only from its
 own epochs, never from another run's. The folder is written whole and renamed into place each
 epoch (a kill leaves the previous epoch intact) and removed once the stage's outputs are written.
-Tensors go to safetensors and the rest to JSON: nothing is unpickled on resume.
+Tensors go to safetensors and the rest to JSON: nothing is unpickled on resume. A checkpoint that
+cannot be read (damaged, or holding non-finite values) is dropped with a warning: the run starts
+over, as it would have without one.
+
+Stale folders: the finetune stage removes other runs' checkpoints when it starts, and every stage
+(tlpipe.runtime.prune_finished_checkpoint) removes the checkpoint of the run whose outputs are in the workspace
+(models/finetuned.json records its key): after its outputs were restored from DVC's run-cache, a
+checkpoint left by an interrupted attempt of the same run can never be used.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tlpipe.io import atomic_dir, write_json
+from tlpipe.io import atomic_dir, check_finite, read_json, write_json, writing
 from tlpipe.paths import RESUME
 
 
@@ -58,17 +65,28 @@ class EpochCheckpoint:
         tensors = {f"{group}/{name}": t.detach().cpu().contiguous()
                    for group, named in groups.items() for name, t in named.items()}
         with atomic_dir(self.folder) as tmp:
-            save_file(tensors, str(tmp / "tensors.safetensors"))
+            with writing(self.folder / "tensors.safetensors", tmp / "tensors.safetensors"):
+                save_file(tensors, str(tmp / "tensors.safetensors"))
             write_json(tmp / "state.json", record)
 
     def load(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
         if not (self.folder / "state.json").is_file():
             return None
-        record = json.loads((self.folder / "state.json").read_text())
-        groups: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in load_file(str(self.folder / "tensors.safetensors")).items():
-            group, name = key.split("/", 1)
-            groups.setdefault(group, {})[name] = tensor
+        try:
+            record = read_json(self.folder / "state.json")
+            tensors = load_file(str(self.folder / "tensors.safetensors"))
+            check_finite(self.folder / "tensors.safetensors", tensors)
+            groups: dict[str, dict[str, torch.Tensor]] = {}
+            for key, tensor in tensors.items():
+                group, name = key.split("/", 1)
+                groups.setdefault(group, {})[name] = tensor
+            if not isinstance(record, dict) or "epoch" not in record or "model" not in groups:
+                raise ValueError("incomplete")
+        except Exception as e:  # any damage means the same: no usable checkpoint
+            print(f"warning: ignoring the unreadable checkpoint {self.folder} ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); starting over")
+            self.remove()
+            return None
         return groups, record
 
     def remove_others(self) -> None:
@@ -82,3 +100,4 @@ class EpochCheckpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
         if self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()
+

@@ -11,9 +11,54 @@ The heavy imports (torch, dvc) happen inside each command, so `tlpipe --help` is
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
 
-from tlpipe.runtime import TlpipeError, report_errors
+from tlpipe.runtime import TlpipeError, check_environment, prune_finished_checkpoint, report_errors
+
+
+def _writable_file(option: str, value: str) -> None:
+    """An output file's folder must exist and be writable, checked before any work."""
+    path = Path(value)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not value or path.is_dir():
+        raise TlpipeError(f"{option} {value!r}: not a file name")
+    if not folder.is_dir():
+        raise TlpipeError(f"{option} {value}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise TlpipeError(f"{option} {value}: not writable")
+
+
+def _writable_dir(option: str, value: str) -> None:
+    path = Path(value)
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise TlpipeError(f"{option} {value}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TlpipeError(f"{option} {value}: {existing} is not writable")
+
+
+def check_args(args) -> None:
+    """Every argument checked before any work (argparse checks only types and choices)."""
+    if args.command == "lr-find":
+        if not 10 <= args.steps <= 100_000:
+            raise TlpipeError(f"--steps must be between 10 and 100000, got {args.steps}")
+        for option, value in (("--start-lr", args.start_lr), ("--end-lr", args.end_lr),
+                              ("--stop-factor", args.stop_factor)):
+            if not math.isfinite(value) or value <= 0:
+                raise TlpipeError(f"{option} must be a finite number above 0, got {value}")
+        if args.start_lr >= args.end_lr:
+            raise TlpipeError(f"--start-lr ({args.start_lr:g}) must be below --end-lr ({args.end_lr:g})")
+        if args.stop_factor <= 1:
+            raise TlpipeError(f"--stop-factor must be above 1, got {args.stop_factor:g}")
+        _writable_dir("--out-dir", args.out_dir)
+    elif args.command == "predict":
+        if not 1 <= args.top_k <= 100_000:
+            raise TlpipeError(f"--top-k must be between 1 and 100000, got {args.top_k}")
+        _writable_file("--out", args.out)
+    elif args.command == "compare":
+        _writable_file("--out", args.out)
 
 
 def _compare(args) -> None:
@@ -39,8 +84,6 @@ def _lr_find(args) -> None:
 def _predict(args) -> None:
     from tlpipe import predict
 
-    if args.top_k < 1:
-        raise TlpipeError("--top-k must be at least 1")
     predict.predict(args.inputs, args.model, args.top_k, Path(args.out), tta="flip" if args.tta else "none")
 
 
@@ -50,8 +93,15 @@ def _model(value: str) -> str:
     raise argparse.ArgumentTypeError(f"{value!r}: expected head, finetuned or a .onnx file")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one `error: ...` line (exit status 2) like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tlpipe", description="Tools around the tlpipe pipeline "
+    p = _Parser(prog="tlpipe", description="Tools around the tlpipe pipeline "
                                 "(run from the project root).")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -109,7 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if getattr(args, "target", None) and args.steps is None:
         args.steps = 200 if args.target == "head" else 60
-    report_errors(lambda: args.func(args))
+    def run():
+        check_environment()
+        check_args(args)
+        prune_finished_checkpoint()
+        args.func(args)
+    report_errors(run)
 
 
 if __name__ == "__main__":

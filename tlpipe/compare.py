@@ -126,7 +126,8 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
     rows = []
     for e in exps:
         test = e.metrics.get("metrics/test.json", {})
-        row = {k: v for k, v in test.items() if k.split(".")[-1] in ("accuracy", "macro_f1", "log_loss")}
+        row = {k: v for k, v in test.items() if k.split(".")[-1] in ("accuracy", "macro_f1", "log_loss")
+               and k.split(".")[0] in ("head", "finetuned")}
         scratch = e.metrics.get("metrics/scratch.json", {})
         row.update({k: v for k, v in scratch.items() if k in ("scratch.accuracy", "scratch.macro_f1",
                                                                "scratch.log_loss")})
@@ -134,6 +135,63 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
             row["head.val_accuracy"] = e.metrics["metrics/head.json"]["val_accuracy"]
         if "val_accuracy" in e.metrics.get("metrics/finetune.json", {}):
             row["finetuned.val_accuracy"] = e.metrics["metrics/finetune.json"]["val_accuracy"]
+        rows.append(row)
+    return pd.DataFrame(rows, index=[e.name for e in exps])
+
+
+def leaderboard(exps: list[Experiment]) -> tuple[pd.DataFrame, str]:
+    """Backbones ranked by the linear probe's val accuracy, then its test accuracy, with the time the
+    features stage spent per image; ('', empty) unless the experiments use more than one backbone.
+    Only experiments on the same data (data.* params) are ranked together."""
+    if len({e.params.get("backbone.name") for e in exps}) < 2:
+        return pd.DataFrame(), ""
+    rows, data_of = [], {}
+    for e in exps:
+        test = e.metrics.get("metrics/test.json", {})
+        features = e.metrics.get("metrics/features.json", {})
+        rows.append({"backbone": e.params.get("backbone.name"),
+                     "img_size": e.params.get("image.img_size"),
+                     # with head.cv_folds the probe is chosen by cross-validation: its held-out accuracy
+                     "probe val accuracy": e.metrics.get("metrics/head.json", {}).get(
+                         "val_accuracy", e.metrics.get("metrics/head.json", {}).get("cv_accuracy")),
+                     "probe test accuracy": test.get("head.accuracy"),
+                     "fine-tuned test accuracy": test.get("finetuned.accuracy"),
+                     "fine-tuning epochs": e.metrics.get("metrics/finetune.json", {}).get("epochs_run"),
+                     "features ms/image": features.get("ms_per_image"),
+                     "features device": features.get("device")})
+        data_of[e.name] = json.dumps({k: v for k, v in e.params.items() if k.startswith("data.")}, sort_keys=True)
+    table = pd.DataFrame(rows, index=[e.name for e in exps])
+    if len(set(data_of.values())) > 1:
+        return table, ("not ranked: these experiments use different data (data.* params differ); "
+                       "compare backbones on one dataset")
+    order = table.sort_values(["probe val accuracy", "probe test accuracy"], ascending=False,
+                              na_position="last").index
+    return table.loc[order], ""
+
+
+def _interval(test: dict, key: str) -> str:
+    if key not in test:
+        return "-"
+    if f"{key}_low" not in test:
+        return _fmt(test[key])
+    return f"{_fmt(test[key])} [{_fmt(test[f'{key}_low'])}, {_fmt(test[f'{key}_high'])}]"
+
+
+def trust_table(exps: list[Experiment]) -> pd.DataFrame:
+    """How sure each experiment's numbers are: 95 % intervals, the paired verdict, calibration."""
+    rows = []
+    for e in exps:
+        test = e.metrics.get("metrics/test.json", {})
+        row = {f"{m} {k}": _interval(test, f"{m}.{k}") for m in ("head", "finetuned") for k in ("accuracy", "log_loss")}
+        if "paired.verdict" in test:
+            row["head vs fine-tuned (exact McNemar)"] = (
+                f"{test['paired.verdict']} (p = {_fmt(test['paired.p_value'])}; right by one model only: "
+                f"head {test['paired.head_only_right']}, fine-tuned {test['paired.finetuned_only_right']})")
+        for m in ("head", "finetuned"):
+            if f"{m}.ece" in test:
+                row[f"{m} ECE, calibrated"] = f"{_fmt(test[f'{m}.ece'])} -> {_fmt(test[f'{m}.ece_calibrated'])}"
+        if test.get("val.val_too_small"):
+            row["val"] = f"too small ({test['val.val_min_per_class']} in its smallest class)"
         rows.append(row)
     return pd.DataFrame(rows, index=[e.name for e in exps])
 
@@ -340,6 +398,10 @@ def report(exps: list[Experiment], repo: Path = Path("."), out: Path = Path("com
     names = ", ".join(e.name for e in exps)
     md = [f"# Experiments: {names}", "", "## Params that differ", ""]
     md.append(markdown_table(params, mark_best=False) if len(params.columns) else "(none: same params)")
+    sure = trust_table(exps)
+    if len(sure.columns):
+        md += ["", "## How sure: 95 % intervals, head vs fine-tuned, calibration (docs/trust.md)", "",
+               markdown_table(sure, mark_best=False)]
     md += ["", f"## Test metrics ({best}; higher is better, lower for log loss)", ""]
     md += [f"Different data: {different}", ""] if different else []
     md += [markdown_table(main, mark_best=True, groups=groups), ""]
@@ -349,7 +411,17 @@ def report(exps: list[Experiment], repo: Path = Path("."), out: Path = Path("com
              f"<h2>Test metrics</h2><p>{best.capitalize().replace(' in bold', ' highlighted')}: "
              "higher is better for accuracy and F1, lower for loss.</p>"]
     parts += [f'<p class="note">Different data: {html.escape(different)}</p>'] if different else []
-    parts += [html_table(main, True, groups), "<h2>All metrics</h2>"]
+    parts += [html_table(main, True, groups),
+              "<h2>How sure: 95 % intervals, head vs fine-tuned, calibration</h2>", html_table(sure, False),
+              "<h2>All metrics</h2>"]
+    board, board_note = leaderboard(exps)
+    board_title = ("Backbones, ranked by linear-probe val accuracy (then test); features time per image "
+                   "as measured on the machine that ran each (metrics/features.json)")
+    if len(board):
+        md += [f"## {board_title}", "", markdown_table(board, mark_best=not board_note), ""]
+        md += [f"> {board_note}", ""] if board_note else []
+        parts[3:3] = [f"<h2>{html.escape(board_title)}</h2>", html_table(board, not board_note),
+                      f"<p class='note'>{html.escape(board_note)}</p>" if board_note else ""]
     for file in sorted({f for e in exps for f in e.metrics}):
         parts += [f"<h3>{html.escape(file)}</h3>", html_table(metrics_file_table(exps, file), True, groups)]
 

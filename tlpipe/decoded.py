@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from tlpipe.io import read_json, sha256_file
+from tlpipe.io import read_json, sha256_file, verify_sha256, writing
 from tlpipe.paths import DECODED, PREPARED
 from tlpipe.runtime import TlpipeError
 
@@ -41,6 +41,7 @@ class ShardWriter:
         self.ids = torch.empty(self.capacity, dtype=torch.int64)
         self.filled = 0
         self.sizes: list[int] = []
+        self.files: dict[str, str] = {}  # sha256 of each shard written, for meta.json
 
     def add(self, images: torch.Tensor, ids: torch.Tensor) -> None:
         while len(images):
@@ -56,8 +57,10 @@ class ShardWriter:
         if self.filled == 0 and self.sizes:
             return
         n = self.filled  # an empty split still gets one (empty) shard, so readers need no special case
-        save_file({"images": self.buffer[:n].contiguous(), "ids": self.ids[:n].contiguous()},
-                  str(self.folder / shard_name(self.split, len(self.sizes))))
+        path = self.folder / shard_name(self.split, len(self.sizes))
+        with writing(path):
+            save_file({"images": self.buffer[:n].contiguous(), "ids": self.ids[:n].contiguous()}, str(path))
+        self.files[path.name] = sha256_file(path)
         self.sizes.append(n)
         self.filled = 0
 
@@ -83,7 +86,9 @@ class DecodedSplit:
         self.sizes = meta["splits"][split]["shards"]
         self.starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
         self.geometry = meta["preprocessing"]
+        self.files = meta.get("files", {})
         self._open: tuple[int, object] | None = None
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -92,9 +97,12 @@ class DecodedSplit:
         if self._open is None or self._open[0] != k:
             self._open = None  # drop the previous mapping before opening the next
             path = self.folder / shard_name(self.split, k)
+            if k not in self._verified:  # once per reader: a shard altered in place is refused
+                verify_sha256(path, self.files.get(path.name), self.folder / "meta.json", "decode")
+                self._verified.add(k)
             try:
                 self._open = (k, safe_open(str(path), framework="pt"))
-            except (FileNotFoundError, SafetensorError) as e:
+            except (OSError, SafetensorError) as e:
                 raise TlpipeError(f"{path}: unreadable ({e}); rerun the decode stage") from None
         return self._open[1]
 

@@ -48,7 +48,7 @@ def launched() -> bool:
 
 
 def requested() -> tuple[int, int]:
-    return _env_int("TLPIPE_NPROC", 1, 1), _env_int("TLPIPE_NNODES", 1, 1)
+    return _env_int("TLPIPE_NPROC", 1, 1, 1024), _env_int("TLPIPE_NNODES", 1, 1, 4096)
 
 
 def launch(module: str) -> None:
@@ -59,13 +59,13 @@ def launch(module: str) -> None:
     nproc, nnodes = requested()
     if nnodes > 1:
         endpoint = (f"{os.environ.get('TLPIPE_MASTER_ADDR', 'localhost')}:"
-                    f"{_env_int('TLPIPE_MASTER_PORT', 29500, 1)}")
+                    f"{_env_int('TLPIPE_MASTER_PORT', 29500, 1, 65535)}")
         run_id = f"tlpipe-{module}"
     else:
         endpoint, run_id = "localhost:0", str(uuid.uuid4())  # standalone: any free port
     config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc, run_id=run_id,
                           rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0,
-                          rdzv_configs={"rank": _env_int("TLPIPE_NODE_RANK", 0, 0)} if nnodes > 1 else {},
+                          rdzv_configs={"rank": _env_int("TLPIPE_NODE_RANK", 0, 0, nnodes - 1)} if nnodes > 1 else {},
                           monitor_interval=0.1)
     # On CPU each process keeps the thread count one process would have: oneDNN's results depend
     # on it, and the outputs must not depend on the number of processes (slower, but CPU processes

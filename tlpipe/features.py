@@ -18,11 +18,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
-from tlpipe.io import atomic_path, read_json
+from tlpipe.io import atomic_path, check_finite, read_json, verify_sha256
 from tlpipe.paths import FEATURES
 from tlpipe.runtime import TlpipeError
 
-SOURCE_KEYS = ("backbone", "weights_sha256", "feature_dim", "classes", "preprocessing")
+SOURCE_KEYS = ("backbone", "weights_source", "weights_file", "weights_sha256", "feature_dim", "classes",
+               "preprocessing")
 
 
 def source_of(meta: dict) -> dict:
@@ -50,12 +51,14 @@ def load_split(split: str, folder: Path = FEATURES) -> tuple[dict[str, torch.Ten
     path = folder / f"{split}.safetensors"
     try:
         meta = read_json(folder / "meta.json")
+        # DVC trusts mtimes: a file altered in place with its mtime kept would be used as it is.
+        verify_sha256(path, meta.get("files", {}).get(path.name), folder / "meta.json", "features")
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {}).get("tlpipe", "{}"))
         tensors = load_file(str(path))
     except FileNotFoundError as e:
         raise TlpipeError(f"{e.filename}: missing; run the features stage first (dvc repro features)") from None
-    except (SafetensorError, json.JSONDecodeError) as e:
+    except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as e:
         raise TlpipeError(f"{path}: unreadable features ({e}); rerun the features stage") from None
     for key in SOURCE_KEYS:
         if header.get(key) != meta.get(key):
@@ -66,4 +69,5 @@ def load_split(split: str, folder: Path = FEATURES) -> tuple[dict[str, torch.Ten
     n = tensors["features"].shape[0]
     if tensors["features"].shape[1:] != (meta["feature_dim"],) or len(tensors["labels"]) != n:
         raise TlpipeError(f"{path}: tensor shapes do not match its metadata")
+    check_finite(path, tensors)
     return tensors, meta

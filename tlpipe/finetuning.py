@@ -40,7 +40,7 @@ from tlpipe.runtime import TlpipeError, progress
 @dataclass
 class Start:
     model: Classifier               # the probe on the pretrained backbone, on the CPU
-    blocks: list[list[nn.Module]]   # the backbone's blocks, input to output: the units of unfreezing
+    blocks: list[list]              # the backbone's blocks, input to output: the units of unfreezing
     source: dict                    # the features metadata: backbone, weights, classes, preprocessing
     train_set: ImageFiles           # augmented training images -> (uint8 image, position)
     train_targets: torch.Tensor     # class index of each training image, by position
@@ -70,6 +70,16 @@ def start_model(f, seed: int | None) -> Start:
                  targets[rows], targets)
 
 
+def check_batch_size(f, world: int) -> None:
+    """`finetune.batch_size` is the global batch, shared by `world` processes."""
+    if f.train_bn_stats and f.batch_size < 2 * world:
+        raise TlpipeError(f"finetune.train_bn_stats needs at least 2 images per process and batch: "
+                          f"finetune.batch_size ({f.batch_size}) < 2 x {world} processes")
+    if f.batch_size < world:
+        raise TlpipeError(f"finetune.batch_size ({f.batch_size}) is the global batch: it must be at least "
+                          f"the number of processes ({world})")
+
+
 def trainable_blocks(strategy: str, last_n: int, epoch: int, total: int) -> int:
     """How many of the backbone's top blocks train in `epoch` (1-based)."""
     if strategy == "all":
@@ -79,7 +89,7 @@ def trainable_blocks(strategy: str, last_n: int, epoch: int, total: int) -> int:
     return min(epoch - 1, total)  # gradual: head alone first, then one more block each epoch
 
 
-def set_trainable(model: Classifier, blocks: list[list[nn.Module]], n: int, train_bn_stats: bool) -> None:
+def set_trainable(model: Classifier, blocks: list[list], n: int, train_bn_stats: bool) -> None:
     """Train the head and the top `n` blocks; freeze the rest.
 
     BatchNorm running statistics stay frozen unless train_bn_stats: with small batches, batch
@@ -90,9 +100,10 @@ def set_trainable(model: Classifier, blocks: list[list[nn.Module]], n: int, trai
     for p in model.trunk.parameters():
         p.requires_grad_(False)
     for block in blocks[len(blocks) - n:]:
-        for module in block:
-            module.train()
-            for p in module.parameters():
+        for item in block:  # a module, or a loose parameter such as a ViT's class token
+            if isinstance(item, nn.Module):
+                item.train()
+            for p in backbones.parameters(item):
                 p.requires_grad_(True)
     if not train_bn_stats:
         for module in model.trunk.modules():
@@ -101,7 +112,7 @@ def set_trainable(model: Classifier, blocks: list[list[nn.Module]], n: int, trai
     model.head.train()
 
 
-def lr_multipliers(model: Classifier, blocks: list[list[nn.Module]], f) -> list[tuple[list, float]]:
+def lr_multipliers(model: Classifier, blocks: list[list], f) -> list[tuple[list, float]]:
     """(parameters, LR / head LR) pairs, backbone first and the head last.
 
     With `layer_decay` < 1 (layer-wise LR decay, as timm and BEiT do it) the backbone is split into
@@ -112,14 +123,14 @@ def lr_multipliers(model: Classifier, blocks: list[list[nn.Module]], f) -> list[
         return [(list(model.trunk.parameters()), f.backbone_lr_mult), head]
     parts, seen = [], set()
     for depth, block in enumerate(reversed(blocks)):
-        params = [p for m in block for p in m.parameters() if id(p) not in seen]
+        params = [p for item in block for p in backbones.parameters(item) if id(p) not in seen]
         seen.update(id(p) for p in params)
         parts.append((params, f.backbone_lr_mult * f.layer_decay ** depth))
     rest = [p for p in model.trunk.parameters() if id(p) not in seen]  # none for the known backbones
     return parts + ([(rest, f.backbone_lr_mult * f.layer_decay ** len(blocks))] if rest else []) + [head]
 
 
-def make_optimizer(model: Classifier, f, blocks: list[list[nn.Module]] = ()) -> torch.optim.Optimizer:
+def make_optimizer(model: Classifier, f, blocks: list[list] = ()) -> torch.optim.Optimizer:
     """AdamW or SGD over parameter groups (`lr_multipliers`), each split into weights with weight
     decay and biases and norms without. Each group's `lr_mult` is its LR over the head's (`f.lr`),
     so an LR schedule or a range test sets every group from one number. Frozen parameters stay in

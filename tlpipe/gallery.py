@@ -37,24 +37,29 @@ def write(predictions_csv: Path, out: Path, title: str, images: Path = PREPARED 
     header = f"{title}: {len(wrong)} of {len(table)} test images wrong"
     if len(shown) < len(wrong):
         header += f" (the {len(shown)} most confident shown)"
-    if shown.empty:
+    captions = [f"true {r.actual}\npred {r.predicted} ({r.confidence:.2f})" for r in shown.itertuples()]
+    draw(list(shown["path"]), captions, out, header, images)
+    return len(wrong)
+
+
+def draw(paths: list[str], captions: list[str], out: Path, header: str, images: Path = PREPARED / "images") -> None:
+    """A grid of thumbnails of `paths` (relative to `images`), each with its caption, into the PNG `out`."""
+    if not paths:
         fig = Figure(figsize=(5, 1))
         fig.text(0.5, 0.5, header, ha="center", va="center")
     else:
-        cols = min(COLUMNS, len(shown))
-        rows = math.ceil(len(shown) / cols)
+        cols = min(COLUMNS, len(paths))
+        rows = math.ceil(len(paths) / cols)
         fig = Figure(figsize=(max(1.7 * cols, 6.0), 2.0 * rows + 0.4))  # wide enough for the title
         axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.set_axis_off()
-        for ax, row in zip(axes.flat, shown.itertuples()):
-            img = load_rgb(images / row.path)
+        for ax, path, caption in zip(axes.flat, paths, captions):
+            img = load_rgb(images / path)
             img.thumbnail((THUMB, THUMB))
             ax.imshow(img)
-            ax.set_title(f"true {row.actual}\npred {row.predicted} ({row.confidence:.2f})",
-                         fontsize=7, color="darkred")
+            ax.set_title(caption, fontsize=7, color="darkred")
         fig.suptitle(header, fontsize=9)
         fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
-    return len(wrong)

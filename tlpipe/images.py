@@ -1,4 +1,9 @@
-"""Images as torch tensors: the evaluation geometry (decoded by tlpipe.pixels), fine-tuning's augmentation."""
+"""Images as torch tensors: the evaluation geometry (decoded by tlpipe.pixels), fine-tuning's augmentation.
+
+Decoding itself (untrusted bytes, `decode_error`, `list_files`, the evaluation resize and crop) is
+torch-free and lives in tlpipe.pixels, so that the ONNX path of `tlpipe predict` runs without torch;
+its names are re-exported here for the stages and tools that already work with tensors.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-# The PIL-only part lives in tlpipe.pixels (torch-free, for ONNX prediction); re-exported here.
-from tlpipe.pixels import (IMAGE_EXTENSIONS, check_image, eval_pixels, load_rgb,  # noqa: F401
-                           load_rgb_drafted, to_rgb)
+from tlpipe.pixels import (JUNK_NAMES, MAX_ASPECT, BadImage, check_image, decode_error,  # noqa: F401
+                           error_name, eval_load, eval_pixels, is_junk, list_files, load_rgb,
+                           load_rgb_drafted, shown, to_rgb, utf8_name)
+from tlpipe.runtime import TlpipeError
 
 
 def _transforms():
@@ -74,21 +80,28 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        img = self.load(self.paths[i])
+        try:
+            img = self.load(self.paths[i])
+        except Exception as e:  # checked by the data stage, so only if the file changed since
+            reason = str(e) if isinstance(e, BadImage) else f"{error_name(e)}: {e}"
+            raise TlpipeError(f"{shown(self.paths[i])}: cannot decode ({reason})".splitlines()[0]) from None
         if self.seed is not None:
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            # Modulo 2^63: torch's seed range, whatever the seed param (numpy's range, < 2^32).
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % (1 << 63))
         return self.transform(img), i
 
 
 def eval_images(paths: Sequence[str | Path], geometry: dict) -> ImageFiles:
     """Images at the geometry of a preprocessing record (tlpipe.preprocessing): the one decoding path of the decode stage, `tlpipe predict` and anything else that must agree with them."""
     transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
-    load = load_rgb
-    if geometry["jpeg_draft"]:
-        # After the drafted load the short side is resize_size already, so the Resize is a no-op.
-        load = functools.partial(load_rgb_drafted, resize_size=geometry["resize_size"],
-                                 interpolation=geometry["interpolation"])
-    return ImageFiles(paths, transform, load=load)
+    return ImageFiles(paths, transform, load=functools.partial(eval_load, geometry=geometry))
+
+
+def eval_check(geometry: dict) -> Callable[[Path], object]:
+    """A `load` for check_image that decodes exactly as eval_images will: tlpipe.pixels.eval_check,
+    as a tensor."""
+    transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
+    return lambda path: transform(eval_load(path, geometry))
 
 
 def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

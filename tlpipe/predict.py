@@ -6,13 +6,21 @@ decode stage, then its mean/std); for the head, the backbone's features computed
 applies to the cached test features). With a `.onnx` file (the export stages' models/*.onnx), the
 record comes from the file's metadata and onnxruntime runs it: torch is never imported on that path,
 nor pandas, so Pillow, numpy and onnxruntime suffice (docs/deploy.md).
-Files that are not decodable images are reported, on stderr and as CSV rows with an error, and do
-not stop the run.
+Folders are searched like the data stage's class folders (`tlpipe.pixels.list_files`: every file
+but hidden and junk ones, whatever its extension), so predict takes exactly the files training
+takes. Each file is decoded once up front as the model's loader will decode it; a file that fails
+(not an image, malformed EXIF, a name that is not UTF-8...) is reported, on stderr and as a CSV
+row with an error, and does not stop the run. The output path and the model are checked before
+any image is decoded.
+Probabilities are calibrated: the model's logits divided by its fitted temperature (head.json's,
+fitted on out-of-fold logits; finetuned_calibration.json's, fitted on val), as evaluate scores them;
+an ONNX file has its temperature inside, and gives the same probabilities.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -20,113 +28,148 @@ import numpy as np
 
 from tlpipe.io import atomic_path, read_json
 from tlpipe.paths import MODELS
-from tlpipe.pixels import IMAGE_EXTENSIONS, check_image, load_eval_pixels
+from tlpipe.pixels import check_image, eval_check, list_files, load_eval_pixels, shown
 from tlpipe.runtime import TlpipeError, inference_batch_size, workers
 
 
 def collect(inputs: list[str]) -> list[Path]:
-    """Files named on the command line as they are; folders searched for image files, recursively."""
+    """Files named on the command line as they are; folders searched as the data stage searches."""
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.is_file()
-                            and f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            files += list_files(path)
         else:
             files.append(path)  # a missing file becomes an error row, like an unreadable one
     return files
 
 
-def _loader(paths: list[Path], geometry: dict, dev):
-    import torch
-
-    from tlpipe.images import eval_images
-
-    return torch.utils.data.DataLoader(eval_images(paths, geometry), batch_size=inference_batch_size(dev),
-                                       num_workers=workers())
-
-
-def head_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[np.ndarray, list[str]]:
-    from safetensors.torch import load_file
-
-    from tlpipe import backbones, inference, linear
-    from tlpipe.runtime import device
-
-    config = models / "head.json"
-    try:
-        cfg = read_json(config)
-        tensors = load_file(str(models / "head.safetensors"))
-    except FileNotFoundError as e:
-        raise TlpipeError(f"{e.filename}: missing; run the head stage first (dvc repro head)") from None
-    backbone = backbones.pretrained_for(cfg, str(config))
-    record, dev = cfg["preprocessing"], device()
-    views = [backbone.trunk] + ([inference.Mirrored(backbone.trunk)] if tta == "flip" else [])
-    proba = [linear.predict_proba(inference.outputs(view, _loader(paths, record, dev), record["mean"],
-                                                    record["std"], dev, desc="features"),
-                                  tensors["weight"], tensors["bias"]) for view in views]
-    return (sum(proba) / len(proba)).numpy(), cfg["classes"]
+def check_output(out: Path) -> None:
+    """Fail before any work when the CSV cannot be written where asked."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise TlpipeError(f"--out {out}: is a folder")
+    if not folder.is_dir():
+        raise TlpipeError(f"--out {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise TlpipeError(f"--out {out}: not writable")
 
 
-def finetuned_proba(paths: list[Path], models: Path = MODELS, tta: str = "none") -> tuple[np.ndarray, list[str]]:
-    from tlpipe import inference
-    from tlpipe.models import load_classifier
-    from tlpipe.runtime import device
-
-    model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
-    dev = device()
-    record = cfg["preprocessing"]
-    return inference.class_probabilities(model, _loader(paths, record, dev), record["mean"], record["std"], dev,
-                                         tta, desc="fine-tuned").numpy(), cfg["classes"]
+def calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(raw) / T): the temperature applied to probabilities (tlpipe.calibration, in numpy)."""
+    z = np.log(np.clip(raw.astype(np.float64), 1e-300, None)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
-def onnx_proba(model, paths: list[Path], tta: str = "none") -> tuple[np.ndarray, list[str]]:
-    """`model`: a tlpipe.onnx_model.OnnxModel. Decoded and run one batch at a time; with tta "flip",
-    averaged with the mirror image's probabilities, as inference.class_probabilities does."""
-    batch, chunks = inference_batch_size(), []
-    for lo in range(0, len(paths), batch):
-        pixels = np.stack([load_eval_pixels(p, model.preprocessing) for p in paths[lo:lo + batch]])
-        proba = model.proba(pixels)
-        if tta == "flip":
-            proba = (proba + model.proba(pixels[..., ::-1])) / 2
-        chunks.append(proba)
-    return np.concatenate(chunks), model.classes
+class TorchModel:
+    """The head or the fine-tuned model of models/ as predict uses it: its preprocessing record, classes,
+    temperature and calibrated probabilities."""
+
+    def __init__(self, kind: str, models: Path):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise TlpipeError(f"--model {kind} needs torch (pip install tlpipe); a runtime without it "
+                              "takes an exported .onnx file (docs/deploy.md)") from None
+        from tlpipe import backbones
+        from tlpipe.models import load_classifier, load_head
+
+        self.kind = kind
+        if kind == "head":
+            self.head, cfg = load_head(models / "head.safetensors", models / "head.json")
+            self.backbone = backbones.pretrained_for(cfg, str(models / "head.json"))
+            self.temperature = cfg.get("temperature", 1.0)  # fitted on out-of-fold logits
+        else:
+            self.model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
+            # the temperature the infer stage fitted on val; without it (infer not run yet), as trained
+            calibration = models / "finetuned_calibration.json"
+            if not calibration.is_file():
+                print(f"note: {calibration} missing (run the infer stage); probabilities are not calibrated",
+                      file=sys.stderr)
+            self.temperature = read_json(calibration)["temperature"] if calibration.is_file() else 1.0
+        self.record, self.classes = cfg["preprocessing"], cfg["classes"]
+
+    def proba(self, paths: list[Path], tta: str) -> np.ndarray:
+        """Calibrated class probabilities (with tta "flip": of the averaged probabilities)."""
+        from tlpipe import calibration
+
+        raw = self.raw_proba(paths, tta)
+        return calibration.scaled_proba(calibration.logits_of(raw), self.temperature).float().numpy()
+
+    def raw_proba(self, paths: list[Path], tta: str):
+        import torch
+
+        from tlpipe import inference, linear
+        from tlpipe.images import eval_images
+        from tlpipe.runtime import device
+
+        record, dev = self.record, device()
+        loader = torch.utils.data.DataLoader(eval_images(paths, record), batch_size=inference_batch_size(dev),
+                                             num_workers=workers())
+        if self.kind == "finetuned":
+            return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
+                                                 desc="fine-tuned")
+        weight, bias = self.head.weight.detach(), self.head.bias.detach()
+        views = [self.backbone.trunk] + ([inference.Mirrored(self.backbone.trunk)] if tta == "flip" else [])
+        proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
+                                                        desc="features"), weight, bias) for view in views]
+        return sum(proba) / len(proba)
+
+
+class ExportedModel:
+    """A .onnx file of the export stages (tlpipe.onnx_model), run by onnxruntime without torch."""
+
+    def __init__(self, path: str):
+        from tlpipe.onnx_model import OnnxModel
+
+        self.onnx = OnnxModel(path)  # a bad model file fails before any image is read
+        self.record, self.classes = self.onnx.preprocessing, self.onnx.classes
+
+    def proba(self, paths: list[Path], tta: str) -> np.ndarray:
+        """Decoded and run one batch at a time. The file's own output is calibrated already; with tta
+        "flip", the two views' probabilities are averaged before the temperature, as the torch path does."""
+        batch, chunks = inference_batch_size(), []
+        for lo in range(0, len(paths), batch):
+            pixels = np.stack([load_eval_pixels(p, self.record) for p in paths[lo:lo + batch]])
+            if tta == "flip":
+                raw = [_softmax(self.onnx.run(view)[1]) for view in (pixels, pixels[..., ::-1])]
+                chunks.append(calibrated((raw[0] + raw[1]) / 2, self.onnx.temperature))
+            else:
+                chunks.append(self.onnx.proba(pixels))
+        return np.concatenate(chunks)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS,
             tta: str = "none") -> list[dict]:
     """`model`: head, finetuned, or the path of a .onnx file."""
+    check_output(out)
     files = collect(inputs)
     if not files:
-        raise TlpipeError("no image files found in " + ", ".join(inputs))
-    onnx = None
-    if model.endswith(".onnx"):
-        from tlpipe.onnx_model import OnnxModel
-
-        onnx = OnnxModel(model)  # a bad model file fails before any image is read
-    else:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise TlpipeError(f"--model {model} needs torch (pip install tlpipe); a runtime without it "
-                              "takes an exported .onnx file (docs/deploy.md)") from None
+        raise TlpipeError("no files found in " + ", ".join(shown(i) for i in inputs))
+    trained = ExportedModel(model) if model.endswith(".onnx") else TorchModel(model, models)
+    load = eval_check(trained.record)
     errors = {}
     for path in files:
-        reason = "no such file" if not path.exists() else check_image(path)
+        reason = "no such file" if not path.exists() else check_image(path, load=load)
         if reason:
             errors[path] = reason
-            print(f"error: {path}: {reason}", file=sys.stderr)
+            print(f"error: {shown(path)}: {reason}", file=sys.stderr)
     good = [p for p in files if p not in errors]
-    proba, classes = (None, [])
-    if good:
-        if onnx is not None:
-            proba, classes = onnx_proba(onnx, good, tta)
-        else:
-            proba, classes = (head_proba if model == "head" else finetuned_proba)(good, models, tta)
-    k = min(top_k, len(classes)) if classes else top_k
+    proba, classes = (trained.proba(good, tta) if good else None), trained.classes
+    if proba is not None and not bool(np.isfinite(proba).all()):
+        raise TlpipeError(f"the {model} model gave non-finite probabilities; its weights are damaged")
+    k = min(top_k, len(classes))
     rows, good_index = [], {p: i for i, p in enumerate(good)}
     for path in files:
-        row = {"path": str(path)}
+        row = {"path": shown(path)}
         if path in good_index:
             p = proba[good_index[path]]
             for rank, idx in enumerate(np.argsort(-p, kind="stable")[:k]):
@@ -135,7 +178,7 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
         row["error"] = errors.get(path, "")
         rows.append(row)
     columns = ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)

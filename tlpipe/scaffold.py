@@ -1,6 +1,9 @@
 """Start a new tlpipe project: a git + DVC repository holding the pipeline, ready for `dvc repro`.
 
-    python -m tlpipe.scaffold DEST [--set data.source=presplit --set data.root=/path ...]
+    python -m tlpipe.scaffold DEST [--photos] [--set data.source=presplit --set data.root=/path ...]
+
+`--photos` writes the photo settings (PHOTO_SETTINGS) with the backbone's native input geometry
+(its pretraining input size, resize and interpolation: 260 px for tf_efficientnet_lite2).
 
 Tests and benchmarks use it too, so they exercise exactly the pipeline a user gets.
 """
@@ -22,6 +25,8 @@ PIPELINE_DIRS = ("stages", "tlpipe")
 GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
 
 # The settings for photos of docs/photos.md (its hymenoptera example); the defaults suit 8x8 digit scans.
+# PHOTO_GEOMETRY is the default backbone's (tf_efficientnet_lite0) native geometry; photo_settings
+# gives another backbone's.
 PHOTO_GEOMETRY = {"image.img_size": 224, "image.resize_size": 256}
 PHOTO_SETTINGS = {
     **PHOTO_GEOMETRY,
@@ -30,6 +35,14 @@ PHOTO_SETTINGS = {
     "finetune.unfreeze": "last_n", "finetune.unfreeze_last_n": 1,
     "finetune.epochs": 12, "finetune.patience": 5,
 }
+
+
+def photo_settings(backbone: str = "tf_efficientnet_lite0") -> dict[str, Any]:
+    """PHOTO_SETTINGS with `backbone`'s native geometry (and its name, when not the default)."""
+    from tlpipe.backbones import native_geometry
+
+    name = {} if backbone == "tf_efficientnet_lite0" else {"backbone.name": backbone}
+    return {**PHOTO_SETTINGS, **native_geometry(backbone), **name}
 
 
 def set_param(params: dict, dotted: str, value: Any) -> None:
@@ -50,6 +63,8 @@ def create_project(dest: str | Path, overrides: dict[str, Any] | None = None) ->
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (dest / "data" / "sources").mkdir(parents=True, exist_ok=True)
     shutil.copy2(PROJECT / "data" / "sources" / "README.md", dest / "data" / "sources" / "README.md")
+    (dest / "weights").mkdir(exist_ok=True)
+    shutil.copy2(PROJECT / "weights" / "README.md", dest / "weights" / "README.md")
     if overrides:
         params = yaml.safe_load((dest / "params.yaml").read_text())
         for key, value in overrides.items():
@@ -67,13 +82,20 @@ def create_project(dest: str | Path, overrides: dict[str, Any] | None = None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest")
+    parser.add_argument("--photos", action="store_true",
+                        help="settings for photos, at the backbone's native input geometry")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param (value parsed as YAML)")
+                        help="override a param (value parsed as YAML); applied after --photos")
     args = parser.parse_args()
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
+    if args.photos:
+        from tlpipe.runtime import report_errors
+
+        report_errors(lambda: overrides.update({**photo_settings(overrides.get(
+            "backbone.name", "tf_efficientnet_lite0")), **overrides}))
     print(create_project(args.dest, overrides))
 
 

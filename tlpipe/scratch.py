@@ -57,6 +57,8 @@ def train(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_v
         order = torch.randperm(len(x_train), generator=gen)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on one image (at small sizes it raises)
+                continue
             x = normalize_batch(x_train[idx].to(dev), mean, std)
             if hflip:
                 flip = torch.rand(len(idx), generator=gen) < 0.5

@@ -20,11 +20,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from tlpipe.io import atomic_path, sha256_file
+from tlpipe.images import is_junk as _is_junk
+from tlpipe.images import list_files as _files_under
+from tlpipe.images import error_name, shown, utf8_name
+from tlpipe.io import atomic_dir, atomic_path, sha256_file
 from tlpipe.runtime import TlpipeError
 
 SPLITS = ("train", "val", "test")
-JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
 # CSV labels that mean "no value" (what spreadsheets and pandas write for a missing cell).
 MISSING_LABELS = {"nan", "na", "n/a", "#n/a", "<na>", "none", "null"}
 
@@ -38,18 +40,13 @@ class Item:
     where: str = field(default="", compare=False)  # e.g. "labels.csv line 7", for messages
 
 
-def _is_junk(path: Path) -> bool:
-    return any(part.startswith(".") or part in JUNK_NAMES for part in path.parts)
-
-
-def _files_under(folder: Path) -> list[Path]:
-    # Broken symlinks are listed too, so that the decode check reports them instead of them vanishing.
-    return sorted(p for p in folder.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
-                  and not _is_junk(p.relative_to(folder)))
-
-
 def _class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not _is_junk(Path(p.name)))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _is_junk(Path(p.name)))
+    for folder in folders:
+        # A class name ends up in classes.json, the manifest and metrics: it must be text.
+        if not utf8_name(folder.name):
+            raise TlpipeError(f"class folder {shown(folder)}: name is not valid UTF-8; rename it")
+    return folders
 
 
 def from_class_folders(root: Path, prefix: str = "", split: str | None = None) -> list[Item]:
@@ -105,7 +102,7 @@ def from_csv(root: Path, csv_file: str, file_column: str, label_column: str) -> 
                             encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise TlpipeError(f"{csv_path}: empty file (no header line)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except Exception as e:  # ParserError, UnicodeDecodeError, csv.Error...: untrusted bytes
         raise TlpipeError(f"{csv_path}: not a readable CSV: {e}".splitlines()[0]) from None
     for param, column in (("data.file_column", file_column), ("data.label_column", label_column)):
         if column not in table.columns:
@@ -165,40 +162,121 @@ def _safe_member(name: str, archive: Path) -> PurePosixPath:
     return p
 
 
-def extract(archive: Path, dest: Path) -> Path:
-    """Extract a zip or tar archive; refuse absolute paths, `..` and links. Returns the data root."""
+class _Budget:
+    """Caps on what an archive may expand to: total bytes, and bytes per byte of archive."""
+
+    def __init__(self, archive: Path, max_bytes: int, max_ratio: float):
+        self.archive, self.max_bytes = archive, max_bytes
+        self.limit = min(max_bytes, int(max_ratio * max(1, archive.stat().st_size)))
+        self.max_ratio, self.used = max_ratio, 0
+
+    def take(self, n: int, name: str) -> None:
+        self.used += n
+        if self.used > self.limit:
+            which = ("data.extract_max_bytes" if self.limit == self.max_bytes else
+                     f"data.extract_max_ratio ({self.max_ratio:g} x the archive's "
+                     f"{self.archive.stat().st_size} bytes)")
+            raise TlpipeError(f"{self.archive}: refusing to extract more than {self.limit} bytes, the "
+                              f"cap set by {which}, reached at member {name!r} (a decompression bomb?)")
+
+
+def _copy(src, out, budget: _Budget, name: str) -> None:
+    while block := src.read(1 << 20):
+        budget.take(len(block), name)
+        out.write(block)
+
+
+def _place(dest: Path, rel: PurePosixPath, name: str, archive: Path, files: set, folders: set) -> Path:
+    """The member's path in dest; refuses a file and a folder with the same name, or a file twice."""
+    parents = {rel.parents[i] for i in range(len(rel.parents) - 1)}
+    if rel in files or rel in folders:
+        raise TlpipeError(f"{archive}: member {name!r} appears twice, or is also a folder in the archive")
+    if parents & files:
+        raise TlpipeError(f"{archive}: member {name!r} is inside {str(min(parents & files))!r}, "
+                          "which is also a file in the archive")
+    files.add(rel)
+    folders.update(parents)
+    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+    return dest / rel
+
+
+def _folder(rel: PurePosixPath, name: str, archive: Path, files: set, folders: set) -> None:
+    """Record a folder member; refuses one that is also a file in the archive."""
+    if rel in files:
+        raise TlpipeError(f"{archive}: member {name!r} is both a file and a folder")
+    folders.add(rel)
+
+
+def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
+    files: set = set()
+    folders: set = set()
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        # Declared sizes first, so a bomb is refused before a byte is written; zipfile stops at
+        # the declared size while reading, so a member cannot lie its way past the cap.
+        declared = sum(i.file_size for i in infos)
+        if declared > budget.limit:
+            budget.take(declared, infos[-1].filename if infos else "")
+        for info in infos:
+            rel = _safe_member(info.filename, archive)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise TlpipeError(f"{archive}: refusing symlink member {info.filename!r}")
+            if info.flag_bits & 0x1:
+                raise TlpipeError(f"{archive}: refusing encrypted member {info.filename!r} (no password)")
+            if info.is_dir():
+                _folder(rel, info.filename, archive, files, folders)
+                continue
+            target = _place(dest, rel, info.filename, archive, files, folders)
+            with zf.open(info) as src, open(target, "wb") as out:
+                _copy(src, out, budget, info.filename)
+
+
+def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
+    files: set = set()
+    folders: set = set()
+    # Stream mode: one pass, members checked and written as they come, so a bomb is stopped at the
+    # cap instead of being decompressed whole to list its members first.
+    with tarfile.open(archive, "r|*") as tf:
+        for member in tf:
+            rel = _safe_member(member.name, archive)
+            if member.issym() or member.islnk():
+                raise TlpipeError(f"{archive}: refusing link member {member.name!r}")
+            if member.isdir():
+                _folder(rel, member.name, archive, files, folders)
+                continue
+            if not member.isfile():
+                raise TlpipeError(f"{archive}: refusing special member {member.name!r}")
+            budget.take(member.size, member.name)
+            target = _place(dest, rel, member.name, archive, files, folders)
+            with tf.extractfile(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+
+
+def extract(archive: Path, dest: Path, max_bytes: int = 20 << 30, max_ratio: float = 100.0) -> Path:
+    """Extract a zip or tar archive; refuse absolute paths, `..`, links, encrypted members, a file
+    and a folder of the same name, and more than `max_bytes` in all or `max_ratio` x the archive's
+    size (decompression bombs). Returns the data root.
+
+    All or nothing: the archive goes into a temporary folder renamed to `dest` once complete, so a
+    failure (a bad CRC, a truncated .tar.gz, a full disk) leaves no half-extracted `dest`.
+    """
     done = dest / ".extracted"
     if done.exists():
         return _single_top_folder(dest)
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                rel = _safe_member(info.filename, archive)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise TlpipeError(f"{archive}: refusing symlink member {info.filename!r}")
-                if info.is_dir():
-                    continue
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(dest / rel, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            for member in tf.getmembers():
-                rel = _safe_member(member.name, archive)
-                if member.issym() or member.islnk():
-                    raise TlpipeError(f"{archive}: refusing link member {member.name!r}")
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise TlpipeError(f"{archive}: refusing special member {member.name!r}")
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                with tf.extractfile(member) as src, open(dest / rel, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    else:
-        raise TlpipeError(f"data.url: {archive} is neither a zip nor a tar archive")
-    done.touch()
+    budget = _Budget(archive, max_bytes, max_ratio)
+    try:
+        with atomic_dir(dest) as tmp:
+            if zipfile.is_zipfile(archive):
+                _extract_zip(archive, tmp, budget)
+            elif tarfile.is_tarfile(archive):
+                _extract_tar(archive, tmp, budget)
+            else:
+                raise TlpipeError(f"data.url: {archive} is neither a zip nor a tar archive")
+            (tmp / ".extracted").touch()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, zlib.error, EOFError,
+            RuntimeError, NotImplementedError, ValueError, OSError) as e:
+        raise TlpipeError(f"{archive}: cannot extract ({error_name(e)}: {e}); the archive is "
+                          "damaged or unsupported".splitlines()[0]) from None
     return _single_top_folder(dest)
 
 
@@ -287,6 +365,7 @@ def collect(data, images: Path, downloads: Path) -> tuple[list[Item], Path]:
         if value not in known:
             raise TlpipeError(f"params.yaml: data.{key}: unknown {value!r}; one of {', '.join(known)}")
     if source == "url":  # an archive, fetched once and verified, holding one of the layouts
-        root = extract(download(d["url"], d["sha256"], downloads), downloads / d["sha256"])
+        root = extract(download(d["url"], d["sha256"], downloads), downloads / d["sha256"],
+                       d["extract_max_bytes"], d["extract_max_ratio"])
         source = d["archive_layout"]
     return SOURCES[source](root, images, d)
