@@ -89,8 +89,9 @@ def main() -> None:
         path = Path(tmp) / "model.onnx"
         start = time.perf_counter()
         metadata = {"classes": json.dumps([f"imagenet{i}" for i in range(1000)]),
-                    "preprocessing": json.dumps(record), "source_sha256": backbone.weights_sha256}
-        export.to_onnx(model, record, metadata, path)
+                    "preprocessing": json.dumps(record), "temperature": "1.0",
+                    "source_sha256": backbone.weights_sha256}
+        export.to_onnx(model, record, 1.0, metadata, path)  # ImageNet's head: no fitted temperature
         export_s = time.perf_counter() - start
         size = path.stat().st_size
         runtime = OnnxModel(path)
