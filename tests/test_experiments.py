@@ -414,6 +414,7 @@ def predict_without_torch(repo: Path, *args: str) -> subprocess.CompletedProcess
                           text=True, capture_output=True)
 
 
+@pytest.mark.slow  # needs the experiments project (pipeline runs)
 def test_predict_with_an_onnx_file_never_imports_torch(repo, tmp_path):
     images = [str(p.relative_to(repo)) for p in sorted((repo / "data/prepared/images").rglob("*.png"))]
     (tmp_path / "junk.png").write_text("not an image")
@@ -435,6 +436,7 @@ def test_predict_with_an_onnx_file_never_imports_torch(repo, tmp_path):
         expected.loc[ok, probs].astype(float).to_numpy(), abs=1e-4)
 
 
+@pytest.mark.slow  # needs the experiments project (pipeline runs)
 def test_a_corrupted_onnx_file_fails_in_one_line(repo, tmp_path):
     good = (repo / "models" / "finetuned.onnx").read_bytes()
     cases = {"truncated.onnx": good[: len(good) // 3], "garbage.onnx": b"\x00garbage" * 100}

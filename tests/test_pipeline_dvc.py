@@ -179,6 +179,9 @@ def test_exports_agree_with_pytorch_and_name_their_source(baseline):
         assert json.loads(meta["preprocessing"]) == config["preprocessing"]
         source = (baseline / "models" / f"{name}.safetensors").read_bytes()
         assert meta["source_sha256"] == hashlib.sha256(source).hexdigest()
+        # the fitted temperature is inside (applied to the probabilities) and named in the metadata
+        calibrated = config if name == "head" else read_json(baseline / "models" / "finetuned_calibration.json")
+        assert float(meta["temperature"]) == numbers["temperature"] == calibrated["temperature"]
 
 
 @pytest.mark.slow
