@@ -135,7 +135,7 @@ class ExportedModel:
             pixels = np.stack([load_eval_pixels(p, self.record) for p in paths[lo:lo + batch]])
             if tta == "flip":
                 raw = [_softmax(self.onnx.run(view)[1]) for view in (pixels, pixels[..., ::-1])]
-                chunks.append(calibrated((raw[0] + raw[1]) / 2, self.onnx.temperature))
+                chunks.append(calibrated((raw[0] + raw[1]) / 2, self.onnx.temperature).astype(np.float32))
             else:
                 chunks.append(self.onnx.proba(pixels))
         return np.concatenate(chunks)
@@ -171,10 +171,12 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
     for path in files:
         row = {"path": shown(path)}
         if path in good_index:
-            p = proba[good_index[path]]
-            for rank, idx in enumerate(np.argsort(-p, kind="stable")[:k]):
-                row[f"label_{rank + 1}"] = classes[int(idx)]
-                row[f"prob_{rank + 1}"] = round(float(p[idx]), 6)
+            # Ranked by the probabilities as printed, ties in class order: the same CSV from torch and
+            # from onnxruntime, whose float32 results differ in digits nobody sees (and underflow apart).
+            p = [round(float(x), 6) for x in proba[good_index[path]]]
+            for rank, idx in enumerate(sorted(range(len(p)), key=lambda i: -p[i])[:k]):
+                row[f"label_{rank + 1}"] = classes[idx]
+                row[f"prob_{rank + 1}"] = p[idx]
         row["error"] = errors.get(path, "")
         rows.append(row)
     columns = ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
