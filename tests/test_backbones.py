@@ -275,3 +275,20 @@ def test_scaffold_photos_writes_the_backbones_native_geometry(tmp_path):
     assert params["image"]["img_size"] == 260 and params["image"]["resize_size"] == 292
     assert params["backbone"]["name"] == "tf_efficientnet_lite2" and params["finetune"]["hflip"] is True
     assert (tmp_path / "p" / "weights" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["near", "far"])
+def test_scaffold_recipe_writes_valid_params(tmp_path, recipe):
+    import yaml
+    from tlpipe.params import load_params
+    from tlpipe.scaffold import RECIPES
+
+    proc = subprocess.run([sys.executable, "-m", "tlpipe.scaffold", str(tmp_path / "p"), "--recipe", recipe,
+                           "--set", "finetune.epochs=3"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    params = yaml.safe_load((tmp_path / "p" / "params.yaml").read_text())
+    for dotted, value in RECIPES[recipe].items():
+        section, key = dotted.split(".")
+        assert params[section][key] == (3 if dotted == "finetune.epochs" else value)  # --set wins
+    assert params["image"]["img_size"] == 64  # --recipe alone keeps the geometry
+    load_params("finetune", tmp_path / "p" / "params.yaml")  # every key is one the schema knows

@@ -144,5 +144,6 @@ def mcnemar(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, alpha: f
     n = a_only + b_only
     p = 1.0 if n == 0 else min(1.0, 2.0 * float(binom.cdf(min(a_only, b_only), n, 0.5)))
     return {"a_only": a_only, "b_only": b_only, "both_right": int((right_a & right_b).sum()),
-            "both_wrong": int((~right_a & ~right_b).sum()), "p_value": round(p, 6),
+            "both_wrong": int((~right_a & ~right_b).sum()),
+            "p_value": float(f"{p:.3g}"),  # significant digits: a strong result is 2.4e-07, not 0
             "significant": bool(p < alpha)}

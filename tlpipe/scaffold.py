@@ -1,9 +1,12 @@
 """Start a new tlpipe project: a git + DVC repository holding the pipeline, ready for `dvc repro`.
 
-    python -m tlpipe.scaffold DEST [--photos] [--set data.source=presplit --set data.root=/path ...]
+    python -m tlpipe.scaffold DEST [--photos] [--recipe near|far] [--set data.source=presplit ...]
 
 `--photos` writes the photo settings (PHOTO_SETTINGS) with the backbone's native input geometry
 (its pretraining input size, resize and interpolation: 260 px for tf_efficientnet_lite2).
+`--recipe` writes a measured fine-tuning recipe (RECIPES; docs/finetuning.md#recommended-settings):
+`near` for images like ImageNet's photos, `far` for images far from them (the default with --photos
+is `near`).
 
 Tests and benchmarks use it too, so they exercise exactly the pipeline a user gets.
 """
@@ -28,21 +31,29 @@ GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
 # PHOTO_GEOMETRY is the default backbone's (tf_efficientnet_lite0) native geometry; photo_settings
 # gives another backbone's.
 PHOTO_GEOMETRY = {"image.img_size": 224, "image.resize_size": 256}
-PHOTO_SETTINGS = {
-    **PHOTO_GEOMETRY,
-    "finetune.hflip": True, "finetune.randaugment_magnitude": 9, "finetune.crop_scale_min": 0.25,
-    "finetune.label_smoothing": 0.0, "finetune.lr": 3e-4, "finetune.probe_l2": 1.0,
-    "finetune.unfreeze": "last_n", "finetune.unfreeze_last_n": 1,
-    "finetune.epochs": 12, "finetune.patience": 5,
+PHOTO_AUGMENTATION = {"finetune.hflip": True, "finetune.randaugment_magnitude": 9,
+                      "finetune.crop_scale_min": 0.25, "finetune.label_smoothing": 0.0}
+# Fine-tuning recipes, each measured on 3 seeds against the probe (docs/finetuning.md#recommended-settings).
+RECIPES = {
+    # Near ImageNet (hymenoptera): the last block with the head. Unfreezing every block overfit 208
+    # photos and lost to the probe; this kept or beat it.
+    "near": {"finetune.unfreeze": "last_n", "finetune.unfreeze_last_n": 1, "finetune.lr": 3e-4,
+             "finetune.probe_l2": 1.0, "finetune.epochs": 12, "finetune.patience": 5},
+    # Far from ImageNet (sign-digits' hand photos): every block, at a larger backbone LR than the
+    # default, decayed by layer so the generic low-level filters move least.
+    "far": {"finetune.unfreeze": "all", "finetune.lr": 1e-3, "finetune.backbone_lr_mult": 0.3,
+            "finetune.layer_decay": 0.8, "finetune.probe_l2": 0.1, "finetune.crop_scale_min": 0.35,
+            "finetune.epochs": 10, "finetune.patience": 4},
 }
+PHOTO_SETTINGS = {**PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **RECIPES["near"]}
 
 
-def photo_settings(backbone: str = "tf_efficientnet_lite0") -> dict[str, Any]:
-    """PHOTO_SETTINGS with `backbone`'s native geometry (and its name, when not the default)."""
+def photo_settings(backbone: str = "tf_efficientnet_lite0", recipe: str = "near") -> dict[str, Any]:
+    """PHOTO_SETTINGS with `backbone`'s native geometry (and its name, when not the default) and `recipe`."""
     from tlpipe.backbones import native_geometry
 
     name = {} if backbone == "tf_efficientnet_lite0" else {"backbone.name": backbone}
-    return {**PHOTO_SETTINGS, **native_geometry(backbone), **name}
+    return {**RECIPES[recipe], **PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **native_geometry(backbone), **name}
 
 
 def set_param(params: dict, dotted: str, value: Any) -> None:
@@ -84,8 +95,11 @@ def main() -> None:
     parser.add_argument("dest")
     parser.add_argument("--photos", action="store_true",
                         help="settings for photos, at the backbone's native input geometry")
+    parser.add_argument("--recipe", choices=sorted(RECIPES),
+                        help="a measured fine-tuning recipe: near (photos like ImageNet's; the default with "
+                             "--photos) or far (images far from ImageNet: every block, layer-wise LR decay)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param (value parsed as YAML); applied after --photos")
+                        help="override a param (value parsed as YAML); applied after --photos and --recipe")
     args = parser.parse_args()
     overrides = {}
     for item in args.set:
@@ -95,7 +109,9 @@ def main() -> None:
         from tlpipe.runtime import report_errors
 
         report_errors(lambda: overrides.update({**photo_settings(overrides.get(
-            "backbone.name", "tf_efficientnet_lite0")), **overrides}))
+            "backbone.name", "tf_efficientnet_lite0"), args.recipe or "near"), **overrides}))
+    elif args.recipe:
+        overrides = {**RECIPES[args.recipe], **overrides}
     print(create_project(args.dest, overrides))
 
 
