@@ -85,7 +85,7 @@ def exp_rows(repo: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_experiments_ran_what_their_params_touch(project):
-    assert project.runs["lr-high"].executed == ["finetune", "infer", "evaluate"]
+    assert project.runs["lr-high"].executed == ["finetune", "infer", "export_finetuned", "evaluate"]
     assert project.runs["scratch-on"].executed == ["scratch"]
 
 
@@ -350,9 +350,10 @@ def test_best_marks_direction_and_ties():
 # --- tlpipe predict -------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["head", "finetuned"])
+@pytest.mark.parametrize("model", ["head", "finetuned", "models/head.onnx", "models/finetuned.onnx"])
 def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
-    expected = pd.read_csv(repo / "metrics" / "predictions" / f"{model}.csv", dtype={"path": str})
+    """PyTorch or onnxruntime (the export stages' files), the same preprocessing and the same CSV."""
+    expected = pd.read_csv(repo / "metrics" / "predictions" / f"{Path(model).stem}.csv", dtype={"path": str})
     images = [str(Path("data/prepared/images") / p) for p in expected["path"]]
     (tmp_path / "junk.png").write_text("not an image")
     good = (repo / images[0]).read_bytes()
@@ -386,6 +387,69 @@ def test_predict_folder_and_errors(repo, tmp_path):
     bad = tlpipe(tmp_path, "predict", "--model", "head", str(repo / "data/prepared/images/class0"),
                  "--out", str(out), check=False, code=repo)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: models/head.json")
+
+
+# The minimal runtime of docs/deploy.md: onnxruntime, Pillow and numpy. Importing anything heavier
+# fails in this process, and what it imported is reported after predicting.
+TORCH_FREE = """
+import sys
+HEAVY = {"torch", "torchvision", "timm", "pandas", "safetensors", "sklearn", "dvc", "onnx", "matplotlib"}
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ImportError(f"{name} is not part of the ONNX runtime install")
+
+sys.meta_path.insert(0, Refuse())
+from tlpipe.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("heavy modules:", sorted({m.split(".")[0] for m in sys.modules} & HEAVY), file=sys.stderr)
+"""
+
+
+def predict_without_torch(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", TORCH_FREE, "predict", *args], cwd=repo, env=tool_env(),
+                          text=True, capture_output=True)
+
+
+@pytest.mark.slow  # needs the experiments project (pipeline runs)
+def test_predict_with_an_onnx_file_never_imports_torch(repo, tmp_path):
+    images = [str(p.relative_to(repo)) for p in sorted((repo / "data/prepared/images").rglob("*.png"))]
+    (tmp_path / "junk.png").write_text("not an image")
+    onnx_csv, torch_csv = tmp_path / "onnx.csv", tmp_path / "torch.csv"
+    # With flip test-time augmentation, so that path is covered too (without it: the test above).
+    proc = predict_without_torch(repo, "--model", "models/finetuned.onnx", *images, str(tmp_path / "junk.png"),
+                                 "--top-k", "3", "--tta", "--out", str(onnx_csv))
+    assert proc.returncode == 0, proc.stderr
+    assert "heavy modules: []" in proc.stderr
+    assert f"{len(images)} images predicted with the models/finetuned.onnx model, 1 errors" in proc.stdout
+    tlpipe(repo, "predict", "--model", "finetuned", *images, str(tmp_path / "junk.png"), "--top-k", "3",
+           "--tta", "--out", str(torch_csv))
+    got, expected = (pd.read_csv(f, keep_default_na=False) for f in (onnx_csv, torch_csv))
+    assert list(got.columns) == list(expected.columns)
+    probs = [f"prob_{r}" for r in (1, 2, 3)]
+    assert got.drop(columns=probs).equals(expected.drop(columns=probs))  # paths, labels, errors
+    ok = got["error"] == ""
+    assert got.loc[ok, probs].astype(float).to_numpy() == pytest.approx(
+        expected.loc[ok, probs].astype(float).to_numpy(), abs=1e-4)
+
+
+@pytest.mark.slow  # needs the experiments project (pipeline runs)
+def test_a_corrupted_onnx_file_fails_in_one_line(repo, tmp_path):
+    good = (repo / "models" / "finetuned.onnx").read_bytes()
+    cases = {"truncated.onnx": good[: len(good) // 3], "garbage.onnx": b"\x00garbage" * 100}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        proc = predict_without_torch(repo, "--model", str(tmp_path / name), "data/prepared/images",
+                                     "--out", str(tmp_path / "p.csv"))
+        assert proc.returncode == 2
+        (line, modules) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: {tmp_path / name}: not a loadable ONNX model")
+        assert modules == "heavy modules: []" and not (tmp_path / "p.csv").exists()
+    other = tlpipe(repo, "predict", "--model", "model.pt", "data/prepared/images", check=False)
+    assert other.returncode == 2 and "expected head, finetuned or a .onnx file" in other.stderr
 
 
 # --- tlpipe lr-find -------------------------------------------------------------------------------

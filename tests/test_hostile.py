@@ -424,7 +424,8 @@ def test_environment_knobs_are_checked_before_any_work(bare, env, message):
     (["lr-find", "head", "--out-dir", "params.yaml/x"], "--out-dir params.yaml/x: params.yaml is not a folder"),
     (["compare", "--out", "no/such/c.html"], "--out no/such/c.html: folder no/such does not exist"),
     (["predict", "--model", "best", "x.png"],
-     "tlpipe predict: argument --model: invalid choice: 'best' (choose from head, finetuned) (see tlpipe predict --help)"),
+     "tlpipe predict: argument --model: 'best': expected head, finetuned or a .onnx file (see tlpipe predict --help)"),
+    (["predict", "--model", "no/such.onnx", "x.png"], "no/such.onnx: no such file"),
 ])
 def test_cli_arguments_are_checked_before_any_work(bare, args, message):
     project = bare

@@ -1,11 +1,13 @@
 """The pipeline through real `dvc` in a temporary git repo on real (tiny) images."""
 
 import ast
+import hashlib
 import json
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
+import onnx
 import pandas as pd
 import pytest
 import yaml
@@ -14,7 +16,8 @@ from conftest import dvc, read_json, tiny_params
 from tlpipe.linear import PROBE_MAX_ITER
 from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
 
-STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
+STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "export_head", "export_finetuned",
+          "evaluate", "scratch"]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +51,13 @@ def test_cold_repro_runs_every_stage_then_nothing(repo, baseline):
 
 
 @pytest.mark.slow
-def test_head_param_change_reruns_head_and_evaluate_only(baseline):
+def test_head_param_change_reruns_head_its_export_and_evaluate_only(baseline):
+    onnx_before = (baseline / "models" / "finetuned.onnx").read_bytes()
     result = dvc(baseline, "exp", "run", "-n", "small-grid", "-S", "head.l2_steps=3")
-    # Neither features nor fine-tuning, nor the fine-tuned model's inference on test images.
-    assert result.executed == ["head", "evaluate"]
+    # Neither features nor fine-tuning, nor the fine-tuned model's inference on test images or its
+    # export: the head's ONNX file only.
+    assert result.executed == ["head", "export_head", "evaluate"]
+    assert (baseline / "models" / "finetuned.onnx").read_bytes() == onnx_before
 
     # dvc exp show lists the experiment with both models' test accuracy and the params.
     rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
@@ -69,11 +75,11 @@ def test_head_param_change_reruns_head_and_evaluate_only(baseline):
 
 
 @pytest.mark.slow
-def test_cv_folds_change_reruns_head_and_evaluate_only(baseline):
+def test_cv_folds_change_reruns_head_its_export_and_evaluate_only(baseline):
     before = read_json(baseline / "metrics" / "head.json")
     assert before["cv_folds"] == 5 and before["fitted_on"] == "train+val"
     result = dvc(baseline, "exp", "run", "-S", "head.cv_folds=3")
-    assert result.executed == ["head", "evaluate"]
+    assert result.executed == ["head", "export_head", "evaluate"]
     assert read_json(baseline / "metrics" / "head.json")["cv_folds"] == 3
 
 
@@ -122,7 +128,8 @@ def test_metrics_say_how_sure_they_are(baseline):
 @pytest.mark.slow
 def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
     result = dvc(baseline, "exp", "run", "-S", "backbone.normalize=dataset")
-    assert result.executed == ["features", "head", "finetune", "infer", "evaluate"]
+    assert result.executed == ["features", "head", "finetune", "infer", "export_head", "export_finetuned",
+                               "evaluate"]
     meta = read_json(baseline / "data" / "features" / "meta.json")
     stats = read_json(baseline / "data" / "stats.json")
     assert meta["preprocessing"]["normalize"] == "dataset" and meta["preprocessing"]["mean"] == stats["mean"]
@@ -131,7 +138,8 @@ def test_backbone_change_reruns_features_and_below_not_data_or_stats(baseline):
 @pytest.mark.slow
 def test_geometry_change_reruns_stats_and_features(baseline):
     result = dvc(baseline, "exp", "run", "-S", "image.img_size=28")
-    assert result.executed == ["decode", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
+    assert result.executed == ["decode", "stats", "features", "head", "finetune", "infer", "export_head",
+                               "export_finetuned", "evaluate", "scratch"]
 
 
 @pytest.mark.slow
@@ -140,9 +148,40 @@ def test_finetune_param_change_reruns_finetune_and_evaluate_only(baseline):
     result = dvc(baseline, "exp", "run", "-S", "finetune.optimizer=sgd", "-S", "finetune.schedule=plateau",
                  "-S", "finetune.unfreeze=gradual", "-S", "finetune.randaugment_magnitude=9",
                  "-S", "finetune.hflip=true", "-S", "finetune.train_bn_stats=true")
-    assert result.executed == ["finetune", "infer", "evaluate"]
+    assert result.executed == ["finetune", "infer", "export_finetuned", "evaluate"]
     lr = (baseline / "metrics/finetune_curves/plots/metrics/lr/head.tsv").read_text().splitlines()
     assert lr[0].split() == ["step", "head"] and len(lr) == 3  # header + 2 epochs
+
+
+@pytest.mark.slow
+def test_exports_agree_with_pytorch_and_name_their_source(baseline):
+    """Both ONNX files: cached DVC outputs (so push/pull carry them), checked against PyTorch on every
+    test image, with the classes, the preprocessing record and the source model's sha256 inside."""
+    lock = yaml.safe_load((baseline / "dvc.lock").read_text())["stages"]
+    classes = read_json(baseline / "data" / "prepared" / "classes.json")
+    n_test = read_json(baseline / "metrics" / "data.json")["test_images"]
+    for name in ("head", "finetuned"):
+        out = baseline / "models" / f"{name}.onnx"
+        outs = {o["path"]: o for o in lock[f"export_{name}"]["outs"]}
+        md5 = outs[f"models/{name}.onnx"]["md5"]
+        assert (baseline / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+        numbers = read_json(baseline / "metrics" / f"export_{name}.json")
+        assert numbers["images"] == n_test and numbers["split"] == "test"
+        assert numbers["max_abs_prob_diff"] <= 1e-4 and numbers["argmax_mismatches"] == 0
+        assert numbers["onnx_bytes"] == out.stat().st_size
+
+        proto = onnx.load(str(out))
+        assert proto.opset_import[0].version >= 17
+        meta = {p.key: p.value for p in proto.metadata_props}
+        config = read_json(baseline / "models" / f"{name}.json")
+        assert json.loads(meta["classes"]) == classes == config["classes"]
+        assert json.loads(meta["preprocessing"]) == config["preprocessing"]
+        source = (baseline / "models" / f"{name}.safetensors").read_bytes()
+        assert meta["source_sha256"] == hashlib.sha256(source).hexdigest()
+        # the fitted temperature is inside (applied to the probabilities) and named in the metadata
+        calibrated = config if name == "head" else read_json(baseline / "models" / "finetuned_calibration.json")
+        assert float(meta["temperature"]) == numbers["temperature"] == calibrated["temperature"]
 
 
 @pytest.mark.slow
@@ -162,7 +201,7 @@ def test_lpft_starts_where_the_head_ended(baseline):
     # head.cv_folds=0: the classic protocol (fit on train, choose on val), as fine-tuning's probe
     result = dvc(baseline, "exp", "run", "-S", "head.l2_min_log10=-1.5", "-S", "head.l2_max_log10=-1.5",
                  "-S", "head.l2_steps=1", "-S", "head.cv_folds=0", "-S", f"head.max_iter={PROBE_MAX_ITER}", "-S", f"finetune.probe_l2={10 ** -1.5!r}")
-    assert result.executed == ["head", "finetune", "infer", "evaluate"]
+    assert result.executed == ["head", "finetune", "infer", "export_head", "export_finetuned", "evaluate"]
     head = read_json(baseline / "metrics" / "head.json")
     finetune = read_json(baseline / "metrics" / "finetune.json")
     assert head["l2"] == pytest.approx(10 ** -1.5)

@@ -22,7 +22,8 @@ from tlpipe.scaffold import GIT_IDENTITY, create_project
 
 pytestmark = pytest.mark.slow  # a cold repro, pushes and fresh clones
 
-STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "evaluate", "scratch"]
+STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "export_head", "export_finetuned",
+          "evaluate", "scratch"]
 UP_TO_DATE = "Data and pipelines are up to date"
 BUCKET = "tlpipe-share"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}
@@ -76,10 +77,10 @@ def test_teammate_pulls_and_recomputes_nothing(shared, tmp_path):
     assert UP_TO_DATE in dvc(mate, "status").stdout
     assert dvc(mate, "repro").executed == []
 
-    # A head change reruns head and evaluate only; the pulled features and fine-tuned model are
-    # used as they are, in a clone that never computed them.
+    # A head change reruns head, its export and evaluate only; the pulled features and fine-tuned
+    # model (and its ONNX file) are used as they are, in a clone that never computed them.
     result = dvc(mate, "exp", "run", "-S", "head.l2_steps=3")
-    assert result.executed == ["head", "evaluate"]
+    assert result.executed == ["head", "export_head", "evaluate"]
     assert "Stage 'features' didn't change, skipping" in result.stdout
 
 
@@ -106,8 +107,8 @@ def test_run_cache_restores_features_in_a_fresh_clone(shared, tmp_path):
     runs = [p.read_text().partition("\n")[0] for p in (shared.storage / "runs").rglob("*")
             if p.is_file()]
     assert sorted(runs) == sorted(f"cmd: python -m stages.{s}" for s in
-                                  ("data", "decode", "stats", "features", "head", "finetune", "infer", "evaluate",
-                                   "scratch", "features", "head"))
+                                  ("data", "decode", "stats", "features", "head", "finetune", "infer",
+                                   "export_head", "export_finetuned", "evaluate", "scratch", "features", "head"))
 
     # Teammate: fresh clone, run-cache pulled, the same params combination run again.
     mate = clone(shared, tmp_path / "mate")

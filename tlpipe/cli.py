@@ -2,9 +2,10 @@
 
     tlpipe compare [EXP ...] [--out compare.html]
     tlpipe lr-find head|finetune [--steps N] [--start-lr 1e-7] [--end-lr 10] [--out-dir lr_find]
-    tlpipe predict --model head|finetuned IMAGE_OR_FOLDER ... [--top-k K] [--out preds.csv]
+    tlpipe predict --model head|finetuned|FILE.onnx IMAGE_OR_FOLDER ... [--top-k K] [--out preds.csv]
 
-The heavy imports (torch, dvc) happen inside each command, so `tlpipe --help` is instant.
+The heavy imports (torch, dvc) happen inside each command, so `tlpipe --help` is instant, and
+`predict` with a .onnx file never imports torch (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def _predict(args) -> None:
     predict.predict(args.inputs, args.model, args.top_k, Path(args.out), tta="flip" if args.tta else "none")
 
 
+def _model(value: str) -> str:
+    if value in ("head", "finetuned") or value.endswith(".onnx"):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected head, finetuned or a .onnx file")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one `error: ...` line (exit status 2) like every other error."""
 
@@ -127,15 +134,17 @@ def parser() -> argparse.ArgumentParser:
     lr.add_argument("--out-dir", default="lr_find", help="where <target>.csv and .png go (default: %(default)s)")
     lr.set_defaults(func=_lr_find)
 
-    pr = sub.add_parser("predict", help="top-k classes of images with the head or the fine-tuned model",
+    pr = sub.add_parser("predict", help="top-k classes of images with the head, the fine-tuned model "
+                        "or an exported .onnx file",
                         description="Classify new images with a model of the pipeline (models/), "
                         "preprocessed exactly as the evaluation does. Unreadable files are reported and "
                         "listed with their error; they do not stop the run.")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                     help="image files, or folders searched recursively for image files")
-    pr.add_argument("--model", choices=["head", "finetuned"], required=True,
+    pr.add_argument("--model", type=_model, required=True, metavar="head|finetuned|FILE.onnx",
                     help="head: the linear probe on the backbone's features (models/head.*); "
-                         "finetuned: the fine-tuned network (models/finetuned.*)")
+                         "finetuned: the fine-tuned network (models/finetuned.*); a .onnx file of the "
+                         "export stages (e.g. models/finetuned.onnx) runs on onnxruntime, without torch")
     pr.add_argument("--top-k", type=int, default=1,
                     help="how many classes to list per image, most probable first (default: %(default)s)")
     pr.add_argument("--out", default="preds.csv",

@@ -25,6 +25,8 @@ FINETUNED = MODELS / "finetuned.safetensors"  # finetune
 FINETUNED_CONFIG = MODELS / "finetuned.json"
 FINETUNED_CALIBRATION = MODELS / "finetuned_calibration.json"  # infer: temperature fitted on val
 RESUME = MODELS / ".resume"                 # finetune's per-epoch checkpoint (not an output)
+HEAD_ONNX = MODELS / "head.onnx"            # export_head
+FINETUNED_ONNX = MODELS / "finetuned.onnx"  # export_finetuned
 
 METRICS = Path("metrics")
 DATA_METRICS = METRICS / "data.json"
@@ -42,3 +44,5 @@ GALLERY = METRICS / "gallery"
 RELIABILITY = METRICS / "reliability.png"   # evaluate: reliability diagrams
 TEST_DUPLICATES = METRICS / "duplicates.csv"  # evaluate: exact and near copies, label conflicts
 SCRATCH_METRICS = METRICS / "scratch.json"
+EXPORT_HEAD_METRICS = METRICS / "export_head.json"
+EXPORT_FINETUNED_METRICS = METRICS / "export_finetuned.json"

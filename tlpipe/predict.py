@@ -1,34 +1,35 @@
-"""`tlpipe predict`: top-k classes of new images with the head or the fine-tuned model.
+"""`tlpipe predict`: top-k classes of new images with the head, the fine-tuned model or an ONNX export.
 
-Exactly the evaluation path: the model config's preprocessing record (`eval_images`, as the decode
-stage, then its mean/std); for the head, the backbone's features computed by `inference.outputs`
-(what the features stage caches) and then the head's linear layer (what evaluate applies to the
-cached test features).
-Folders are searched like the data stage's class folders (`tlpipe.images.list_files`: every file
+Exactly the evaluation path: the model's preprocessing record (decoding by tlpipe.pixels, as the
+decode stage, then its mean/std); for the head, the backbone's features computed by
+`inference.outputs` (what the features stage caches) and then the head's linear layer (what evaluate
+applies to the cached test features). With a `.onnx` file (the export stages' models/*.onnx), the
+record comes from the file's metadata and onnxruntime runs it: torch is never imported on that path,
+nor pandas, so Pillow, numpy and onnxruntime suffice (docs/deploy.md).
+Folders are searched like the data stage's class folders (`tlpipe.pixels.list_files`: every file
 but hidden and junk ones, whatever its extension), so predict takes exactly the files training
 takes. Each file is decoded once up front as the model's loader will decode it; a file that fails
 (not an image, malformed EXIF, a name that is not UTF-8...) is reported, on stderr and as a CSV
 row with an error, and does not stop the run. The output path and the model are checked before
 any image is decoded.
 Probabilities are calibrated: the model's logits divided by its fitted temperature (head.json's,
-fitted on out-of-fold logits; finetuned_calibration.json's, fitted on val), as evaluate scores them.
+fitted on out-of-fold logits; finetuned_calibration.json's, fitted on val), as evaluate scores them;
+an ONNX file has its temperature inside, and gives the same probabilities.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from pathlib import Path
 
-import pandas as pd
-import torch
+import numpy as np
 
-from tlpipe import backbones, calibration, inference, linear
-from tlpipe.images import check_image, eval_check, eval_images, list_files, shown
 from tlpipe.io import atomic_path, read_json
-from tlpipe.models import load_classifier, load_head
 from tlpipe.paths import MODELS
-from tlpipe.runtime import TlpipeError, device, inference_batch_size, workers
+from tlpipe.pixels import check_image, eval_check, list_files, load_eval_pixels, shown
+from tlpipe.runtime import TlpipeError, inference_batch_size, workers
 
 
 def collect(inputs: list[str]) -> list[Path]:
@@ -54,15 +55,27 @@ def check_output(out: Path) -> None:
         raise TlpipeError(f"--out {out}: not writable")
 
 
-def _loader(paths: list[Path], geometry: dict, dev: torch.device):
-    return torch.utils.data.DataLoader(eval_images(paths, geometry), batch_size=inference_batch_size(dev),
-                                       num_workers=workers())
+def calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(raw) / T): the temperature applied to probabilities (tlpipe.calibration, in numpy)."""
+    z = np.log(np.clip(raw.astype(np.float64), 1e-300, None)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
-class Model:
-    """A trained model as predict uses it: its config (preprocessing, classes) and its probabilities."""
+class TorchModel:
+    """The head or the fine-tuned model of models/ as predict uses it: its preprocessing record, classes,
+    temperature and calibrated probabilities."""
 
     def __init__(self, kind: str, models: Path):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise TlpipeError(f"--model {kind} needs torch (pip install tlpipe); a runtime without it "
+                              "takes an exported .onnx file (docs/deploy.md)") from None
+        from tlpipe import backbones
+        from tlpipe.models import load_classifier, load_head
+
         self.kind = kind
         if kind == "head":
             self.head, cfg = load_head(models / "head.safetensors", models / "head.json")
@@ -71,20 +84,30 @@ class Model:
         else:
             self.model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
             # the temperature the infer stage fitted on val; without it (infer not run yet), as trained
-            calibrated = models / "finetuned_calibration.json"
-            if not calibrated.is_file():
-                print(f"note: {calibrated} missing (run the infer stage); probabilities are not calibrated",
+            calibration = models / "finetuned_calibration.json"
+            if not calibration.is_file():
+                print(f"note: {calibration} missing (run the infer stage); probabilities are not calibrated",
                       file=sys.stderr)
-            self.temperature = read_json(calibrated)["temperature"] if calibrated.is_file() else 1.0
+            self.temperature = read_json(calibration)["temperature"] if calibration.is_file() else 1.0
         self.record, self.classes = cfg["preprocessing"], cfg["classes"]
 
-    def proba(self, paths: list[Path], tta: str) -> torch.Tensor:
+    def proba(self, paths: list[Path], tta: str) -> np.ndarray:
         """Calibrated class probabilities (with tta "flip": of the averaged probabilities)."""
-        return calibration.scaled_proba(calibration.logits_of(self.raw_proba(paths, tta)), self.temperature).float()
+        from tlpipe import calibration
 
-    def raw_proba(self, paths: list[Path], tta: str) -> torch.Tensor:
+        raw = self.raw_proba(paths, tta)
+        return calibration.scaled_proba(calibration.logits_of(raw), self.temperature).float().numpy()
+
+    def raw_proba(self, paths: list[Path], tta: str):
+        import torch
+
+        from tlpipe import inference, linear
+        from tlpipe.images import eval_images
+        from tlpipe.runtime import device
+
         record, dev = self.record, device()
-        loader = _loader(paths, record, dev)
+        loader = torch.utils.data.DataLoader(eval_images(paths, record), batch_size=inference_batch_size(dev),
+                                             num_workers=workers())
         if self.kind == "finetuned":
             return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
                                                  desc="fine-tuned")
@@ -95,13 +118,43 @@ class Model:
         return sum(proba) / len(proba)
 
 
+class ExportedModel:
+    """A .onnx file of the export stages (tlpipe.onnx_model), run by onnxruntime without torch."""
+
+    def __init__(self, path: str):
+        from tlpipe.onnx_model import OnnxModel
+
+        self.onnx = OnnxModel(path)  # a bad model file fails before any image is read
+        self.record, self.classes = self.onnx.preprocessing, self.onnx.classes
+
+    def proba(self, paths: list[Path], tta: str) -> np.ndarray:
+        """Decoded and run one batch at a time. The file's own output is calibrated already; with tta
+        "flip", the two views' probabilities are averaged before the temperature, as the torch path does."""
+        batch, chunks = inference_batch_size(), []
+        for lo in range(0, len(paths), batch):
+            pixels = np.stack([load_eval_pixels(p, self.record) for p in paths[lo:lo + batch]])
+            if tta == "flip":
+                raw = [_softmax(self.onnx.run(view)[1]) for view in (pixels, pixels[..., ::-1])]
+                chunks.append(calibrated((raw[0] + raw[1]) / 2, self.onnx.temperature).astype(np.float32))
+            else:
+                chunks.append(self.onnx.proba(pixels))
+        return np.concatenate(chunks)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path = MODELS,
-            tta: str = "none") -> pd.DataFrame:
+            tta: str = "none") -> list[dict]:
+    """`model`: head, finetuned, or the path of a .onnx file."""
     check_output(out)
     files = collect(inputs)
     if not files:
         raise TlpipeError("no files found in " + ", ".join(shown(i) for i in inputs))
-    trained = Model(model, models)
+    trained = ExportedModel(model) if model.endswith(".onnx") else TorchModel(model, models)
     load = eval_check(trained.record)
     errors = {}
     for path in files:
@@ -111,22 +164,25 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
             print(f"error: {shown(path)}: {reason}", file=sys.stderr)
     good = [p for p in files if p not in errors]
     proba, classes = (trained.proba(good, tta) if good else None), trained.classes
-    if proba is not None and not bool(torch.isfinite(proba).all()):
+    if proba is not None and not bool(np.isfinite(proba).all()):
         raise TlpipeError(f"the {model} model gave non-finite probabilities; its weights are damaged")
     k = min(top_k, len(classes))
     rows, good_index = [], {p: i for i, p in enumerate(good)}
     for path in files:
         row = {"path": shown(path)}
         if path in good_index:
-            p, idx = proba[good_index[path]].topk(k)
-            for rank in range(k):
-                row[f"label_{rank + 1}"] = classes[int(idx[rank])]
-                row[f"prob_{rank + 1}"] = round(float(p[rank]), 6)
+            # Ranked by the probabilities as printed, ties in class order: the same CSV from torch and
+            # from onnxruntime, whose float32 results differ in digits nobody sees (and underflow apart).
+            p = [round(float(x), 6) for x in proba[good_index[path]]]
+            for rank, idx in enumerate(sorted(range(len(p)), key=lambda i: -p[i])[:k]):
+                row[f"label_{rank + 1}"] = classes[idx]
+                row[f"prob_{rank + 1}"] = p[idx]
         row["error"] = errors.get(path, "")
         rows.append(row)
     columns = ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
-    table = pd.DataFrame(rows, columns=columns)
-    with atomic_path(out) as tmp:
-        table.to_csv(tmp, index=False)
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
     print(f"{len(good)} images predicted with the {model} model, {len(errors)} errors -> {out}")
-    return table
+    return rows

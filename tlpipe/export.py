@@ -1,0 +1,130 @@
+"""ONNX export of a trained classifier, checked against PyTorch before it is kept.
+
+The exported graph takes uint8 N x 3 x S x S pixels (what tlpipe.pixels decodes, and what the decode
+stage stores) and returns calibrated class probabilities, softmax(logits / T) with the model's fitted
+temperature T (tlpipe.calibration), and the raw logits: normalization, temperature and softmax are
+inside, so a runtime needs only Pillow, numpy and onnxruntime (tlpipe.onnx_model, docs/deploy.md) and
+gets the probabilities `tlpipe predict` and evaluate report. Batch size is dynamic.
+
+Parity: onnxruntime (CPU) against the PyTorch path of `tlpipe predict` (tlpipe.inference.outputs on
+the CPU, then tlpipe.calibration) on the decoded test images; the file is renamed into place only
+when the largest probability difference is at most TOLERANCE and every argmax agrees.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlpipe import calibration, inference, preprocessing
+from tlpipe.decoded import DecodedSplit
+from tlpipe.io import atomic_path, sha256_file, write_json
+from tlpipe.onnx_model import INPUT, LOGITS, OUTPUT, OnnxModel
+from tlpipe.runtime import TlpipeError, inference_batch_size
+
+OPSET = 17
+TOLERANCE = 1e-4  # largest |probability difference| allowed between onnxruntime and PyTorch
+
+
+class Deployable(nn.Module):
+    """uint8 pixels -> (calibrated class probabilities, logits): a classifier with its input
+    normalization, its temperature and softmax."""
+
+    def __init__(self, model: nn.Module, mean, std, temperature: float):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (pixels.float() / 255.0 - self.mean) / self.std  # as tlpipe.images.normalize_batch
+        logits = self.model(x)
+        return torch.softmax(logits / self.temperature, dim=1), logits
+
+
+def to_onnx(model: nn.Module, record: dict, temperature: float, metadata: dict[str, str], path: Path) -> None:
+    deployable = Deployable(model, record["mean"], record["std"], temperature).eval()
+    s = record["img_size"]
+    example = torch.zeros((2, 3, s, s), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter: it needs only `onnx`, where the dynamo one also needs
+        # onnxscript; it still exports these convnets exactly (the parity check below proves it).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(deployable, (example,), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT], output_names=[OUTPUT, LOGITS],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}, LOGITS: {0: "batch"}})
+    import onnx
+
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def parity(model: nn.Module, onnx_file: Path, test: DecodedSplit, record: dict, temperature: float) -> dict:
+    """onnxruntime against PyTorch on every test image: the numbers metrics/export_*.json keeps.
+
+    The reference is `tlpipe predict`'s torch path: softmax, then the temperature on its log."""
+    batch = inference_batch_size()
+    cpu = torch.device("cpu")  # the ONNX file targets CPU runtimes; compare on the same device type
+    logits = inference.outputs(model, test.batches(batch), record["mean"], record["std"], cpu,
+                               desc="parity: PyTorch")
+    reference = calibration.scaled_proba(calibration.logits_of(torch.softmax(logits, dim=1)), temperature).numpy()
+    runtime = OnnxModel(onnx_file)
+    got, got_logits = (np.concatenate(parts) for parts in zip(*(
+        runtime.run(images.numpy()) for images, _ in test.batches(batch))))
+    diff = np.abs(got.astype(np.float64) - reference)
+    mismatches = int((got.argmax(1) != reference.argmax(1)).sum())
+    # Before the temperature too: a T below 1 multiplies logit differences by 1/T, so the calibrated
+    # difference (the one checked: what users get) can exceed the model's own.
+    as_trained = np.abs(torch.softmax(torch.from_numpy(got_logits).double(), 1).numpy()
+                        - torch.softmax(logits.double(), 1).numpy())
+    return {"split": "test", "images": len(test), "temperature": temperature,
+            "max_abs_prob_diff": float(diff.max()), "mean_abs_prob_diff": float(diff.mean()),
+            "max_abs_prob_diff_uncalibrated": float(as_trained.max()),
+            "max_abs_logit_diff": float(np.abs(got_logits.astype(np.float64) - logits.double().numpy()).max()),
+            "argmax_mismatches": mismatches, "tolerance": TOLERANCE}
+
+
+def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, metrics: Path,
+           test: DecodedSplit, temperature: float, temperature_from: str) -> dict:
+    """Export `model` (loaded from `source` + `config`, eval mode, CPU) with its fitted `temperature`
+    (read from `temperature_from`) to `out`, checked on the decoded `test` split; parity numbers to
+    `metrics`. Nothing is written when parity fails."""
+    record = cfg["preprocessing"]
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise TlpipeError(f"{temperature_from}: temperature {temperature!r} is not a finite number above 0; "
+                          f"rerun the stage that writes it")
+    preprocessing.check(record, test.geometry, config, f"rerun the stage that writes {config}")
+    if len(test) == 0:
+        raise TlpipeError(f"{out}: no test images to check the export on (data.test_fraction is 0)")
+    metadata = {"classes": json.dumps(cfg["classes"]), "preprocessing": json.dumps(record),
+                "source_model": str(source), "source_sha256": sha256_file(source),
+                "backbone": cfg["backbone"], "backbone_weights_sha256": cfg["weights_sha256"],
+                "temperature": repr(float(temperature)), "temperature_from": temperature_from}
+    with atomic_path(out) as tmp:
+        to_onnx(model, record, temperature, metadata, tmp)
+        numbers = parity(model, tmp, test, record, temperature)
+        if numbers["max_abs_prob_diff"] > TOLERANCE or numbers["argmax_mismatches"]:
+            raise TlpipeError(
+                f"{out}: onnxruntime disagrees with PyTorch on the {len(test)} test images (largest "
+                f"probability difference {numbers['max_abs_prob_diff']:.2e}, limit {TOLERANCE:.0e}, at "
+                f"temperature {temperature:.3g}, {numbers['max_abs_prob_diff_uncalibrated']:.2e} before it; "
+                f"argmax differs on {numbers['argmax_mismatches']}); not written")
+        numbers.update(onnx_bytes=tmp.stat().st_size, opset=OPSET)
+    write_json(metrics, numbers)
+    print(f"{out}: {numbers['onnx_bytes'] / 2**20:.1f} MiB, opset {OPSET}; onnxruntime vs PyTorch on "
+          f"{len(test)} test images: largest probability difference {numbers['max_abs_prob_diff']:.1e}, "
+          f"argmax identical")
+    return numbers

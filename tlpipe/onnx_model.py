@@ -1,0 +1,90 @@
+"""A model exported by the export stages, run by onnxruntime: numpy in, numpy out, no torch.
+
+The file's contract (tlpipe.export writes it): input `pixels`, uint8 N x 3 x S x S at the record's
+img_size, decoded by tlpipe.pixels; outputs `probabilities`, float32 N x classes, calibrated
+(softmax(logits / T), T the model's fitted temperature), and `logits`, float32 N x classes;
+metadata_props `classes` (JSON list), `preprocessing` (the JSON preprocessing record,
+tlpipe.preprocessing), `temperature` (T, already applied to `probabilities`) and `source_sha256` (the
+safetensors file it was exported from). Anything else is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tlpipe.preprocessing import KEYS
+from tlpipe.runtime import TlpipeError
+
+INPUT, OUTPUT, LOGITS = "pixels", "probabilities", "logits"
+REQUIRED_METADATA = ("classes", "preprocessing", "temperature", "source_sha256")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class OnnxModel:
+    def __init__(self, path: str | Path, threads: int | None = None):
+        """`threads`: onnxruntime's intra-op threads (default: its own, one per physical core)."""
+        self.path = path = Path(path)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise TlpipeError("onnxruntime is not installed: pip install onnxruntime (docs/deploy.md)") from None
+        if not path.is_file():
+            raise TlpipeError(f"{path}: no such file")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its warnings would interleave with our output
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, InvalidGraph, ...)
+            raise TlpipeError(f"{path}: not a loadable ONNX model ({_first_line(e)})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [key for key in REQUIRED_METADATA if key not in meta]
+        if missing:
+            raise TlpipeError(f"{path}: not a tlpipe export (its metadata has no {', '.join(missing)}); "
+                              "export it with `dvc repro export_head export_finetuned`")
+        try:
+            self.classes = json.loads(meta["classes"])
+            self.preprocessing = json.loads(meta["preprocessing"])
+        except json.JSONDecodeError as e:
+            raise TlpipeError(f"{path}: metadata is not valid JSON ({e})") from None
+        try:
+            self.temperature = float(meta["temperature"])
+        except ValueError:
+            self.temperature = float("nan")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise TlpipeError(f"{path}: metadata 'temperature' is {meta['temperature']!r}, not a number above 0")
+        self.source_sha256 = meta["source_sha256"]
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        where = self.path
+        if not (isinstance(self.classes, list) and self.classes and all(isinstance(c, str) for c in self.classes)):
+            raise TlpipeError(f"{where}: metadata 'classes' is not a list of class names")
+        if not isinstance(self.preprocessing, dict) or set(KEYS) - set(self.preprocessing):
+            raise TlpipeError(f"{where}: metadata 'preprocessing' lacks keys of {', '.join(KEYS)}")
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        s = self.preprocessing["img_size"]
+        if ([i.name for i in inputs] != [INPUT] or inputs[0].type != "tensor(uint8)"
+                or list(inputs[0].shape[1:]) != [3, s, s]):
+            raise TlpipeError(f"{where}: expected one input '{INPUT}', uint8 N x 3 x {s} x {s}")
+        shapes = {o.name: o.shape for o in outputs}
+        for name in (OUTPUT, LOGITS):
+            if name not in shapes or shapes[name][1:] != [len(self.classes)]:
+                raise TlpipeError(f"{where}: expected an output '{name}' of N x {len(self.classes)} "
+                                  "(one value per class)")
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 N x 3 x S x S -> (calibrated probabilities, logits), float32 N x classes each."""
+        proba, logits = self.session.run([OUTPUT, LOGITS], {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})
+        return proba, logits
+
+    def proba(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 N x 3 x S x S -> calibrated probabilities, float32 N x classes."""
+        return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
