@@ -8,7 +8,10 @@ gets the probabilities `tlpipe predict` and evaluate report. Batch size is dynam
 
 Parity: onnxruntime (CPU) against the PyTorch path of `tlpipe predict` (tlpipe.inference.outputs on
 the CPU, then tlpipe.calibration) on the decoded test images; the file is renamed into place only
-when the largest probability difference is at most TOLERANCE and every argmax agrees.
+when the model's largest probability difference (softmax of the logits) is at most TOLERANCE and
+every argmax agrees. The calibrated difference is reported beside it, not gated: a temperature T < 1
+multiplies the same float32 logit noise by 1/T, so gating on it would fail sharply calibrated models
+(tiny sets fit T near 0.02) whose file is as faithful as any other.
 """
 
 from __future__ import annotations
@@ -84,15 +87,13 @@ def parity(model: nn.Module, onnx_file: Path, test: DecodedSplit, record: dict, 
     runtime = OnnxModel(onnx_file)
     got, got_logits = (np.concatenate(parts) for parts in zip(*(
         runtime.run(images.numpy()) for images, _ in test.batches(batch))))
-    diff = np.abs(got.astype(np.float64) - reference)
+    calibrated = np.abs(got.astype(np.float64) - reference)
     mismatches = int((got.argmax(1) != reference.argmax(1)).sum())
-    # Before the temperature too: a T below 1 multiplies logit differences by 1/T, so the calibrated
-    # difference (the one checked: what users get) can exceed the model's own.
     as_trained = np.abs(torch.softmax(torch.from_numpy(got_logits).double(), 1).numpy()
                         - torch.softmax(logits.double(), 1).numpy())
     return {"split": "test", "images": len(test), "temperature": temperature,
-            "max_abs_prob_diff": float(diff.max()), "mean_abs_prob_diff": float(diff.mean()),
-            "max_abs_prob_diff_uncalibrated": float(as_trained.max()),
+            "max_abs_prob_diff": float(as_trained.max()), "mean_abs_prob_diff": float(as_trained.mean()),
+            "max_abs_prob_diff_calibrated": float(calibrated.max()),
             "max_abs_logit_diff": float(np.abs(got_logits.astype(np.float64) - logits.double().numpy()).max()),
             "argmax_mismatches": mismatches, "tolerance": TOLERANCE}
 
@@ -119,8 +120,8 @@ def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, m
         if numbers["max_abs_prob_diff"] > TOLERANCE or numbers["argmax_mismatches"]:
             raise TlpipeError(
                 f"{out}: onnxruntime disagrees with PyTorch on the {len(test)} test images (largest "
-                f"probability difference {numbers['max_abs_prob_diff']:.2e}, limit {TOLERANCE:.0e}, at "
-                f"temperature {temperature:.3g}, {numbers['max_abs_prob_diff_uncalibrated']:.2e} before it; "
+                f"probability difference {numbers['max_abs_prob_diff']:.2e}, limit {TOLERANCE:.0e}; "
+                f"{numbers['max_abs_prob_diff_calibrated']:.2e} at temperature {temperature:.3g}; "
                 f"argmax differs on {numbers['argmax_mismatches']}); not written")
         numbers.update(onnx_bytes=tmp.stat().st_size, opset=OPSET)
     write_json(metrics, numbers)
