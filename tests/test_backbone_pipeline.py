@@ -87,7 +87,8 @@ def test_editing_a_repository_weights_file_reruns_features_and_below_only(tmp_pa
 
     write_weights(1)
     second = dvc(repo, "repro")
-    assert set(second.executed) == {"features", "head", "finetune", "infer", "evaluate"}
+    assert set(second.executed) == {"features", "head", "finetune", "infer", "export_head", "export_finetuned",
+                                    "evaluate"}
     assert not set(second.executed) & set(UPSTREAM)
     assert read_json(repo / "data/features/meta.json")["weights_sha256"] == sha256_file(repo / "weights/mine.safetensors")
     assert dvc(repo, "repro").executed == []
