@@ -79,15 +79,7 @@ def tlpipe_loop(args) -> dict:
     torch.manual_seed(seed)
     start = finetuning.start_model(f, seed)
     model, record, dev = start.model, start.source["preprocessing"], group.device
-    n_classes = len(start.source["classes"])
-    balance = finetuning.class_weights(start.train_targets, n_classes)[start.train_targets]
-    batches = distributed.GlobalBatches(len(start.train_set), f.batch_size, group, seed,
-                                        weights=balance if f.class_balance == "sampler" else None)
-    model.to(dev, memory_format=torch.channels_last)
-    optimizer = finetuning.make_optimizer(model, f, start.blocks)
-    scheduler = finetuning.make_scheduler(optimizer, f, len(batches))
-    loss_fn, mixing = finetuning.make_loss(f, start.train_targets, n_classes), finetuning.make_mixing(f, n_classes)
-    ema = finetuning.make_ema(model, f)
+    batches, optimizer, scheduler, loss_fn, mixing, ema = finetuning.make_training(start, f, group, seed)
 
     seconds, images = [], []
     for epoch in range(1, args.warmup_epochs + args.epochs + 1):

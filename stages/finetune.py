@@ -50,15 +50,7 @@ def main() -> None:
     val = DecodedSplit("val")
     preprocessing.check(record, val.geometry, FEATURES / "meta.json", "rerun the features stage")
     val_batches = val.batches(inference_batch_size(dev), group.rank, group.world)
-    n_classes = len(start.source["classes"])
-    balance = finetuning.class_weights(start.train_targets, n_classes)[start.train_targets]
-    batches = distributed.GlobalBatches(len(start.train_set), f.batch_size, group, seed,
-                                        weights=balance if f.class_balance == "sampler" else None)
-    model.to(dev, memory_format=torch.channels_last)
-    optimizer = finetuning.make_optimizer(model, f, start.blocks)
-    scheduler = finetuning.make_scheduler(optimizer, f, len(batches))
-    loss_fn, mixing = finetuning.make_loss(f, start.train_targets, n_classes), finetuning.make_mixing(f, n_classes)
-    ema = finetuning.make_ema(model, f)
+    batches, optimizer, scheduler, loss_fn, mixing, ema = finetuning.make_training(start, f, group, seed)
 
     # Resume only a run with exactly these inputs, code and device (its results would differ else).
     code = [Path("stages/finetune.py"), *sorted(Path("tlpipe").glob("*.py"))]

@@ -213,6 +213,21 @@ def make_ema(model: nn.Module, f):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(f.ema_decay), use_buffers=True)
 
 
+
+def make_training(start, f, group, seed: int):
+    """The batches (class-balanced draws when `class_balance: sampler`), optimizer, scheduler, loss,
+    MixUp/CutMix and EMA that `start` trains with; the model moves to the device, channels_last.
+    The finetune stage and bench/finetune.py build them here, so the benchmark times the stage's set-up."""
+    n_classes = len(start.source["classes"])
+    balance = class_weights(start.train_targets, n_classes)[start.train_targets]
+    batches = distributed.GlobalBatches(len(start.train_set), f.batch_size, group, seed,
+                                        weights=balance if f.class_balance == "sampler" else None)
+    start.model.to(group.device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(start.model, f, start.blocks)
+    scheduler = make_scheduler(optimizer, f, len(batches))
+    loss_fn, mixing = make_loss(f, start.train_targets, n_classes), make_mixing(f, n_classes)
+    return batches, optimizer, scheduler, loss_fn, mixing, make_ema(start.model, f)
+
 def train_one_epoch(net: nn.Module, optimizer, scheduler, loader, targets: torch.Tensor, record: dict,
                     group: distributed.Group, f, epoch: int, global_sizes: list[int], kept: str,
                     loss_fn, mixing=None, ema=None) -> float:
