@@ -233,6 +233,36 @@ def test_from_csv_dotdot_inside_root_never_yields_rel_outside_prepared_folder(tm
         assert ".." not in rel.parts, item.rel
 
 
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_equal_scikit_learns_without_importing_it():
+    """The default source reads scikit-learn's bundled CSV itself (its import costs seconds)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    images, targets = sources.digits()
+    expected = load_digits()
+    assert images.shape == (1797, 8, 8) and targets.dtype.kind == "i"
+    np.testing.assert_array_equal(images, expected.images)
+    np.testing.assert_array_equal(targets, expected.target)
+    code = "import sys; from tlpipe import sources; sources.digits(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(sources.__file__).parent.parent,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_digits_fall_back_to_scikit_learns_loader_when_the_csv_moved(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    images, targets = sources.digits()
+    np.testing.assert_array_equal(images, load_digits().images)
+    np.testing.assert_array_equal(targets, load_digits().target)
+
+
 # --------------------------------------------------------------------------- stratified_split
 
 def split_of(items: list[Item]) -> dict[str, str]:

@@ -6,6 +6,8 @@ and, for pre-split layouts, the split it was given.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import shutil
 import stat
 import tarfile
@@ -20,10 +22,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from tlpipe.images import is_junk as _is_junk
-from tlpipe.images import list_files as _files_under
-from tlpipe.images import error_name, shown, utf8_name
 from tlpipe.io import atomic_dir, atomic_path, sha256_file
+from tlpipe.pixels import is_junk as _is_junk  # tlpipe.pixels: no torch in the data stage
+from tlpipe.pixels import list_files as _files_under
+from tlpipe.pixels import error_name, shown, utf8_name
 from tlpipe.runtime import TlpipeError
 
 SPLITS = ("train", "val", "test")
@@ -323,15 +325,30 @@ def stratified_split(items: list[Item], val_fraction: float, test_fraction: floa
     return sorted(out, key=lambda i: (SPLITS.index(i.split), i.label, i.rel))
 
 
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: (images, 1797 x 8 x 8 in 0..16; their int labels), as its `load_digits`
+    reads them, from the same bundled CSV. Read here without importing scikit-learn, whose import
+    takes longer than the rest of the data stage on them; its own loader if the file has moved."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is None or not csv.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    with gzip.open(csv, "rt", encoding="utf-8") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def from_digits(folder: Path) -> list[Item]:
     """scikit-learn's 1797 bundled 8x8 digit scans (values 0..16), written as 8-bit grayscale PNGs
     into `folder`: the offline default, real images with no download."""
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    images, targets = digits()
     items = []
-    for i, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+    for i, (pixels, target) in enumerate(zip(images, targets)):
         rel = f"digits/{target}/{i:04d}.png"
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         scaled = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
