@@ -383,3 +383,13 @@ def test_two_classes_one_all_bad_names_the_lost_class_not_only_one_class(project
     with pytest.raises(TlpipeError, match=r"^class 'b' has no usable training image \(3 file\(s\), 3 unusable; "
                                           rf"first: {root / 'b' / '0.jpg'}: not an image PIL can read\)$"):
         data.main()
+
+
+@pytest.mark.parametrize("stage", ["data", "scratch"])
+def test_stage_starts_without_torch_or_scikit_learn(stage):
+    """A stage process starts for every `dvc repro`; these two need neither library (the default's
+    digits are read without scikit-learn; scratch imports torch only when enabled), whose imports
+    alone take seconds."""
+    code = f"import sys, stages.{stage}; print(sorted({{'torch', 'sklearn'}} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
