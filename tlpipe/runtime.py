@@ -250,6 +250,15 @@ def workers(main_computes: bool = True) -> int:
     return _env_int("TLPIPE_WORKERS", default, 0, 64)
 
 
+def training_workers(dev) -> int:
+    """Loader workers for fine-tuning's augmentation of decoded pixels on device `dev`.
+
+    On a CPU the forward and backward pass use every core, and augmenting a decoded crop costs about
+    a millisecond against tens spent on it by the model, so the main process augments (0 workers:
+    a worker only takes cycles from the model). On a GPU, workers keep the device fed."""
+    return workers() if dev.type != "cpu" else _env_int("TLPIPE_WORKERS", 0, 0, 64)
+
+
 def inference_batch_size(dev=None) -> int:
     default = 128 if dev is not None and dev.type == "cuda" else 16
     return _env_int("TLPIPE_BATCH_SIZE", default, 1)
