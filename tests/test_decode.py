@@ -114,17 +114,21 @@ def test_the_train_split_is_decoded_again_at_the_wider_training_geometry(project
 def test_training_crops_are_seeded_per_image_and_epoch_and_leave_the_global_rng_alone(project):
     decode.main()
     images = TrainImages(DecodedSplit(decoded.TRAIN_SOURCE), train_transform(64, "bicubic", 0.3, True, 9), seed=3)
+    loader = torch.utils.data.DataLoader(images, batch_size=len(images))
+    source, positions, repeats = next(iter(loader))
+    assert source.shape == (len(images), 3, 74, 74) and positions.tolist() == list(range(len(images)))
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = [images[i][0] for i in range(len(images))]
-    assert torch.equal(torch.get_rng_state(), state)  # MixUp's draws do not depend on who loaded
-    assert all(x.shape == (3, 64, 64) and x.dtype == torch.uint8 for x in first)
-    again = TrainImages(DecodedSplit(decoded.TRAIN_SOURCE), images.transform, seed=3)
-    assert all(torch.equal(a, again[i][0]) for i, a in enumerate(first))
-    assert all(torch.equal(a, again[i, 0][0]) for i, a in enumerate(first))
-    assert sum(torch.equal(a, again[i, 1][0]) for i, a in enumerate(first)) == 0  # a second draw: new crop
-    again.epoch = 1
-    assert sum(torch.equal(a, again[i][0]) for i, a in enumerate(first)) == 0
+    first = images.augment(source, positions, repeats)
+    assert torch.equal(torch.get_rng_state(), state)  # MixUp's draws do not depend on augmenting
+    assert first.shape == (len(images), 3, 64, 64) and first.dtype == torch.uint8
+    assert torch.equal(first, images.augment(source, positions, repeats))
+    # one image at a time (as on several ranks) or in a batch: the same crops
+    assert torch.equal(first[5], images.augment(source[5:6], positions[5:6], repeats[5:6])[0])
+    again = images.augment(source, positions, repeats + 1)  # a second draw in the epoch: new crops
+    assert not any(torch.equal(a, b) for a, b in zip(first, again))
+    images.epoch = 1
+    assert not any(torch.equal(a, b) for a, b in zip(first, images.augment(source, positions, repeats)))
 
 
 def test_batches_cross_shards_and_ranks_share_them_out_once(project):

@@ -43,7 +43,7 @@ class Start:
     model: Classifier               # the probe on the pretrained backbone, on the CPU
     blocks: list[list]              # the backbone's blocks, input to output: the units of unfreezing
     source: dict                    # the features metadata: backbone, weights, classes, preprocessing
-    train_set: TrainImages          # augmented training images -> (uint8 image, position)
+    train_set: TrainImages          # training images -> (uint8 image, position, repeat), and their augmentation
     train_targets: torch.Tensor     # class index of each training image, by position
     targets: torch.Tensor           # class index of every manifest row (val batches carry row ids)
 
@@ -240,8 +240,9 @@ def train_one_epoch(net: nn.Module, optimizer, scheduler, loader, targets: torch
     dev, amp = group.device, group.device.type == "cuda"
     loss_sum, seen = 0.0, 0
     bar = progress(loader, desc=f"epoch {epoch}/{f.epochs}", enabled=group.is_main)
-    for step, (images, idx) in enumerate(bar, start=1):
-        x = normalize_batch(images.to(dev, non_blocking=True), record["mean"], record["std"])
+    for step, (images, idx, repeats) in enumerate(bar, start=1):
+        images = loader.dataset.augment(images.to(dev, non_blocking=True), idx, repeats)  # tlpipe.images.TrainImages
+        x = normalize_batch(images, record["mean"], record["std"])
         y = targets[idx].to(dev, non_blocking=True)
         if mixing is not None:
             x, y = mixing(x, y)

@@ -80,14 +80,14 @@ class ImageFiles(torch.utils.data.Dataset):
 
 class TrainImages(torch.utils.data.Dataset):
     """Fine-tuning's training images: the decoded pixels of a split (a tlpipe.decoded.DecodedSplit,
-    the train split at the training geometry), augmented. Indexed by position or by (position,
-    repeat) (tlpipe.distributed.GlobalBatches), it yields (uint8 image, position).
+    the train split at the training geometry). Indexed by position or by (position, repeat)
+    (tlpipe.distributed.GlobalBatches), it yields (uint8 image, position, repeat); `augment` turns a
+    batch of those into training crops on whatever device the batch is on, so a GPU augments its
+    own batches and the loader only copies pixels.
 
-    Random transforms draw from a generator seeded by (seed, epoch, position, repeat), so augmentation is
-    the same whichever worker process loads an image, and however many there are: the worker count
-    is a resource knob and must not change results, and a resumed run sees the images an
-    uninterrupted one would. Set `epoch` before iterating (with non-persistent workers, each
-    epoch's workers get the dataset as it is then).
+    Each image's transforms draw from torch's RNG seeded by (seed, epoch, position, repeat): the
+    same crops on any number of loader workers and in a resumed run as in an uninterrupted one.
+    Set `epoch` before each epoch.
     """
 
     def __init__(self, split, transform, seed: int):
@@ -99,13 +99,19 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]):
         i, repeat = key if isinstance(key, tuple) else (key, 0)
-        image = self.split.rows(i, i + 1)[0][0]
-        # The transforms draw from torch's global RNG. Forked, so that loading in the main process
-        # (TLPIPE_WORKERS=0) leaves the RNG that MixUp draws from as it would be with workers.
-        with torch.random.fork_rng(devices=[]):
-            # Modulo 2^63: torch's seed range, whatever the seed param (numpy's range, < 2^32).
-            torch.manual_seed((((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) * 1_009 + repeat) % (1 << 63))
-            return self.transform(image), i
+        return self.split.rows(i, i + 1)[0][0], i, repeat
+
+    def augment(self, images: torch.Tensor, positions: torch.Tensor, repeats: torch.Tensor) -> torch.Tensor:
+        """Random resized crop, flip and RandAugment of each image of a uint8 NCHW batch, on its device."""
+        out = []
+        for image, i, repeat in zip(images, positions.tolist(), repeats.tolist()):
+            # Forked, so that augmenting leaves the RNG MixUp draws from as it was.
+            with torch.random.fork_rng(devices=[]):
+                # Modulo 2^63: torch's seed range, whatever the seed param (numpy's range, < 2^32).
+                torch.manual_seed((((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) * 1_009 + repeat)
+                                  % (1 << 63))
+                out.append(self.transform(image))
+        return torch.stack(out)
 
 
 def eval_images(paths: Sequence[str | Path], geometry: dict) -> ImageFiles:

@@ -171,8 +171,9 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     stream = batches()
 
     def step():
-        images, idx = next(stream)
-        x = normalize_batch(images.to(dev), record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
+        images, idx, repeats = next(stream)
+        images = start.train_set.augment(images.to(dev), idx, repeats)
+        x = normalize_batch(images, record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
         return loss_fn(model(x).float(), start.train_targets[idx].to(dev)) / len(idx)
     return range_test(step, optimizer, lrs, stop_factor, "lr-find finetune")
 

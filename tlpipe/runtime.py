@@ -251,11 +251,10 @@ def workers(main_computes: bool = True) -> int:
 
 
 def training_workers(dev) -> int:
-    """Loader workers for fine-tuning's augmentation of decoded pixels on device `dev`.
-
-    On a CPU the forward and backward pass use every core, and augmenting a decoded crop costs about
-    a millisecond against tens spent on it by the model, so the main process augments (0 workers:
-    a worker only takes cycles from the model). On a GPU, workers keep the device fed."""
+    """Loader workers for fine-tuning, which only copy decoded pixels out of the shards (the training
+    process augments them on its device: tlpipe.images.TrainImages). On a CPU that copy is too
+    cheap to be worth a process that takes cycles from the model (0 workers); on a GPU, workers keep
+    the device fed."""
     return workers() if dev.type != "cpu" else _env_int("TLPIPE_WORKERS", 0, 0, 64)
 
 
