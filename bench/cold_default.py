@@ -103,6 +103,7 @@ def breakdown(start: float, wall: float, stages: list[str], times: dict[str, str
         sums = [a + b for a, b in zip(sums, row)]
         rows.append([stage, *row])
     rows.append(["**total**", *sums])
+    rows = [[r[0], *(round(v, 2) if isinstance(v, float) else v for v in r[1:])] for r in rows]
     body = table(["stage", "process wall s", "own (`done in`) s", "start-up s (wall - own)",
                   "`import stages.X` s", "DVC after it s"], rows)
     process_wall = sums[0]
