@@ -79,20 +79,26 @@ def decoded_inputs(root: Path, resize_size: int, img_size: int, mean, std, count
 
 
 def forward_throughput(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int,
-                       channels_last: bool, repeats: int = 3) -> float:
-    """Images/s of the model's forward alone, on tensors already in memory: the compute limit.
-    One untimed warm-up batch (oneDNN picks its kernels on the first call), then all batches timed,
-    `repeats` times; the best pass counts (a limit is the best the machine does, not a typical pass)."""
+                       channels_last: bool, repeats: int = 3, dev: torch.device = torch.device("cpu"),
+                       amp: bool = False) -> float:
+    """Images/s of the model's forward alone, on tensors already in memory (on `dev`; with `amp`,
+    under bf16 autocast): the compute limit. One untimed warm-up batch (oneDNN or cuDNN picks its
+    kernels on the first call), then all batches timed, `repeats` times; the best pass counts (a
+    limit is the best the machine does, not a typical pass)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.eval().to(memory_format=fmt)
-    batches = [inputs[i:i + batch_size].contiguous(memory_format=fmt) for i in range(0, len(inputs), batch_size)]
+    model = model.eval().to(dev, memory_format=fmt)
+    batches = [inputs[i:i + batch_size].to(dev).contiguous(memory_format=fmt)
+               for i in range(0, len(inputs), batch_size)]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
     best = float("inf")
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         model(batches[0])
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             for x in batches:
                 model(x)
+            sync()
             best = min(best, time.perf_counter() - start)
     return len(inputs) / best
 
