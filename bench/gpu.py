@@ -109,8 +109,6 @@ def image_folder(args, workdir: Path) -> tuple[Path, str]:
 
 def features_rates(project: Project, dev, args) -> dict:
     """The features stage's hot loop and the backbone's forward on the device: images/s of each."""
-    import torch
-
     from tlpipe import backbones
     from tlpipe.decoded import DecodedSplit
     from tlpipe.images import normalize_batch
