@@ -306,15 +306,15 @@ class WatchedLoader:
     memory a non-blocking copy to a GPU needs."""
 
     def __init__(self, loader):
-        self.loader, self.pinned = loader, set()
+        self.loader, self.dataset, self.pinned = loader, loader.dataset, set()
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        for images, rest in self.loader:
-            self.pinned.add(images.is_pinned())
-            yield images, rest
+        for batch in self.loader:  # (images, ...)
+            self.pinned.add(batch[0].is_pinned())
+            yield batch
 
 
 # ---------------------------------------------------------------- the image sets
