@@ -18,7 +18,7 @@ interpreter, watched with psutil for peak RSS):
 
 - tlpipe: the finetune stage's training loop, in-process as stages/finetune.py runs it
   (tlpipe.finetuning.start_model, GlobalBatches, make_optimizer / make_scheduler / make_loss,
-  set_trainable, a DataLoader over the stage's training dataset with TLPIPE_WORKERS workers,
+  set_trainable, a DataLoader over the stage's training dataset with the stage's workers (training_workers),
   train_one_epoch), without the stage's val pass and checkpoint after each epoch.
 - plain: torchvision ImageFolder (symlinks to the same train images) + RandomResizedCrop + flip +
   ToTensor + Normalize, DataLoader(batch_size=32, num_workers=2, shuffle=True), model.train(),
@@ -69,7 +69,7 @@ def tlpipe_loop(args) -> dict:
 
     from tlpipe import distributed, finetuning
     from tlpipe.params import load_params
-    from tlpipe.runtime import workers
+    from tlpipe.runtime import training_workers
 
     params = load_params("finetune")
     group, f, seed = distributed.join(), params.finetune, params.seed
@@ -87,7 +87,7 @@ def tlpipe_loop(args) -> dict:
         finetuning.set_trainable(model, start.blocks, finetuning.trainable_blocks(
             f.unfreeze, f.unfreeze_last_n, epoch, len(start.blocks)), f.train_bn_stats)
         start.train_set.epoch = batches.epoch = epoch
-        loader = torch.utils.data.DataLoader(start.train_set, batch_sampler=batches, num_workers=workers(),
+        loader = torch.utils.data.DataLoader(start.train_set, batch_sampler=batches, num_workers=training_workers(dev),
                                              pin_memory=dev.type == "cuda")
         sizes = [len(b) for b in batches.global_batches()]
         finetuning.train_one_epoch(model, optimizer, scheduler, loader, start.train_targets, record, group, f,
@@ -95,7 +95,7 @@ def tlpipe_loop(args) -> dict:
         seconds.append(time.perf_counter() - began)
         images.append(sum(sizes))
     return {"train_images": len(start.train_set), "images": images[args.warmup_epochs:],
-            "seconds": seconds[args.warmup_epochs:], "workers": workers()}
+            "seconds": seconds[args.warmup_epochs:], "workers": training_workers(dev)}
 
 
 def plain_loop(args) -> dict:

@@ -29,7 +29,7 @@ from tlpipe.models import save_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNED, FINETUNED_CONFIG,
                           MANIFEST)
-from tlpipe.runtime import inference_batch_size, run_stage, workers
+from tlpipe.runtime import inference_batch_size, run_stage, training_workers
 
 
 def main() -> None:
@@ -79,8 +79,8 @@ def main() -> None:
         net = model if group.world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
         start.train_set.epoch = batches.epoch = epoch
-        loader = torch.utils.data.DataLoader(start.train_set, batch_sampler=batches, num_workers=workers(),
-                                             pin_memory=dev.type == "cuda")
+        loader = torch.utils.data.DataLoader(start.train_set, batch_sampler=batches,
+                                             num_workers=training_workers(dev), pin_memory=dev.type == "cuda")
         kept = f"the checkpoint of epoch {epoch - 1} stays in {checkpoint.folder}" if epoch > 1 else "no epoch had finished"
         train_loss = finetuning.train_one_epoch(net, optimizer, scheduler, loader, start.train_targets, record, group,
                                                 f, epoch, [len(b) for b in batches.global_batches()], kept,

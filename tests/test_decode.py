@@ -9,7 +9,8 @@ from sklearn.datasets import load_sample_image
 from stages import data, decode
 from tlpipe import decoded
 from tlpipe.decoded import DecodedSplit
-from tlpipe.images import eval_images, eval_transform, load_rgb, load_rgb_drafted
+from tlpipe import preprocessing
+from tlpipe.images import TrainImages, eval_images, eval_transform, load_rgb, load_rgb_drafted, train_transform
 from tlpipe.manifest import image_paths, read_manifest
 from tlpipe.moments import ChannelMoments
 from tlpipe.runtime import TlpipeError
@@ -95,6 +96,39 @@ def test_shards_hold_exactly_what_the_evaluation_path_decodes(project):
         assert ids.tolist() == rows.tolist()  # manifest order within the split
         expected = eval_images([paths[i] for i in rows], geometry)
         assert torch.equal(pixels, torch.stack([expected[i][0] for i in range(len(rows))]))
+
+
+def test_the_train_split_is_decoded_again_at_the_wider_training_geometry(project):
+    decode.main()
+    manifest, _ = read_manifest()
+    source = DecodedSplit(decoded.TRAIN_SOURCE)
+    geometry = {"img_size": 74, "resize_size": 74, "interpolation": "bicubic", "jpeg_draft": True}  # 64 x 1.15
+    assert source.geometry == geometry == preprocessing.train_geometry(decoded.read_meta()["preprocessing"])
+    rows = manifest.index[manifest["split"] == "train"].to_numpy()
+    pixels, ids = source.rows(0, len(source))
+    assert ids.tolist() == rows.tolist()
+    expected = eval_images([image_paths(manifest)[i] for i in rows], geometry)
+    assert torch.equal(pixels, torch.stack([expected[i][0] for i in range(len(rows))]))
+
+
+def test_training_crops_are_seeded_per_image_and_epoch_and_leave_the_global_rng_alone(project):
+    decode.main()
+    images = TrainImages(DecodedSplit(decoded.TRAIN_SOURCE), train_transform(64, "bicubic", 0.3, True, 9), seed=3)
+    loader = torch.utils.data.DataLoader(images, batch_size=len(images))
+    source, positions, repeats = next(iter(loader))
+    assert source.shape == (len(images), 3, 74, 74) and positions.tolist() == list(range(len(images)))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = images.augment(source, positions, repeats)
+    assert torch.equal(torch.get_rng_state(), state)  # MixUp's draws do not depend on augmenting
+    assert first.shape == (len(images), 3, 64, 64) and first.dtype == torch.uint8
+    assert torch.equal(first, images.augment(source, positions, repeats))
+    # one image at a time (as on several ranks) or in a batch: the same crops
+    assert torch.equal(first[5], images.augment(source[5:6], positions[5:6], repeats[5:6])[0])
+    again = images.augment(source, positions, repeats + 1)  # a second draw in the epoch: new crops
+    assert not any(torch.equal(a, b) for a, b in zip(first, again))
+    images.epoch = 1
+    assert not any(torch.equal(a, b) for a, b in zip(first, images.augment(source, positions, repeats)))
 
 
 def test_batches_cross_shards_and_ranks_share_them_out_once(project):

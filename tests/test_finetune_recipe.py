@@ -69,6 +69,10 @@ def test_class_balanced_sampler_draws_classes_uniformly():
     counts = np.bincount(targets[drawn].numpy(), minlength=3)
     assert stats.chisquare(counts).pvalue > 0.01, counts  # uniform over classes
     assert len(batches) == len(targets) // 32  # an epoch is still n draws
+    # an image drawn again within the epoch comes with its repeat count, so it is augmented afresh
+    keys = [key for batch in batches for key in batch]
+    assert len(set(keys)) == len(keys) and max(r for _, r in keys) > 0
+    assert [i for i, _ in keys] == [i for b in batches.global_batches() for i in b]
 
 
 def test_class_weights_make_each_class_weigh_the_same():

@@ -25,6 +25,9 @@ from tlpipe.paths import DECODED, PREPARED
 from tlpipe.runtime import TlpipeError
 
 SHARD_BYTES = 64 << 20  # big enough that DVC sees few files, small enough to stay in memory
+# The train split again, at the training geometry (tlpipe.preprocessing.train_geometry): the pixels
+# fine-tuning's random crops are cut from. meta.json's splits entry for it has its own preprocessing.
+TRAIN_SOURCE = "train_source"
 
 
 def shard_name(split: str, k: int) -> str:
@@ -85,13 +88,17 @@ class DecodedSplit:
         self.split, self.folder = split, folder
         self.sizes = meta["splits"][split]["shards"]
         self.starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
-        self.geometry = meta["preprocessing"]
+        self.geometry = meta["splits"][split].get("preprocessing", meta["preprocessing"])
         self.files = meta.get("files", {})
         self._open: tuple[int, object] | None = None
         self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return sum(self.sizes)
+
+    def __getstate__(self) -> dict:
+        # A loader worker opens the shards itself rather than receive another process's mapping.
+        return {**self.__dict__, "_open": None}
 
     def _shard(self, k: int):
         if self._open is None or self._open[0] != k:

@@ -140,8 +140,15 @@ class GlobalBatches(torch.utils.data.Sampler):
         return [order[i:i + self.batch_size] for i in range(0, self.n - self.batch_size + 1, self.batch_size)]
 
     def __iter__(self):
+        """Each batch as (image, repeat) pairs, `repeat` counting the image's earlier draws this epoch:
+        an image drawn twice (draws with replacement) is then augmented twice, not copied."""
+        drawn: dict[int, int] = {}
         for batch in self.global_batches():
-            yield batch[self.group.rank::self.group.world]
+            keys = []
+            for i in batch:
+                keys.append((i, drawn.get(i, 0)))
+                drawn[i] = drawn.get(i, 0) + 1
+            yield keys[self.group.rank::self.group.world]
 
     def __len__(self) -> int:
         return 1 if self.n <= self.batch_size else self.n // self.batch_size

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlpipe import backbones, checkpoints, distributed, linear
+from tlpipe.decoded import TRAIN_SOURCE, DecodedSplit
 from tlpipe.features import load_split
-from tlpipe.images import ImageFiles, normalize_batch, train_transform
-from tlpipe.manifest import image_paths, read_manifest
+from tlpipe.images import TrainImages, normalize_batch, train_transform
+from tlpipe.manifest import read_manifest
 from tlpipe.models import Classifier, linear_from
 from tlpipe.paths import CLASSES, FEATURES
 from tlpipe.runtime import TlpipeError, progress
@@ -42,14 +43,14 @@ class Start:
     model: Classifier               # the probe on the pretrained backbone, on the CPU
     blocks: list[list]              # the backbone's blocks, input to output: the units of unfreezing
     source: dict                    # the features metadata: backbone, weights, classes, preprocessing
-    train_set: ImageFiles           # augmented training images -> (uint8 image, position)
+    train_set: TrainImages          # training images -> (uint8 image, position, repeat), and their augmentation
     train_targets: torch.Tensor     # class index of each training image, by position
     targets: torch.Tensor           # class index of every manifest row (val batches carry row ids)
 
 
-def start_model(f, seed: int | None) -> Start:
+def start_model(f, seed: int) -> Start:
     """LP-FT's starting point from params.yaml's `finetune` section `f`. `seed` seeds each image's
-    augmentation by (seed, epoch, image); None leaves it to the loader workers' RNGs."""
+    augmentation by (seed, epoch, image)."""
     train_features, source = load_split("train")
     classes = source["classes"]
     weight, bias = linear.fit_probe(train_features["features"], train_features["labels"], len(classes),
@@ -60,12 +61,14 @@ def start_model(f, seed: int | None) -> Start:
     if manifest_classes != classes:
         raise TlpipeError(f"{FEATURES / 'meta.json'}: classes differ from {CLASSES}; rerun the features stage")
     targets = torch.tensor(manifest["target"].to_numpy(), dtype=torch.int64)
-    rows = manifest.index[manifest["split"] == "train"].to_numpy().copy()
-    paths = image_paths(manifest)
+    rows = torch.tensor(manifest.index[manifest["split"] == "train"].to_numpy())
+    source_pixels = DecodedSplit(TRAIN_SOURCE)
+    if not torch.equal(source_pixels.ids(), rows):
+        raise TlpipeError(f"{source_pixels.folder}: its {TRAIN_SOURCE} images are not the manifest's train split; "
+                          "rerun the decode stage")
     record = source["preprocessing"]
-    train_set = ImageFiles([paths[i] for i in rows], train_transform(
-        record["img_size"], record["interpolation"], f.crop_scale_min, f.hflip, f.randaugment_magnitude),
-        seed=seed)
+    train_set = TrainImages(source_pixels, train_transform(
+        record["img_size"], record["interpolation"], f.crop_scale_min, f.hflip, f.randaugment_magnitude), seed)
     return Start(model, backbones.blocks(source["backbone"], model.trunk), source, train_set,
                  targets[rows], targets)
 
@@ -237,8 +240,9 @@ def train_one_epoch(net: nn.Module, optimizer, scheduler, loader, targets: torch
     dev, amp = group.device, group.device.type == "cuda"
     loss_sum, seen = 0.0, 0
     bar = progress(loader, desc=f"epoch {epoch}/{f.epochs}", enabled=group.is_main)
-    for step, (images, idx) in enumerate(bar, start=1):
-        x = normalize_batch(images.to(dev, non_blocking=True), record["mean"], record["std"])
+    for step, (images, idx, repeats) in enumerate(bar, start=1):
+        images = loader.dataset.augment(images.to(dev, non_blocking=True), idx, repeats)  # tlpipe.images.TrainImages
+        x = normalize_batch(images, record["mean"], record["std"])
         y = targets[idx].to(dev, non_blocking=True)
         if mixing is not None:
             x, y = mixing(x, y)

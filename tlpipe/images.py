@@ -45,36 +45,26 @@ def eval_transform(img_size: int, resize_size: int, interpolation: str) -> Calla
 
 def train_transform(img_size: int, interpolation: str, scale_min: float, hflip: bool,
                     randaugment_magnitude: int) -> Callable:
-    """Augmentation for fine-tuning: random resized crop, optional flip and RandAugment; uint8 CHW."""
+    """Fine-tuning's augmentation on a uint8 CHW tensor: random resized crop, optional flip and
+    RandAugment; uint8 CHW out."""
     T = _transforms()
     steps = [T.RandomResizedCrop(img_size, scale=(scale_min, 1.0),
                                  interpolation=_interpolation(interpolation), antialias=True)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if randaugment_magnitude > 0:
-        # On the PIL image: tensor inputs support only nearest/bilinear for its geometric ops.
-        steps.append(T.RandAugment(magnitude=randaugment_magnitude,
-                                   interpolation=_interpolation(interpolation)))
-    steps.append(T.PILToTensor())
+        # Its rotations and shears take only nearest or bilinear on tensors.
+        steps.append(T.RandAugment(magnitude=randaugment_magnitude, interpolation=T.InterpolationMode.BILINEAR))
     return T.Compose(steps)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images listed by path; yields (transformed image, index).
+    """Images listed by path; yields (transformed image, index)."""
 
-    With a seed, random transforms draw from a generator seeded by (seed, epoch, index), so
-    augmentation is the same whichever worker process loads an image, and however many there are:
-    the worker count is a resource knob and must not change results. Set `epoch` before iterating
-    (with non-persistent workers, each epoch's workers get the dataset as it is then).
-    """
-
-    def __init__(self, paths: Sequence[str | Path], transform, seed: int | None = None,
-                 load: Callable[[Path], Image.Image] = load_rgb):
+    def __init__(self, paths: Sequence[str | Path], transform, load: Callable[[Path], Image.Image] = load_rgb):
         self.paths = [Path(p) for p in paths]
         self.transform = transform
-        self.seed = seed
         self.load = load
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -85,10 +75,43 @@ class ImageFiles(torch.utils.data.Dataset):
         except Exception as e:  # checked by the data stage, so only if the file changed since
             reason = str(e) if isinstance(e, BadImage) else f"{error_name(e)}: {e}"
             raise TlpipeError(f"{shown(self.paths[i])}: cannot decode ({reason})".splitlines()[0]) from None
-        if self.seed is not None:
-            # Modulo 2^63: torch's seed range, whatever the seed param (numpy's range, < 2^32).
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % (1 << 63))
         return self.transform(img), i
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Fine-tuning's training images: the decoded pixels of a split (a tlpipe.decoded.DecodedSplit,
+    the train split at the training geometry). Indexed by position or by (position, repeat)
+    (tlpipe.distributed.GlobalBatches), it yields (uint8 image, position, repeat); `augment` turns a
+    batch of those into training crops on whatever device the batch is on, so a GPU augments its
+    own batches and the loader only copies pixels.
+
+    Each image's transforms draw from torch's RNG seeded by (seed, epoch, position, repeat): the
+    same crops on any number of loader workers and in a resumed run as in an uninterrupted one.
+    Set `epoch` before each epoch.
+    """
+
+    def __init__(self, split, transform, seed: int):
+        self.split, self.transform, self.seed = split, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, repeat = key if isinstance(key, tuple) else (key, 0)
+        return self.split.rows(i, i + 1)[0][0], i, repeat
+
+    def augment(self, images: torch.Tensor, positions: torch.Tensor, repeats: torch.Tensor) -> torch.Tensor:
+        """Random resized crop, flip and RandAugment of each image of a uint8 NCHW batch, on its device."""
+        out = []
+        for image, i, repeat in zip(images, positions.tolist(), repeats.tolist()):
+            # Forked, so that augmenting leaves the RNG MixUp draws from as it was.
+            with torch.random.fork_rng(devices=[]):
+                # Modulo 2^63: torch's seed range, whatever the seed param (numpy's range, < 2^32).
+                torch.manual_seed((((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) * 1_009 + repeat)
+                                  % (1 << 63))
+                out.append(self.transform(image))
+        return torch.stack(out)
 
 
 def eval_images(paths: Sequence[str | Path], geometry: dict) -> ImageFiles:

@@ -37,7 +37,7 @@ from tlpipe.images import normalize_batch
 from tlpipe.io import atomic_path
 from tlpipe.models import Classifier
 from tlpipe.params import load_params
-from tlpipe.runtime import TlpipeError, device, progress, workers
+from tlpipe.runtime import TlpipeError, device, progress, training_workers
 
 BETA = 0.9  # loss smoothing: exponential moving average (bias-corrected) over ~10 steps
 
@@ -149,12 +149,11 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     f = params.finetune
     seed = params.seed
     torch.manual_seed(seed)
-    # augmentation from the workers' seeded RNGs (seed=None): persistent workers keep their state
-    start = finetuning.start_model(f, seed=None)
+    start = finetuning.start_model(f, seed)
     model, record, dev = start.model, start.source["preprocessing"], device()
     loader = torch.utils.data.DataLoader(start.train_set, batch_size=f.batch_size, shuffle=True,
-                                         drop_last=len(start.train_set) > f.batch_size, num_workers=workers(),
-                                         persistent_workers=workers() > 0,  # no worker start-up per pass
+                                         drop_last=len(start.train_set) > f.batch_size,
+                                         num_workers=training_workers(dev),
                                          generator=torch.Generator().manual_seed(seed))
     model.to(dev, memory_format=torch.channels_last)
     # The blocks finetune trains: last_n's, or all of them (gradual's widest epochs, which the LR
@@ -166,13 +165,15 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     loss_fn = finetuning.make_loss(f, start.train_targets, len(start.source["classes"]))
 
     def batches():
-        while True:
+        while True:  # each pass over the images is a new epoch of their seeded augmentation
             yield from loader
+            start.train_set.epoch += 1
     stream = batches()
 
     def step():
-        images, idx = next(stream)
-        x = normalize_batch(images.to(dev), record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
+        images, idx, repeats = next(stream)
+        images = start.train_set.augment(images.to(dev), idx, repeats)
+        x = normalize_batch(images, record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
         return loss_fn(model(x).float(), start.train_targets[idx].to(dev)) / len(idx)
     return range_test(step, optimizer, lrs, stop_factor, "lr-find finetune")
 

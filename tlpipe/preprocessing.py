@@ -19,6 +19,10 @@ from typing import Sequence
 from tlpipe.runtime import TlpipeError
 
 GEOMETRY_KEYS = ("img_size", "resize_size", "interpolation", "jpeg_draft")
+# Fine-tuning's random crops are cut from the train split decoded once at this many times img_size
+# (short side, centre square): at 1.15 a full-scale crop still moves and is downscaled a little, as
+# from photos, while the shards hold 1.3x the pixels of the evaluation crop, not the whole photo.
+TRAIN_MARGIN = 1.15
 KEYS = GEOMETRY_KEYS + ("normalize", "mean", "std")
 
 
@@ -26,6 +30,12 @@ def geometry(image) -> dict:
     """The geometry part, from params.yaml's `image` section."""
     return {"img_size": image.img_size, "resize_size": image.resize_size,
             "interpolation": image.interpolation, "jpeg_draft": image.jpeg_draft}
+
+
+def train_geometry(geometry: dict) -> dict:
+    """The geometry the decode stage writes the train split at for fine-tuning's augmentation."""
+    size = round(geometry["img_size"] * TRAIN_MARGIN)
+    return {**geometry, "img_size": size, "resize_size": size}
 
 
 def record(geometry: dict, normalize: str, mean: Sequence[float], std: Sequence[float]) -> dict:

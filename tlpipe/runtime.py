@@ -250,6 +250,14 @@ def workers(main_computes: bool = True) -> int:
     return _env_int("TLPIPE_WORKERS", default, 0, 64)
 
 
+def training_workers(dev) -> int:
+    """Loader workers for fine-tuning, which only copy decoded pixels out of the shards (the training
+    process augments them on its device: tlpipe.images.TrainImages). On a CPU that copy is too
+    cheap to be worth a process that takes cycles from the model (0 workers); on a GPU, workers keep
+    the device fed."""
+    return workers() if dev.type != "cpu" else _env_int("TLPIPE_WORKERS", 0, 0, 64)
+
+
 def inference_batch_size(dev=None) -> int:
     default = 128 if dev is not None and dev.type == "cuda" else 16
     return _env_int("TLPIPE_BATCH_SIZE", default, 1)
