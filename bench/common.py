@@ -270,6 +270,53 @@ def row_of(path: str | Path) -> int:
     return int(Path(path).name.split(".")[0])
 
 
+# ---------------------------------------------------------------- devices
+
+
+def synchronize(dev) -> None:
+    """Wait for the device's queued work, so a clock read after it counts that work (CUDA runs
+    asynchronously; the CPU needs nothing)."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def watch_first_conv(model) -> dict:
+    """What a loop really runs, seen at the model's first Conv2d on its first call: the device, whether
+    its input is channels_last, and the conv's output dtype (bfloat16 under bf16 autocast). A dict,
+    filled by a forward hook when the model runs; empty for a model without a Conv2d."""
+    import torch
+
+    seen: dict = {}
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+
+    def hook(module, inputs, output) -> None:
+        if not seen:
+            x = inputs[0]
+            seen.update(device=str(x.device), channels_last=x.is_contiguous(memory_format=torch.channels_last),
+                        dtype=str(output.dtype).removeprefix("torch."))
+    if conv is not None:
+        conv.register_forward_hook(hook)
+    return seen
+
+
+class WatchedLoader:
+    """A DataLoader that notes whether its image batches arrive in pinned (page-locked) memory, the
+    memory a non-blocking copy to a GPU needs."""
+
+    def __init__(self, loader):
+        self.loader, self.dataset, self.pinned = loader, loader.dataset, set()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:  # (images, ...)
+            self.pinned.add(batch[0].is_pinned())
+            yield batch
+
+
 # ---------------------------------------------------------------- the image sets
 
 

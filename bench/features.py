@@ -57,9 +57,11 @@ def compare(ours: dict[int, torch.Tensor], ref: torch.Tensor, ref_rows: list[int
 
 
 def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=("train", "val", "test"),
-             limit: int | None = None) -> tuple[dict[int, torch.Tensor], float]:
-    """tlpipe's in-process feature extraction over the decode stage's shards: (features by row,
-    seconds). With `limit`, only the batches holding a split's first `limit` images."""
+             limit: int | None = None, dev: torch.device = torch.device("cpu")
+             ) -> tuple[dict[int, torch.Tensor], float]:
+    """tlpipe's in-process feature extraction over the decode stage's shards, on `dev` at the stage's
+    batch size there (TLPIPE_BATCH_SIZE): (features by row, seconds). With `limit`, only the batches
+    holding a split's first `limit` images."""
     import itertools
     import time
 
@@ -72,14 +74,14 @@ def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=("train
             seen.append(ids)
             yield images, ids
 
-    batch = inference_batch_size()
+    batch = inference_batch_size(dev)
     out = {}
     with common.inside(project):
         start = time.perf_counter()
         for split in splits:
             seen = []
             batches = itertools.islice(read_batches(split, batch), None if limit is None else -(-limit // batch))
-            features = extract_features(trunk, tap(batches, seen), mean, std, torch.device("cpu"), progress=False)
+            features = extract_features(trunk, tap(batches, seen), mean, std, dev, progress=False)
             out.update(zip(torch.cat(seen).tolist(), features))
         seconds = time.perf_counter() - start
     return out, seconds

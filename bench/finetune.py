@@ -80,22 +80,26 @@ def tlpipe_loop(args) -> dict:
     start = finetuning.start_model(f, seed)
     model, record, dev = start.model, start.source["preprocessing"], group.device
     batches, optimizer, scheduler, loss_fn, mixing, ema = finetuning.make_training(start, f, group, seed)
+    seen = common.watch_first_conv(model)
 
-    seconds, images = [], []
+    seconds, images, pinned = [], [], set()
     for epoch in range(1, args.warmup_epochs + args.epochs + 1):
         began = time.perf_counter()
         finetuning.set_trainable(model, start.blocks, finetuning.trainable_blocks(
             f.unfreeze, f.unfreeze_last_n, epoch, len(start.blocks)), f.train_bn_stats)
         start.train_set.epoch = batches.epoch = epoch
-        loader = torch.utils.data.DataLoader(start.train_set, batch_sampler=batches, num_workers=training_workers(dev),
-                                             pin_memory=dev.type == "cuda")
+        loader = common.WatchedLoader(torch.utils.data.DataLoader(
+            start.train_set, batch_sampler=batches, num_workers=training_workers(dev), pin_memory=dev.type == "cuda"))
         sizes = [len(b) for b in batches.global_batches()]
         finetuning.train_one_epoch(model, optimizer, scheduler, loader, start.train_targets, record, group, f,
                                    epoch, sizes, "benchmark", loss_fn, mixing, ema)
+        common.synchronize(dev)
         seconds.append(time.perf_counter() - began)
         images.append(sum(sizes))
+        pinned |= loader.pinned
     return {"train_images": len(start.train_set), "images": images[args.warmup_epochs:],
-            "seconds": seconds[args.warmup_epochs:], "workers": training_workers(dev)}
+            "seconds": seconds[args.warmup_epochs:], "workers": training_workers(dev), "batch": f.batch_size,
+            "observed": {**seen, "pinned": sorted(pinned)}}
 
 
 def plain_loop(args) -> dict:
@@ -143,7 +147,8 @@ def plain_loop(args) -> dict:
 
 
 def compute_limit(args) -> dict:
-    """Forward + backward + step of tlpipe's model, optimizer and loss on train images in memory."""
+    """Forward + backward + step of tlpipe's model, optimizer and loss on train images already on the
+    device (TLPIPE_DEVICE), channels_last; under bf16 autocast on CUDA, as train_one_epoch."""
     import random
 
     import numpy as np
@@ -153,15 +158,18 @@ def compute_limit(args) -> dict:
     from tlpipe.decoded import DecodedSplit
     from tlpipe.images import normalize_batch
     from tlpipe.params import load_params
+    from tlpipe.runtime import device
 
     params = load_params("finetune")
-    f, seed = params.finetune, params.seed
+    f, seed, dev = params.finetune, params.seed, device()
+    amp = dev.type == "cuda"
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     start = finetuning.start_model(f, seed)
     model, record = start.model, start.source["preprocessing"]
-    model.to(memory_format=torch.channels_last)
+    model.to(dev, memory_format=torch.channels_last)
+    seen = common.watch_first_conv(model)
     finetuning.set_trainable(model, start.blocks, len(start.blocks), f.train_bn_stats)
     optimizer = finetuning.make_optimizer(model, f, start.blocks)
     loss_fn = finetuning.make_loss(f, start.train_targets, len(start.source["classes"]))
@@ -170,25 +178,29 @@ def compute_limit(args) -> dict:
     n = min(len(train), args.limit_images)
     n = max(min(n, f.batch_size), n - n % f.batch_size)  # whole batches, or one short one
     pixels, ids = train.rows(0, n)
-    x = normalize_batch(pixels, record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
-    y = start.targets[ids]
+    x = normalize_batch(pixels.to(dev), record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
+    y = start.targets[ids].to(dev)
     batches = [(x[i:i + f.batch_size], y[i:i + f.batch_size]) for i in range(0, n, f.batch_size)]
 
     def step(xb, yb) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb) / len(yb)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(xb).float(), yb) / len(yb)
         loss.backward()
         optimizer.step()
 
-    for _ in range(2):  # warm-up: oneDNN picks its kernels, AdamW allocates its state
+    for _ in range(2):  # warm-up: oneDNN or cuDNN picks its kernels, AdamW allocates its state
         step(*batches[0])
     seconds = []
     for _ in range(args.repeats):
+        common.synchronize(dev)
         began = time.perf_counter()
         for xb, yb in batches:
             step(xb, yb)
+        common.synchronize(dev)
         seconds.append(time.perf_counter() - began)
-    return {"train_images": len(train), "images": [n] * len(seconds), "seconds": seconds, "workers": 0}
+    return {"train_images": len(train), "images": [n] * len(seconds), "seconds": seconds, "workers": 0,
+            "batch": f.batch_size, "observed": seen}
 
 
 LOOPS = {"tlpipe": tlpipe_loop, "plain": plain_loop, "limit": compute_limit}
@@ -269,14 +281,14 @@ def measure(kind: str, project: Project, args, tree: Path | None = None) -> dict
     return result
 
 
-def project_for(folder: Path, workdir: Path, label: str, args) -> Project:
+def project_for(folder: Path, workdir: Path, label: str, args, batch: int = BATCH) -> Project:
     return Project.create(workdir / f"finetune-{label}", label, {
         "data.source": "folder", "data.root": str(folder.resolve()),
         "image.img_size": args.img_size, "image.resize_size": args.resize_size,
         "image.interpolation": args.interpolation,
         # The model, optimizer and batch the issue names, and the plain loop's augmentation
         # (RandomResizedCrop's default scale range, a flip; no RandAugment or mixing).
-        "finetune.unfreeze": "all", "finetune.optimizer": "adamw", "finetune.batch_size": BATCH,
+        "finetune.unfreeze": "all", "finetune.optimizer": "adamw", "finetune.batch_size": batch,
         "finetune.epochs": args.warmup_epochs + args.epochs, "finetune.crop_scale_min": 0.08,
         "finetune.hflip": True, "finetune.randaugment_magnitude": 0, "finetune.mixup_alpha": 0.0,
         "finetune.cutmix_alpha": 0.0, "finetune.ema_decay": 0.0, "finetune.class_balance": "none"})

@@ -1,9 +1,9 @@
 """features: run the frozen pretrained backbone once over every image and cache pooled features.
 
 Reads the decode stage's uint8 shards (no image decoding here), so the backbone has the CPU to
-itself. Deterministic: eval mode, no augmentation, fp32, a fixed image order; the same inputs give
-bit-identical files on the same device. Device and batch size are resource knobs (TLPIPE_DEVICE,
-TLPIPE_BATCH_SIZE), not params.
+itself. Deterministic: eval mode, no augmentation, a fixed image order; the same inputs give
+bit-identical files on the same device. fp32 on the CPU, bf16 autocast on CUDA (tlpipe.inference).
+Device and batch size are resource knobs (TLPIPE_DEVICE, TLPIPE_BATCH_SIZE), not params.
 
 With TLPIPE_NPROC / TLPIPE_NNODES (tlpipe.distributed) each split's batches are dealt out to several
 processes round-robin and gathered back in order on rank 0, which alone writes: every image is

@@ -19,13 +19,24 @@ from tlpipe.runtime import progress as progress_bar
 @torch.inference_mode()
 def outputs(model: nn.Module, batches: Iterable, mean: Sequence[float], std: Sequence[float],
             dev: torch.device, desc: str = "inference", progress: bool = True) -> torch.Tensor:
-    """fp32 outputs on the CPU, concatenated in batch order (an empty tensor for no batches)."""
+    """fp32 outputs on the CPU, concatenated in batch order (an empty tensor for no batches).
+
+    fp32 on the CPU; on CUDA the forward runs under bf16 autocast, as fine-tuning's val pass does."""
     # channels_last is faster for these convnets on CUDA and on x86 CPUs (oneDNN) alike.
     model.to(dev, memory_format=torch.channels_last)
-    chunks = []
+    amp = dev.type == "cuda"
+    chunks, pending = [], None
     for images, _ in progress_bar(batches, desc=desc, enabled=progress):
         x = normalize_batch(images.to(dev, non_blocking=True), mean, std)
-        chunks.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x.contiguous(memory_format=torch.channels_last)).float()
+        # Copy the previous batch's outputs back only now: on a GPU, .cpu() waits for its forward,
+        # so the next batch is read while this one computes. On the CPU it changes nothing.
+        if pending is not None:
+            chunks.append(pending.cpu())
+        pending = out
+    if pending is not None:
+        chunks.append(pending.cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 

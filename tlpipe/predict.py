@@ -107,7 +107,7 @@ class TorchModel:
 
         record, dev = self.record, device()
         loader = torch.utils.data.DataLoader(eval_images(paths, record), batch_size=inference_batch_size(dev),
-                                             num_workers=workers())
+                                             num_workers=workers(), pin_memory=dev.type == "cuda")
         if self.kind == "finetuned":
             return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
                                                  desc="fine-tuned")
