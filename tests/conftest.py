@@ -11,10 +11,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 from filelock import FileLock
 from PIL import Image
 
-from tlpipe.scaffold import GIT_IDENTITY, create_project
+from tlpipe.scaffold import GIT_IDENTITY, create_project, set_param
 
 # ../shared/datasets beside the checkout; TLPIPE_SHARED_DATASETS overrides (a worktree elsewhere)
 SHARED = Path(os.environ.get("TLPIPE_SHARED_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
@@ -135,10 +136,24 @@ def cold_project(tmp_path_factory, digit_folder) -> SimpleNamespace:
                                         (root / "params-read.jsonl").read_text().splitlines()])
 
 
-def copy_project(project: Path, dest: Path) -> Path:
+def copy_project(project: Path, dest: Path, **overrides) -> Path:
     """A private copy of a project: work tree, git history and DVC cache (mtimes kept; DVC rehashes
-    what it needs, since its state is keyed by inode)."""
-    return Path(shutil.copytree(project, dest, symlinks=True))
+    what it needs, since its state is keyed by inode), with param overrides (`finetune__epochs=4`)."""
+    dest = Path(shutil.copytree(project, dest, symlinks=True))
+    if overrides:
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        for key, value in overrides.items():
+            set_param(params, key.replace("__", "."), value)
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+@pytest.fixture
+def cold_copy(tmp_path, cold_project):
+    """`cold_copy(finetune__epochs=4)`: a copy of the cold tiny project with those params. Stages whose
+    params and deps the overrides leave alone are up to date, so `dvc repro` runs only the rest: use it
+    instead of `tiny_project` wherever a test needs the pipeline run up to some stage."""
+    return lambda **overrides: copy_project(cold_project.path, tmp_path / "project", **overrides)
 
 
 @pytest.fixture
