@@ -790,7 +790,7 @@ def mutants(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 @pytest.mark.slow  # a whole pipeline run, then 500 images
-def test_fuzz_500_mutated_images_through_the_data_stage_and_predict(trained, tmp_path):
+def test_fuzz_500_mutated_images_through_the_data_stage_and_predict(copy, tmp_path):
     root = tmp_path / "fuzz"
     files = mutants(root, 520)
     class_folder(root, per_class=10)  # enough clean images that both classes can be split
@@ -803,7 +803,7 @@ def test_fuzz_500_mutated_images_through_the_data_stage_and_predict(trained, tmp
     assert len(manifest) + len(skipped) == total  # every file used or skipped with a reason
     assert skipped["reason"].str.len().min() > 0 and not skipped["reason"].str.contains("\n").any()
     assert_ok(stage(project, "decode"))  # every used file decodes in the evaluation path too
-    proc = cli(trained, "predict", "--model", "head", str(root), "--out", str(tmp_path / "p.csv"))
+    proc = cli(copy, "predict", "--model", "head", str(root), "--out", str(tmp_path / "p.csv"))
     assert_ok(proc)
     table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert len(table) == total
