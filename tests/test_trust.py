@@ -195,6 +195,7 @@ def test_suspect_labels_flag_confidently_other_images():
     assert list(found["index"]) == [4, 5] and list(found["suspected"]) == [1, 0]
 
 
+@pytest.mark.slow  # a pipeline run to evaluate
 def test_near_duplicate_of_a_test_image_in_train_is_reported(tmp_path):
     """A resized, re-encoded copy of a test image placed in train: sha256 differs, features do not."""
     from sklearn.datasets import load_digits
