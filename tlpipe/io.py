@@ -175,6 +175,11 @@ def verify_sha256(path: str | Path, expected: str | None, record: str | Path, re
         got = sha256_file(path)
     except FileNotFoundError:
         raise TlpipeError(f"{path}: missing; run the {rerun} stage first (dvc repro {rerun})") from None
+    check_digest(path, got, expected, record, rerun)
+
+
+def check_digest(path: str | Path, got: str, expected: str, record: str | Path, rerun: str) -> None:
+    """The one message for bytes that are not those their producer recorded."""
     if got != expected:
         raise TlpipeError(f"{path}: sha256 {got[:12]} is not the {expected[:12]} recorded in {record}: "
                           f"the file was altered after it was written; rerun the {rerun} stage "
