@@ -107,16 +107,17 @@ def test_an_image_altered_in_place_through_dvc_repro(tmp_path, digit_folder):
     path = project / "data/prepared/images" / rel
     old = tio.sha256_file(path)
     decoded = tree(project / "data/decoded")
-    dvc(project, "status")  # DVC records the files' inodes and mtimes
+    dvc(project, "status", "decode")  # DVC records the files' inodes and mtimes
     overwrite_keeping_size_and_mtime(path, donor)
-    assert "up to date" in dvc(project, "status").stdout  # DVC trusts the mtime
+    assert "up to date" in dvc(project, "status", "decode").stdout  # DVC trusts the mtime
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params.replace("resize_size: 36", "resize_size: 40"))
     result = dvc(project, "repro", "decode", check=False)
     assert result.returncode != 0 and "Traceback" not in result.stdout + result.stderr
     expected = tampered(project, Path("data/prepared/images") / rel, "data/prepared/manifest.csv", "data", old)
     assert [line for line in result.stderr.splitlines() if line.startswith("error: data/")] == [f"error: {expected}"]
-    assert tree(project / "data/decoded") == decoded and not temporaries(project / "data")
+    # DVC removes a stage's outputs before it runs it: nothing, or the old shards, never a part
+    assert tree(project / "data/decoded") in ({}, decoded) and not temporaries(project / "data")
     dvc(project, "repro", "--force", "data")  # the fix the message gives
     dvc(project, "repro", "decode")
     assert tio.sha256_file(path) == old
@@ -149,7 +150,7 @@ def negate_largest_initializer(path: Path) -> str:
 
 
 @pytest.mark.slow  # a pipeline run to export_head
-def test_export_seals_the_file_and_records_its_sha256(exported, digit_folder):
+def test_export_seals_the_file_and_records_its_sha256(exported, digit_folder, tmp_path):
     import onnx
 
     model = exported / "models/head.onnx"
@@ -160,7 +161,8 @@ def test_export_seals_the_file_and_records_its_sha256(exported, digit_folder):
     raw = model.read_bytes()
     unsealed = raw.replace(meta[SEAL_KEY].encode(), b"0" * 64)
     assert hashlib.sha256(unsealed).hexdigest() == meta[SEAL_KEY]
-    proc = cli(exported, "predict", "--model", "models/head.onnx", str(digit_folder / "class1"), "--out", "p.csv")
+    proc = cli(exported, "predict", "--model", "models/head.onnx", str(digit_folder / "class1"),
+               "--out", str(tmp_path / "p.csv"))
     assert_ok(proc)
     assert "12 images predicted with the models/head.onnx model, 0 errors" in proc.stdout
 
@@ -175,9 +177,9 @@ def test_a_damaged_onnx_file_is_refused_by_predict(onnx_copy, digit_folder, dama
     else:
         flip(model, model.stat().st_size // 2)
     got = hashlib.sha256(model.read_bytes().replace(sealed.encode(), b"0" * 64)).hexdigest()
-    proc = cli(onnx_copy, "predict", "--model", "models/head.onnx", str(digit_folder / "class1"), "--out", "p.csv")
+    proc = cli(onnx_copy, "predict", "--model", "models/head.onnx", str(digit_folder / "class1"), "--out", "d.csv")
     assert_error(proc, SEAL_MESSAGE.format(path="models/head.onnx", got=got[:12], sealed=sealed[:12]))
-    assert not (onnx_copy / "p.csv").exists() and not temporaries(onnx_copy)
+    assert not (onnx_copy / "d.csv").exists() and not temporaries(onnx_copy)
 
 
 @pytest.mark.slow  # a pipeline run to export_head

@@ -32,9 +32,6 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tlpipe.io import check_digest
-from tlpipe.paths import MANIFEST
-
 JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
 # Resized, an image's long side may reach this many times the resize size; beyond it, only the band
 # the centre crop keeps is resized (`_crop_band`), so cost follows pixels, not aspect ratio.
@@ -73,12 +70,18 @@ def error_name(e: BaseException) -> str:
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
 
 
-def read_verified(path: str | Path, sha256: str | None, record: str | Path = MANIFEST) -> bytes:
+def read_verified(path: str | Path, sha256: str | None, record: str | Path | None = None) -> bytes:
     """The bytes of `path`, refused in one line (TlpipeError) unless their sha256 is `sha256`, the
-    digest `record` holds for the file. One read: what is hashed is what gets decoded."""
+    digest `record` (by default the manifest) holds for the file. One read: what is hashed is what
+    gets decoded."""
     data = Path(path).read_bytes()
     if sha256 is not None:
-        check_digest(path, hashlib.sha256(data).hexdigest(), sha256, record, "data")
+        # Imported here: without a digest to check (`tlpipe predict`, a copy of this file beside an
+        # ONNX runtime) this module needs Pillow and numpy alone.
+        from tlpipe.io import check_digest
+        from tlpipe.paths import MANIFEST
+
+        check_digest(path, hashlib.sha256(data).hexdigest(), sha256, record or MANIFEST, "data")
     return data
 
 

@@ -1,0 +1,95 @@
+"""`tlpipe predict` on many small images: the PyTorch head against its ONNX export (issue 30).
+
+    python bench/predict.py [--n 10000] [--repeats 3] [--workdir DIR] [--kinds head,onnx]
+
+A default project (8x8 digit scans at 64 px, tf_efficientnet_lite0) is run to export_head (data,
+decode, features, head, export_head as subprocesses, as `dvc repro` runs them); then --n small PNG
+files (the digit scans, each with a little seeded noise so that no two files are alike) are
+predicted by `tlpipe predict --model head` and `--model models/head.onnx`, as a user runs it (a
+subprocess: interpreter start-up, imports, the up-front decode check, decoding, the model, the CSV).
+The two kinds alternate, --repeats times each, so a load change on a shared machine hits both; the
+table gives every run's wall seconds and their median, and the head's median over the ONNX
+file's (the target: at most 2x). The load average is printed: numbers from a loaded machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Project, Workdir, machine, run_monitored, say, table  # noqa: E402
+
+KINDS = {"head": "head", "onnx": "models/head.onnx"}
+TARGET_RATIO = 2.0
+
+
+def small_images(folder: Path, n: int) -> Path:
+    """n PNG files of 8x8 digit scans with seeded noise, 1000 per sub-folder (made once per folder)."""
+    from sklearn.datasets import load_digits
+
+    if len(list(folder.rglob("*.png"))) == n:
+        return folder
+    scans = load_digits().images
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = np.clip(scans[i % len(scans)] * 255 / 16 + rng.normal(0, 8, (8, 8)), 0, 255).astype(np.uint8)
+        path = folder / f"{i // 1000:02d}" / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, "L").save(path)
+    return folder
+
+
+def predict_once(project: Project, kind: str, images: Path, out: Path) -> float:
+    cmd = [sys.executable, "-m", "tlpipe.cli", "predict", "--model", KINDS[kind], str(images), "--out", str(out)]
+    wall, _, stdout, stderr, code = run_monitored(cmd, project.path)
+    if code or "0 errors" not in stdout:
+        sys.exit(f"predict --model {KINDS[kind]} failed (exit {code}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="images to predict (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each kind, alternating (default: %(default)s)")
+    parser.add_argument("--kinds", default="head,onnx", help="comma-separated: head, onnx (default: %(default)s)")
+    parser.add_argument("--workdir", type=Path, help="keep the project and images here (default: a temporary folder)")
+    args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    with Workdir(args.workdir) as workdir:
+        project = Project(workdir / "project", "digits") if (workdir / "project" / "models/head.onnx").is_file() \
+            else Project.create(workdir / "project", "digits", {})
+        if not (project.path / "models/head.onnx").is_file():
+            for stage in ("data", "decode", "features", "head", "export_head"):
+                project.run(stage)
+        images = small_images(workdir / "images", args.n)
+        walls: dict[str, list[float]] = {k: [] for k in kinds}
+        for r in range(args.repeats):
+            for kind in kinds:
+                walls[kind].append(predict_once(project, kind, images, workdir / f"{kind}.csv"))
+                say(f"run {r + 1}: {kind} {walls[kind][-1]:.1f}s (load {os.getloadavg()[0]:.1f})")
+    medians = {k: statistics.median(v) for k, v in walls.items()}
+    rows = [[f"--model {KINDS[k]}", " ".join(f"{w:.1f}" for w in walls[k]), round(medians[k], 1),
+             round(args.n / medians[k], 1),
+             round(medians[k] / medians["onnx"], 2) if "onnx" in medians else "n/a"] for k in kinds]
+    print()
+    print(table(["", ""], [[k, v] for k, v in machine().items()] + [["load average (1 min)", f"{os.getloadavg()[0]:.1f}"]]))
+    print()
+    print(f"`tlpipe predict` on {args.n} small PNG files (8x8 digit scans, decoded to 64 px), wall seconds of "
+          f"the whole command, {args.repeats} runs of each kind alternating:")
+    print()
+    print(table(["model", "runs (s)", "median (s)", "images/s", "x ONNX"], rows))
+    if {"head", "onnx"} <= set(medians):
+        ratio = medians["head"] / medians["onnx"]
+        print(f"\nhead / ONNX: {ratio:.2f}x (target: at most {TARGET_RATIO:g}x): "
+              f"{'PASS' if ratio <= TARGET_RATIO else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
