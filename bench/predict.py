@@ -1,6 +1,7 @@
 """`tlpipe predict` on many small images: the PyTorch head against its ONNX export (issue 30).
 
     python bench/predict.py [--n 10000] [--repeats 3] [--workdir DIR] [--kinds head,onnx]
+                            [--before /path/to/older/tlpipe]
 
 A default project (8x8 digit scans at 64 px, tf_efficientnet_lite0) is run to export_head (data,
 decode, features, head, export_head as subprocesses, as `dvc repro` runs them); then --n small PNG
@@ -10,12 +11,15 @@ subprocess: interpreter start-up, imports, the up-front decode check, decoding, 
 The two kinds alternate, --repeats times each, so a load change on a shared machine hits both; the
 table gives every run's wall seconds and their median, and the head's median over the ONNX
 file's (the target: at most 2x). The load average is printed: numbers from a loaded machine are noisy.
+With --before (a `tlpipe` package folder of another checkout, e.g. before a change), a copy of the
+project running that code's `--model head` joins the alternation as "head (before)".
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -46,11 +50,21 @@ def small_images(folder: Path, n: int) -> Path:
     return folder
 
 
+def with_code(project: Project, package: Path) -> Project:
+    """A copy of `project` whose stages and commands run the tlpipe package at `package`."""
+    copy = project.path.with_name(project.path.name + "-before")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(project.path, copy, symlinks=True, ignore=shutil.ignore_patterns("tlpipe"))
+    shutil.copytree(package, copy / "tlpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    return Project(copy, f"{project.label} (before)")
+
+
 def predict_once(project: Project, kind: str, images: Path, out: Path) -> float:
-    cmd = [sys.executable, "-m", "tlpipe.cli", "predict", "--model", KINDS[kind], str(images), "--out", str(out)]
+    model = KINDS[kind.replace("-before", "")]
+    cmd = [sys.executable, "-m", "tlpipe.cli", "predict", "--model", model, str(images), "--out", str(out)]
     wall, _, stdout, stderr, code = run_monitored(cmd, project.path)
     if code or "0 errors" not in stdout:
-        sys.exit(f"predict --model {KINDS[kind]} failed (exit {code}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
+        sys.exit(f"predict --model {model} failed (exit {code}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return wall
 
 
@@ -60,8 +74,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each kind, alternating (default: %(default)s)")
     parser.add_argument("--kinds", default="head,onnx", help="comma-separated: head, onnx (default: %(default)s)")
     parser.add_argument("--workdir", type=Path, help="keep the project and images here (default: a temporary folder)")
+    parser.add_argument("--before", type=Path, help="a tlpipe package folder whose `--model head` runs too")
     args = parser.parse_args()
-    kinds = args.kinds.split(",")
+    kinds = (["head-before"] if args.before else []) + args.kinds.split(",")
     with Workdir(args.workdir) as workdir:
         project = Project(workdir / "project", "digits") if (workdir / "project" / "models/head.onnx").is_file() \
             else Project.create(workdir / "project", "digits", {})
@@ -69,17 +84,22 @@ def main() -> None:
             for stage in ("data", "decode", "features", "head", "export_head"):
                 project.run(stage)
         images = small_images(workdir / "images", args.n)
+        projects = {k: project for k in kinds}
+        if args.before:
+            projects["head-before"] = with_code(project, args.before)
         walls: dict[str, list[float]] = {k: [] for k in kinds}
         for r in range(args.repeats):
             for kind in kinds:
-                walls[kind].append(predict_once(project, kind, images, workdir / f"{kind}.csv"))
+                walls[kind].append(predict_once(projects[kind], kind, images, workdir / f"{kind}.csv"))
                 say(f"run {r + 1}: {kind} {walls[kind][-1]:.1f}s (load {os.getloadavg()[0]:.1f})")
     medians = {k: statistics.median(v) for k, v in walls.items()}
-    rows = [[f"--model {KINDS[k]}", " ".join(f"{w:.1f}" for w in walls[k]), round(medians[k], 1),
+    names = {**{k: f"--model {m}" for k, m in KINDS.items()}, "head-before": "--model head (before)"}
+    rows = [[names[k], " ".join(f"{w:.1f}" for w in walls[k]), round(medians[k], 1),
              round(args.n / medians[k], 1),
              round(medians[k] / medians["onnx"], 2) if "onnx" in medians else "n/a"] for k in kinds]
     print()
-    print(table(["", ""], [[k, v] for k, v in machine().items()] + [["load average (1 min)", f"{os.getloadavg()[0]:.1f}"]]))
+    load = [["load average (1 min)", f"{os.getloadavg()[0]:.1f}"]]
+    print(table(["", ""], [[k, v] for k, v in machine().items()] + load))
     print()
     print(f"`tlpipe predict` on {args.n} small PNG files (8x8 digit scans, decoded to 64 px), wall seconds of "
           f"the whole command, {args.repeats} runs of each kind alternating:")

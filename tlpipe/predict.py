@@ -98,16 +98,17 @@ class TorchModel:
         from tlpipe.images import eval_images
         from tlpipe.runtime import device
 
-        record, dev = self.record, device()
+        record, dev, n_workers = self.record, device(), workers()
         loader = torch.utils.data.DataLoader(eval_images(paths, record), batch_size=inference_batch_size(dev),
-                                             num_workers=workers(), pin_memory=dev.type == "cuda")
-        if self.kind == "finetuned":
-            return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
-                                                 desc="fine-tuned")
-        weight, bias = self.head.weight.detach(), self.head.bias.detach()
-        views = [self.backbone.trunk] + ([inference.Mirrored(self.backbone.trunk)] if tta == "flip" else [])
-        proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
-                                                        desc="features"), weight, bias) for view in views]
+                                             num_workers=n_workers, pin_memory=dev.type == "cuda")
+        with inference.threads_beside(n_workers, dev):  # the workers decode on cores of their own
+            if self.kind == "finetuned":
+                return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
+                                                     desc="fine-tuned")
+            weight, bias = self.head.weight.detach(), self.head.bias.detach()
+            views = [self.backbone.trunk] + ([inference.Mirrored(self.backbone.trunk)] if tta == "flip" else [])
+            proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
+                                                            desc="features"), weight, bias) for view in views]
         return sum(proba) / len(proba)
 
 
