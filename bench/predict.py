@@ -10,7 +10,9 @@ predicted by `tlpipe predict --model head` and `--model models/head.onnx`, as a 
 subprocess: interpreter start-up, imports, the up-front decode check, decoding, the model, the CSV).
 The two kinds alternate, --repeats times each, so a load change on a shared machine hits both; the
 table gives every run's wall seconds and their median, and the head's median over the ONNX
-file's (the target: at most 2x). The load average is printed: numbers from a loaded machine are noisy.
+file's (the target: at most 2x), and the median CPU seconds (user + system, the command's whole
+process tree): on a machine so loaded that a niced run waits for a core most of the time, CPU
+time still says how much work each path does (threads spinning at a barrier count as work). The load average is printed: numbers from a loaded machine are noisy.
 With --before (a `tlpipe` package folder of another checkout, e.g. before a change), a copy of the
 project running that code's `--model head` joins the alternation as "head (before)".
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -59,13 +62,21 @@ def with_code(project: Project, package: Path) -> Project:
     return Project(copy, f"{project.label} (before)")
 
 
-def predict_once(project: Project, kind: str, images: Path, out: Path) -> float:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def predict_once(project: Project, kind: str, images: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one `tlpipe predict` run."""
     model = KINDS[kind.replace("-before", "")]
     cmd = [sys.executable, "-m", "tlpipe.cli", "predict", "--model", model, str(images), "--out", str(out)]
+    cpu = children_cpu()
     wall, _, stdout, stderr, code = run_monitored(cmd, project.path)
+    cpu = children_cpu() - cpu
     if code or "0 errors" not in stdout:
         sys.exit(f"predict --model {model} failed (exit {code}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
-    return wall
+    return wall, cpu
 
 
 def main() -> None:
@@ -88,15 +99,19 @@ def main() -> None:
         if args.before:
             projects["head-before"] = with_code(project, args.before)
         walls: dict[str, list[float]] = {k: [] for k in kinds}
+        cpus: dict[str, list[float]] = {k: [] for k in kinds}
         for r in range(args.repeats):
             for kind in kinds:
-                walls[kind].append(predict_once(projects[kind], kind, images, workdir / f"{kind}.csv"))
-                say(f"run {r + 1}: {kind} {walls[kind][-1]:.1f}s (load {os.getloadavg()[0]:.1f})")
+                wall, cpu = predict_once(projects[kind], kind, images, workdir / f"{kind}.csv")
+                walls[kind].append(wall)
+                cpus[kind].append(cpu)
+                say(f"run {r + 1}: {kind} {wall:.1f}s, CPU {cpu:.1f}s (load {os.getloadavg()[0]:.1f})")
     medians = {k: statistics.median(v) for k, v in walls.items()}
     names = {**{k: f"--model {m}" for k, m in KINDS.items()}, "head-before": "--model head (before)"}
     rows = [[names[k], " ".join(f"{w:.1f}" for w in walls[k]), round(medians[k], 1),
              round(args.n / medians[k], 1),
-             round(medians[k] / medians["onnx"], 2) if "onnx" in medians else "n/a"] for k in kinds]
+             round(medians[k] / medians["onnx"], 2) if "onnx" in medians else "n/a",
+             round(statistics.median(cpus[k]), 1)] for k in kinds]
     print()
     load = [["load average (1 min)", f"{os.getloadavg()[0]:.1f}"]]
     print(table(["", ""], [[k, v] for k, v in machine().items()] + load))
@@ -104,7 +119,7 @@ def main() -> None:
     print(f"`tlpipe predict` on {args.n} small PNG files (8x8 digit scans, decoded to 64 px), wall seconds of "
           f"the whole command, {args.repeats} runs of each kind alternating:")
     print()
-    print(table(["model", "runs (s)", "median (s)", "images/s", "x ONNX"], rows))
+    print(table(["model", "runs, wall (s)", "median (s)", "images/s", "x ONNX", "median CPU (s)"], rows))
     if {"head", "onnx"} <= set(medians):
         ratio = medians["head"] / medians["onnx"]
         print(f"\nhead / ONNX: {ratio:.2f}x (target: at most {TARGET_RATIO:g}x): "
