@@ -21,6 +21,8 @@ from tlpipe.paths import DATA_METRICS as METRICS, DOWNLOADS, PREPARED
 from tlpipe.pixels import check_image, shown
 from tlpipe.runtime import TlpipeError, progress, run_stage, workers
 
+SHOWN_SKIPS = 20  # skipped files named on the terminal; skipped.csv lists every one
+
 
 def check_all(items: list[sources.Item], root: Path) -> list[str | None]:
     paths = [str(i.src) for i in items]
@@ -48,6 +50,16 @@ def check_classes(items: list[sources.Item], reasons: list[str | None], split: l
         first = f"; first: {shown(bad[0][0].src)}: {bad[0][1]}" if bad else ""
         raise TlpipeError(f"class {label!r} has no usable training image ({len(mine)} file(s), "
                           f"{len(bad)} unusable{first})")
+
+
+def report_skipped(skipped: list) -> None:
+    """The first SHOWN_SKIPS skipped files, one line each, then a count: an archive of 100,000 bad
+    members is a summary, not 100,000 lines; skipped.csv lists them all."""
+    for item, reason in skipped[:SHOWN_SKIPS]:
+        print(f"skipped {shown(item.src)}: {reason}")
+    if len(skipped) > SHOWN_SKIPS:
+        print(f"... and {len(skipped) - SHOWN_SKIPS} more skipped ({len(skipped)} in all), every one with its "
+              f"reason in {PREPARED / 'skipped.csv'}")
 
 
 def duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -78,8 +90,7 @@ def main() -> None:
             item, reason = skipped[0]
             raise TlpipeError(f"{shown(item.src)}: {reason} ({len(skipped)} bad file(s) in all; "
                               f"set data.on_bad_file: skip to skip and report them)")
-        for item, reason in skipped:
-            print(f"skipped {shown(item.src)}: {reason}")
+        report_skipped(skipped)
         usable = [i for i, r in zip(items, reasons) if r is None]
         if not usable:
             raise TlpipeError("no usable images in the source")
@@ -132,8 +143,10 @@ def main() -> None:
               f"; listed in {PREPARED / 'duplicates.csv'}")
     conflicts = dup.groupby("sha256").filter(lambda g: g["label"].nunique() > 1)
     if len(conflicts):
+        # The example pair: two copies of the first conflicting image that carry different labels.
+        pair = conflicts[conflicts["sha256"] == conflicts["sha256"].iloc[0]].drop_duplicates("label").head(2)
         print(f"warning: {conflicts['sha256'].nunique()} image(s) are copies carrying different labels (label "
-              f"conflicts), e.g. {', '.join(f'{r.path} ({r.label})' for r in conflicts.head(2).itertuples())}")
+              f"conflicts), e.g. {', '.join(f'{r.path} ({r.label})' for r in pair.itertuples())}")
 
 if __name__ == "__main__":
     run_stage(main)

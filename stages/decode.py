@@ -14,7 +14,7 @@ from tlpipe import preprocessing
 from tlpipe.decoded import TRAIN_SOURCE, ShardWriter
 from tlpipe.images import eval_images
 from tlpipe.io import atomic_dir, sha256_file, write_json
-from tlpipe.manifest import image_paths, read_manifest
+from tlpipe.manifest import image_hashes, image_paths, read_manifest
 from tlpipe.params import load_params
 from tlpipe.paths import DECODED, MANIFEST
 from tlpipe.runtime import progress, run_stage, workers
@@ -22,11 +22,13 @@ from tlpipe.runtime import progress, run_stage, workers
 BATCH = 32  # of the loader only; the shards do not depend on it
 
 
-def write_split(out, name: str, paths: list, rows, geometry: dict) -> dict:
-    """The images of manifest rows `rows`, at `geometry`, into `name`-NNN shards."""
+def write_split(out, name: str, files: tuple[list, list], rows, geometry: dict) -> dict:
+    """The images of manifest rows `rows` (`files`: every row's path and sha256), at `geometry`, into
+    `name`-NNN shards. Each file's bytes are checked against its sha256 as they are decoded."""
+    paths, hashes = files
+    dataset = eval_images([paths[i] for i in rows], geometry, [hashes[i] for i in rows])
     # The main process only copies pixels into the shard, so every core may decode.
-    loader = torch.utils.data.DataLoader(eval_images([paths[i] for i in rows], geometry),
-                                         batch_size=BATCH, num_workers=workers(main_computes=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=workers(main_computes=False))
     writer = ShardWriter(out, name, (3, geometry["img_size"], geometry["img_size"]))
     row_ids = torch.tensor(rows)
     for images, positions in progress(loader, desc=f"decode {name}"):
@@ -39,14 +41,14 @@ def main() -> None:
     params = load_params("decode")
     geometry = preprocessing.geometry(params.image)
     manifest, _ = read_manifest()
-    paths = image_paths(manifest)
+    files = image_paths(manifest), image_hashes(manifest)
 
     meta = {"preprocessing": geometry, "manifest_sha256": sha256_file(MANIFEST), "splits": {}, "files": {}}
     with atomic_dir(DECODED) as out:
         for split in ("train", "val", "test"):
-            meta["splits"][split] = write_split(out, split, paths, rows_of(manifest, split), geometry)
+            meta["splits"][split] = write_split(out, split, files, rows_of(manifest, split), geometry)
         train = preprocessing.train_geometry(geometry)
-        meta["splits"][TRAIN_SOURCE] = {**write_split(out, TRAIN_SOURCE, paths, rows_of(manifest, "train"), train),
+        meta["splits"][TRAIN_SOURCE] = {**write_split(out, TRAIN_SOURCE, files, rows_of(manifest, "train"), train),
                                         "preprocessing": train}
         for split in meta["splits"].values():
             meta["files"].update(split.pop("files"))  # readers check these (tlpipe.decoded)

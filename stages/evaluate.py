@@ -15,7 +15,7 @@ import torch
 from tlpipe import audit, calibration, gallery
 from tlpipe.features import check_source, load_split
 from tlpipe.io import atomic_path, load_tensors, read_json, write_json
-from tlpipe.manifest import read_manifest
+from tlpipe.manifest import hashes_by_path, read_manifest
 from tlpipe.metrics import mcnemar, per_class, with_intervals
 from tlpipe.params import load_params
 from tlpipe.paths import (DUPLICATES, FINETUNED_CALIBRATION, FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG,
@@ -98,7 +98,8 @@ def main() -> None:
     write_json(TEST_PER_CLASS, {name: per_class(y_true, pr, classes) for name, pr in probas.items()})
     for name, pr in calibrated.items():  # per image, the calibrated confidence (as `tlpipe predict`)
         write_predictions(TEST_PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, pr, classes)
-        gallery.write(TEST_PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model")
+        gallery.write(TEST_PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model",
+                      hashes=hashes_by_path(manifest))
     for model in probas:
         s = scores[model]
         print(f"{model}: test accuracy {s['accuracy']:.4f} (95 % interval {s['accuracy_low']:.4f}-"

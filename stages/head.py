@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tlpipe import audit, calibration, gallery, linear
 from tlpipe.features import load_split, source_of
 from tlpipe.io import atomic_path, sha256_file, write_json
-from tlpipe.manifest import read_manifest
+from tlpipe.manifest import hashes_by_path, read_manifest
 from tlpipe.params import load_params
 from tlpipe.paths import HEAD, HEAD_CONFIG, HEAD_GRID, HEAD_METRICS, SUSPECTS, SUSPECTS_GALLERY
 from tlpipe.runtime import TlpipeError, run_stage
@@ -59,7 +59,8 @@ def write_suspects(oof: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, t
     gallery.draw(list(shown["path"]), [f"given {r.given_label} ({r.given_probability:.2f})\nlooks {r.suspected_label} "
                                        f"({r.suspected_probability:.2f})" for r in shown.itertuples()],
                  SUSPECTS_GALLERY, f"suspect labels: {len(table)} of {len(labels)} train + val images "
-                 f"(out-of-fold probe){'' if len(shown) == len(table) else f'; the {len(shown)} most suspect shown'}")
+                 f"(out-of-fold probe){'' if len(shown) == len(table) else f'; the {len(shown)} most suspect shown'}",
+                 hashes=hashes_by_path(manifest))
     return len(table)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from tlpipe import calibration, export
 from tlpipe.decoded import DecodedSplit, ShardWriter
 from tlpipe.models import Classifier
-from tlpipe.onnx_model import OnnxModel
+from tlpipe.onnx_model import SEAL_KEY, UNSEALED, OnnxModel, seal
 from tlpipe.pixels import eval_pixels
 from tlpipe.runtime import TlpipeError
 
@@ -170,6 +170,14 @@ def one_line_error(path) -> str:
     return message
 
 
+def save_sealed(proto, path) -> None:
+    """Save an edited model sealed anew: a file written that way, not altered after its export."""
+    for p in proto.metadata_props:
+        if p.key == SEAL_KEY:
+            p.value = UNSEALED
+    path.write_bytes(seal(proto.SerializeToString()))
+
+
 def test_corrupted_or_foreign_onnx_files_fail_in_one_line(tmp_path):
     _, out, _, _, _ = export_tiny(tmp_path)
     good = out.read_bytes()
@@ -188,11 +196,11 @@ def test_corrupted_or_foreign_onnx_files_fail_in_one_line(tmp_path):
     for p in proto.metadata_props:
         if p.key == "preprocessing":
             p.value = json.dumps({**RECORD, "img_size": 24})
-    onnx.save(proto, str(tmp_path / "resized.onnx"))
+    save_sealed(proto, tmp_path / "resized.onnx")
     assert "uint8 N x 3 x 24 x 24" in one_line_error(tmp_path / "resized.onnx")
     proto = onnx.load(str(out))
     for p in proto.metadata_props:
         if p.key == "temperature":
             p.value = "hot"
-    onnx.save(proto, str(tmp_path / "hot.onnx"))
+    save_sealed(proto, tmp_path / "hot.onnx")
     assert "metadata 'temperature' is 'hot', not a number above 0" in one_line_error(tmp_path / "hot.onnx")

@@ -15,19 +15,8 @@ import math
 import os
 from pathlib import Path
 
+from tlpipe.io import check_writable
 from tlpipe.runtime import TlpipeError, check_environment, prune_finished_checkpoint, report_errors
-
-
-def _writable_file(option: str, value: str) -> None:
-    """An output file's folder must exist and be writable, checked before any work."""
-    path = Path(value)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not value or path.is_dir():
-        raise TlpipeError(f"{option} {value!r}: not a file name")
-    if not folder.is_dir():
-        raise TlpipeError(f"{option} {value}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise TlpipeError(f"{option} {value}: not writable")
 
 
 def _writable_dir(option: str, value: str) -> None:
@@ -56,9 +45,9 @@ def check_args(args) -> None:
     elif args.command == "predict":
         if not 1 <= args.top_k <= 100_000:
             raise TlpipeError(f"--top-k must be between 1 and 100000, got {args.top_k}")
-        _writable_file("--out", args.out)
+        check_writable("--out", args.out)
     elif args.command == "compare":
-        _writable_file("--out", args.out)
+        check_writable("--out", args.out)
 
 
 def _compare(args) -> None:

@@ -9,7 +9,9 @@ gets the probabilities `tlpipe predict` and evaluate report. Batch size is dynam
 Parity: onnxruntime (CPU) against the PyTorch path of `tlpipe predict` (tlpipe.inference.outputs on
 the CPU, then tlpipe.calibration) on the decoded test images; the file is renamed into place only
 when the model's largest probability difference (softmax of the logits) is at most TOLERANCE and
-every argmax agrees. The calibrated difference is reported beside it, not gated: a temperature T < 1
+every argmax agrees. The file is sealed (tlpipe.onnx_model.seal: its own sha256 in its metadata),
+so every reader refuses it once altered; metrics/export_*.json keeps the sha256 of the file as
+written beside the parity numbers. The calibrated difference is reported beside it, not gated: a temperature T < 1
 multiplies the same float32 logit noise by 1/T, so gating on it would fail sharply calibrated models
 (tiny sets fit T near 0.02) whose file is as faithful as any other.
 """
@@ -29,7 +31,7 @@ from torch import nn
 from tlpipe import calibration, inference, preprocessing
 from tlpipe.decoded import DecodedSplit
 from tlpipe.io import atomic_path, sha256_file, write_json
-from tlpipe.onnx_model import INPUT, LOGITS, OUTPUT, OnnxModel
+from tlpipe.onnx_model import INPUT, LOGITS, OUTPUT, SEAL_KEY, UNSEALED, OnnxModel, seal
 from tlpipe.runtime import TlpipeError, inference_batch_size
 
 OPSET = 17
@@ -68,11 +70,11 @@ def to_onnx(model: nn.Module, record: dict, temperature: float, metadata: dict[s
     import onnx
 
     proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in metadata.items():
+    for key, value in {**metadata, SEAL_KEY: UNSEALED}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    path.write_bytes(seal(proto.SerializeToString()))
 
 
 def parity(model: nn.Module, onnx_file: Path, test: DecodedSplit, record: dict, temperature: float) -> dict:
@@ -95,7 +97,7 @@ def parity(model: nn.Module, onnx_file: Path, test: DecodedSplit, record: dict, 
             "max_abs_prob_diff": float(as_trained.max()), "mean_abs_prob_diff": float(as_trained.mean()),
             "max_abs_prob_diff_calibrated": float(calibrated.max()),
             "max_abs_logit_diff": float(np.abs(got_logits.astype(np.float64) - logits.double().numpy()).max()),
-            "argmax_mismatches": mismatches, "tolerance": TOLERANCE}
+            "argmax_mismatches": mismatches, "tolerance": TOLERANCE, SEAL_KEY: runtime.sha256}
 
 
 def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, metrics: Path,
@@ -123,7 +125,7 @@ def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, m
                 f"probability difference {numbers['max_abs_prob_diff']:.2e}, limit {TOLERANCE:.0e}; "
                 f"{numbers['max_abs_prob_diff_calibrated']:.2e} at temperature {temperature:.3g}; "
                 f"argmax differs on {numbers['argmax_mismatches']}); not written")
-        numbers.update(onnx_bytes=tmp.stat().st_size, opset=OPSET)
+        numbers.update(onnx_bytes=tmp.stat().st_size, opset=OPSET, onnx_sha256=sha256_file(tmp))
     write_json(metrics, numbers)
     print(f"{out}: {numbers['onnx_bytes'] / 2**20:.1f} MiB, opset {OPSET}; onnxruntime vs PyTorch on "
           f"{len(test)} test images: largest probability difference {numbers['max_abs_prob_diff']:.1e}, "

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from tlpipe.io import atomic_path
 from tlpipe.paths import PREPARED
-from tlpipe.pixels import load_rgb
+from tlpipe.pixels import image_warnings, load_rgb
 
 MAX_IMAGES = 40  # a bounded PNG: the gallery is git-tracked, one per model and experiment
 COLUMNS = 8
@@ -29,8 +29,9 @@ def mistakes(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write(predictions_csv: Path, out: Path, title: str, images: Path = PREPARED / "images",
-          max_images: int = MAX_IMAGES) -> int:
-    """Draw the gallery of `predictions_csv` into the PNG `out`; return how many images are wrong."""
+          max_images: int = MAX_IMAGES, hashes: dict[str, str] | None = None) -> int:
+    """Draw the gallery of `predictions_csv` into the PNG `out`; return how many images are wrong.
+    `hashes`: the manifest's sha256 by path, which each image's bytes are checked against."""
     table = pd.read_csv(predictions_csv, dtype={"actual": str, "predicted": str}, keep_default_na=False)
     wrong = mistakes(table)
     shown = wrong.head(max_images)
@@ -38,12 +39,14 @@ def write(predictions_csv: Path, out: Path, title: str, images: Path = PREPARED 
     if len(shown) < len(wrong):
         header += f" (the {len(shown)} most confident shown)"
     captions = [f"true {r.actual}\npred {r.predicted} ({r.confidence:.2f})" for r in shown.itertuples()]
-    draw(list(shown["path"]), captions, out, header, images)
+    draw(list(shown["path"]), captions, out, header, images, hashes)
     return len(wrong)
 
 
-def draw(paths: list[str], captions: list[str], out: Path, header: str, images: Path = PREPARED / "images") -> None:
-    """A grid of thumbnails of `paths` (relative to `images`), each with its caption, into the PNG `out`."""
+def draw(paths: list[str], captions: list[str], out: Path, header: str, images: Path = PREPARED / "images",
+         hashes: dict[str, str] | None = None) -> None:
+    """A grid of thumbnails of `paths` (relative to `images`), each with its caption, into the PNG `out`;
+    with `hashes` (the manifest's sha256 by path), each file's bytes checked first."""
     if not paths:
         fig = Figure(figsize=(5, 1))
         fig.text(0.5, 0.5, header, ha="center", va="center")
@@ -55,7 +58,8 @@ def draw(paths: list[str], captions: list[str], out: Path, header: str, images: 
         for ax in axes.flat:
             ax.set_axis_off()
         for ax, path, caption in zip(axes.flat, paths, captions):
-            img = load_rgb(images / path)
+            with image_warnings(images / path):
+                img = load_rgb(images / path, (hashes or {}).get(path))
             img.thumbnail((THUMB, THUMB))
             ax.imshow(img)
             ax.set_title(caption, fontsize=7, color="darkred")

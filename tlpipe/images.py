@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from tlpipe.pixels import (JUNK_NAMES, MAX_ASPECT, BadImage, check_image, decode_error,  # noqa: F401
-                           error_name, eval_load, eval_pixels, is_junk, list_files, load_rgb,
-                           load_rgb_drafted, shown, to_rgb, utf8_name)
+                           error_name, eval_load, eval_pixels, image_warnings, is_junk, list_files,
+                           load_rgb, load_rgb_drafted, read_verified, shown, to_rgb, utf8_name)
 from tlpipe.runtime import TlpipeError
 
 
@@ -59,19 +59,27 @@ def train_transform(img_size: int, interpolation: str, scale_min: float, hflip: 
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images listed by path; yields (transformed image, index)."""
+    """Images listed by path; yields (transformed image, index). With `hashes` (the manifest's
+    sha256 of each file), every file's bytes are checked before they are decoded (read_verified)."""
 
-    def __init__(self, paths: Sequence[str | Path], transform, load: Callable[[Path], Image.Image] = load_rgb):
+    def __init__(self, paths: Sequence[str | Path], transform, load: Callable[..., Image.Image] = load_rgb,
+                 hashes: Sequence[str] | None = None):
         self.paths = [Path(p) for p in paths]
         self.transform = transform
         self.load = load
+        self.hashes = list(hashes) if hashes is not None else [None] * len(self.paths)
+        if len(self.hashes) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.hashes)} hashes")
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            img = self.load(self.paths[i])
+            with image_warnings(self.paths[i]):
+                img = self.load(self.paths[i], sha256=self.hashes[i])
+        except TlpipeError:  # bytes that are not the manifest's
+            raise
         except Exception as e:  # checked by the data stage, so only if the file changed since
             reason = str(e) if isinstance(e, BadImage) else f"{error_name(e)}: {e}"
             raise TlpipeError(f"{shown(self.paths[i])}: cannot decode ({reason})".splitlines()[0]) from None
@@ -114,10 +122,12 @@ class TrainImages(torch.utils.data.Dataset):
         return torch.stack(out)
 
 
-def eval_images(paths: Sequence[str | Path], geometry: dict) -> ImageFiles:
-    """Images at the geometry of a preprocessing record (tlpipe.preprocessing): the one decoding path of the decode stage, `tlpipe predict` and anything else that must agree with them."""
+def eval_images(paths: Sequence[str | Path], geometry: dict, hashes: Sequence[str] | None = None) -> ImageFiles:
+    """Images at the geometry of a preprocessing record (tlpipe.preprocessing): the one decoding path
+    of the decode stage, `tlpipe predict` and anything else that must agree with them. `hashes`: the
+    manifest's sha256 of each file, checked before it is decoded."""
     transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
-    return ImageFiles(paths, transform, load=functools.partial(eval_load, geometry=geometry))
+    return ImageFiles(paths, transform, load=functools.partial(eval_load, geometry=geometry), hashes=hashes)
 
 
 def eval_check(geometry: dict) -> Callable[[Path], object]:

@@ -7,7 +7,9 @@ features and a new image's features are computed the same way.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import os
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +40,22 @@ def outputs(model: nn.Module, batches: Iterable, mean: Sequence[float], std: Seq
     if pending is not None:
         chunks.append(pending.cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+@contextmanager
+def threads_beside(loader_workers: int, dev: torch.device) -> Iterator[None]:
+    """On the CPU, torch's threads limited to the cores `loader_workers` decoding processes leave.
+
+    Its OpenMP threads wait for one another at every layer, so a thread that shares a core with a
+    decoding worker stalls them all: on 2 cores, `tlpipe predict --model head` with 1 worker and
+    2 threads was 9x slower than the ONNX path (bench/predict.py)."""
+    before = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - loader_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Mirrored(nn.Module):

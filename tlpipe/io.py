@@ -80,6 +80,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(option: str, value: str | Path) -> None:
+    """Fail before any work, in one line naming `option`, when the file `value` could not be written
+    later: a temporary is created (and removed) beside it, as atomic_path will create one, because
+    os.access answers "writable" to root whatever the folder (a read-only mount, /sys, ...)."""
+    path = Path(value)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not str(value) or path.is_dir():
+        raise TlpipeError(f"{option} {str(value)!r}: not a file name")
+    if not folder.exists():
+        raise TlpipeError(f"{option} {value}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise TlpipeError(f"{option} {value}: {folder} is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise TlpipeError(f"{option} {value}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TlpipeError(f"{option} {value}: not writable")
+
+
 def _is_write_error(e: BaseException) -> bool:
     # safetensors reports its OS errors as SafetensorError("Error while serializing: IoError(...)")
     return type(e).__name__ == "SafetensorError" and "serializ" in str(e).lower()
@@ -175,6 +197,11 @@ def verify_sha256(path: str | Path, expected: str | None, record: str | Path, re
         got = sha256_file(path)
     except FileNotFoundError:
         raise TlpipeError(f"{path}: missing; run the {rerun} stage first (dvc repro {rerun})") from None
+    check_digest(path, got, expected, record, rerun)
+
+
+def check_digest(path: str | Path, got: str, expected: str, record: str | Path, rerun: str) -> None:
+    """The one message for bytes that are not those their producer recorded."""
     if got != expected:
         raise TlpipeError(f"{path}: sha256 {got[:12]} is not the {expected[:12]} recorded in {record}: "
                           f"the file was altered after it was written; rerun the {rerun} stage "

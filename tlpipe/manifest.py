@@ -20,7 +20,7 @@ def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:
         raise TlpipeError(f"{e.filename}: missing; run the data stage first (dvc repro data)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise TlpipeError(f"{prepared / 'manifest.csv'}: unreadable ({e}); rerun the data stage".splitlines()[0]) from None
-    if not isinstance(classes, list) or not {"path", "label", "split"} <= set(manifest.columns):
+    if not isinstance(classes, list) or not {"path", "label", "split", "sha256"} <= set(manifest.columns):
         raise TlpipeError(f"{prepared}: manifest.csv or classes.json is damaged; rerun the data stage")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(manifest["label"]) - set(index))
@@ -32,4 +32,14 @@ def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:
 
 
 def image_paths(manifest: pd.DataFrame, prepared: Path = PREPARED) -> list[Path]:
+    """Where each row's image file is. Read them with their `image_hashes` (tlpipe.pixels.read_verified)."""
     return [prepared / "images" / p for p in manifest["path"]]
+
+
+def image_hashes(manifest: pd.DataFrame) -> list[str]:
+    """Each row's sha256, as the data stage recorded it: what a reader of the file checks its bytes against."""
+    return list(manifest["sha256"])
+
+
+def hashes_by_path(manifest: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(manifest["path"], manifest["sha256"]))

@@ -24,11 +24,15 @@ def read_stats(path: Path, use: str) -> tuple[tuple[float, ...], tuple[float, ..
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
             and all(map(finite_number, mean + std))):
         raise TlpipeError(f"{path}: mean and std must be 3 finite numbers each; rerun the stats stage")
-    for c, s in enumerate(std):
-        if s <= 0:
-            raise TlpipeError(f"{path}: the {CHANNELS[c]} channel has std {s} (it is constant over the "
-                              f"{stats.get('images', '?')} training images), so {use} would divide by "
-                              "zero; normalize by the backbone's statistics instead")
+    flat = [c for c, s in enumerate(std) if s <= 0]  # every one named: fixing one would not be enough
+    if flat:
+        names = [CHANNELS[c] for c in flat]
+        names = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        values = sorted({std[c] for c in flat})
+        what = (f"the {names} channel has std {values[0]} (it is constant" if len(flat) == 1 else
+                f"the {names} channels have std {' and '.join(map(str, values))} (each is constant")
+        raise TlpipeError(f"{path}: {what} over the {stats.get('images', '?')} training images), so {use} "
+                          "would divide by zero; normalize by the backbone's statistics instead")
     return tuple(mean), tuple(std)
 
 

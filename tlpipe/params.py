@@ -247,11 +247,20 @@ class RecordingParams:
 def load_params(stage: str, path: str | Path = "params.yaml") -> RecordingParams:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise TlpipeError(f"{path}: not found (run stages from the project root)") from None
     except yaml.YAMLError as e:
         raise TlpipeError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+    # An empty file would validate as every default: a run on another data source than the
+    # project's, over its outputs. Only a mapping of sections is params.
+    if raw is None:
+        raise TlpipeError(f"{path}: empty (no params); restore it (git checkout {path})")
+    if not isinstance(raw, dict):
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+            type(raw), type(raw).__name__)
+        raise TlpipeError(f"{path}: holds {kind}, not a mapping of sections (data:, image:, ...); "
+                          f"restore it (git checkout {path})")
     try:
         model = Params.model_validate(raw)
     except ValidationError as e:

@@ -11,14 +11,23 @@ the short side to resize_size, centre-crop img_size, uint8 CHW. The decode stage
 tlpipe.images.eval_images), `tlpipe predict` and the torch-free ONNX path all decode here, so a
 deployed model sees the pixels it was trained and checked on. The resize and crop are torchvision's
 `Resize(resize_size)` + `CenterCrop(img_size)` on a PIL image, to the byte (tests/test_export.py).
+
+A source image the data stage recorded is read with its manifest sha256 (`read_verified`): the
+bytes decoded are the bytes hashed, so a file altered in place after the data stage (which DVC,
+trusting mtimes, does not notice) is refused by name instead of decoded into different pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import re
+import stat
+import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,6 +68,45 @@ def error_name(e: BaseException) -> str:
     """`struct.error`, not a bare `error`; builtins without their module."""
     kind = type(e)
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def read_verified(path: str | Path, sha256: str | None, record: str | Path | None = None) -> bytes:
+    """The bytes of `path`, refused in one line (TlpipeError) unless their sha256 is `sha256`, the
+    digest `record` (by default the manifest) holds for the file. One read: what is hashed is what
+    gets decoded."""
+    data = Path(path).read_bytes()
+    if sha256 is not None:
+        # Imported here: without a digest to check (`tlpipe predict`, a copy of this file beside an
+        # ONNX runtime) this module needs Pillow and numpy alone.
+        from tlpipe.io import check_digest
+        from tlpipe.paths import MANIFEST
+
+        check_digest(path, hashlib.sha256(data).hexdigest(), sha256, record or MANIFEST, "data")
+    return data
+
+
+def _open(path: str | Path, sha256: str | None) -> Image.Image:
+    return Image.open(path) if sha256 is None else Image.open(io.BytesIO(read_verified(path, sha256)))
+
+
+@contextmanager
+def image_warnings(path: str | Path) -> Iterator[None]:
+    """Warnings raised while decoding `path` (PIL's "Corrupt EXIF data", ...) printed as one line
+    naming the image, not the site-packages line of PIL that raised them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for text in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+        print(f"warning: {shown(path)}: {text}", file=sys.stderr)
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file that is not a regular file is (os.stat's st_mode): reading a FIFO would block."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
 
 
 class BadImage(ValueError):
@@ -112,13 +160,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    with Image.open(path) as img:
+def load_rgb(path: str | Path, sha256: str | None = None) -> Image.Image:
+    """The RGB image of a file; with `sha256`, its bytes checked first (read_verified)."""
+    with _open(path, sha256) as img:
         img.load()
         return to_rgb(img)
 
 
-def load_rgb_drafted(path: str | Path, resize_size: int, interpolation: str) -> Image.Image:
+def load_rgb_drafted(path: str | Path, resize_size: int, interpolation: str,
+                     sha256: str | None = None) -> Image.Image:
     """load_rgb, except that a JPEG whose short side is >= 4x resize_size is decoded at 1/2, 1/4 or
     1/8 scale (libjpeg's DCT scaling, never below 2x resize_size) and resized here, short side to
     resize_size, as the evaluation resize would: several times faster on large photos.
@@ -127,7 +177,7 @@ def load_rgb_drafted(path: str | Path, resize_size: int, interpolation: str) -> 
     pixels), to the size the full decode would be resized to, before EXIF rotation (rotations and
     flips commute with resizing). Agreement with the full decode is measured in tests/test_decode.py.
     """
-    with Image.open(path) as img:
+    with _open(path, sha256) as img:
         w, h = img.size
         if img.format != "JPEG" or min(w, h) < 4 * resize_size:
             img.load()
@@ -209,7 +259,11 @@ def check_image(path: str | Path, root: str | Path | None = None,
     try:
         if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
             return f"symlink to {path.resolve()}, outside the data root {root}"
-        if path.stat().st_size == 0:
+        info = path.stat()
+        kind = not_regular(info.st_mode)
+        if kind:
+            return f"not a regular file ({kind})"
+        if info.st_size == 0:
             return "empty file (0 bytes)"
     except FileNotFoundError:
         return "file not found" + (" (broken symlink)" if path.is_symlink() else "")
@@ -235,19 +289,20 @@ def eval_pixels(img: Image.Image, img_size: int, resize_size: int, interpolation
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def eval_load(path: Path, geometry: dict) -> Image.Image:
-    """The RGB image eval_pixels gets: drafted when `jpeg_draft`, band-cropped when extreme."""
+def eval_load(path: Path, geometry: dict, sha256: str | None = None) -> Image.Image:
+    """The RGB image eval_pixels gets: drafted when `jpeg_draft`, band-cropped when extreme; with
+    `sha256`, the file's bytes checked first (read_verified)."""
     if geometry["jpeg_draft"]:
         # After the drafted load the short side is resize_size already, so the resize is a no-op.
-        img = load_rgb_drafted(path, geometry["resize_size"], geometry["interpolation"])
+        img = load_rgb_drafted(path, geometry["resize_size"], geometry["interpolation"], sha256)
     else:
-        img = load_rgb(path)
+        img = load_rgb(path, sha256)
     return _crop_band(img, geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
 
 
-def load_eval_pixels(path: str | Path, geometry: dict) -> np.ndarray:
+def load_eval_pixels(path: str | Path, geometry: dict, sha256: str | None = None) -> np.ndarray:
     """One image file at the geometry of a preprocessing record, as uint8 CHW."""
-    return eval_pixels(eval_load(Path(path), geometry), geometry["img_size"], geometry["resize_size"],
+    return eval_pixels(eval_load(Path(path), geometry, sha256), geometry["img_size"], geometry["resize_size"],
                        geometry["interpolation"])
 
 

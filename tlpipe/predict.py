@@ -20,15 +20,14 @@ an ONNX file has its temperature inside, and gives the same probabilities.
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from tlpipe.io import atomic_path, read_json
+from tlpipe.io import atomic_path, check_writable, read_json
 from tlpipe.paths import MODELS
-from tlpipe.pixels import check_image, eval_check, list_files, load_eval_pixels, shown
+from tlpipe.pixels import check_image, eval_check, image_warnings, list_files, load_eval_pixels, shown
 from tlpipe.runtime import TlpipeError, inference_batch_size, workers
 
 
@@ -46,13 +45,7 @@ def collect(inputs: list[str]) -> list[Path]:
 
 def check_output(out: Path) -> None:
     """Fail before any work when the CSV cannot be written where asked."""
-    folder = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise TlpipeError(f"--out {out}: is a folder")
-    if not folder.is_dir():
-        raise TlpipeError(f"--out {out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise TlpipeError(f"--out {out}: not writable")
+    check_writable("--out", out)
 
 
 def calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
@@ -105,16 +98,17 @@ class TorchModel:
         from tlpipe.images import eval_images
         from tlpipe.runtime import device
 
-        record, dev = self.record, device()
+        record, dev, n_workers = self.record, device(), workers()
         loader = torch.utils.data.DataLoader(eval_images(paths, record), batch_size=inference_batch_size(dev),
-                                             num_workers=workers(), pin_memory=dev.type == "cuda")
-        if self.kind == "finetuned":
-            return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
-                                                 desc="fine-tuned")
-        weight, bias = self.head.weight.detach(), self.head.bias.detach()
-        views = [self.backbone.trunk] + ([inference.Mirrored(self.backbone.trunk)] if tta == "flip" else [])
-        proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
-                                                        desc="features"), weight, bias) for view in views]
+                                             num_workers=n_workers, pin_memory=dev.type == "cuda")
+        with inference.threads_beside(n_workers, dev):  # the workers decode on cores of their own
+            if self.kind == "finetuned":
+                return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
+                                                     desc="fine-tuned")
+            weight, bias = self.head.weight.detach(), self.head.bias.detach()
+            views = [self.backbone.trunk] + ([inference.Mirrored(self.backbone.trunk)] if tta == "flip" else [])
+            proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
+                                                            desc="features"), weight, bias) for view in views]
         return sum(proba) / len(proba)
 
 
@@ -132,13 +126,18 @@ class ExportedModel:
         "flip", the two views' probabilities are averaged before the temperature, as the torch path does."""
         batch, chunks = inference_batch_size(), []
         for lo in range(0, len(paths), batch):
-            pixels = np.stack([load_eval_pixels(p, self.record) for p in paths[lo:lo + batch]])
+            pixels = np.stack([self._pixels(p) for p in paths[lo:lo + batch]])
             if tta == "flip":
                 raw = [_softmax(self.onnx.run(view)[1]) for view in (pixels, pixels[..., ::-1])]
                 chunks.append(calibrated((raw[0] + raw[1]) / 2, self.onnx.temperature).astype(np.float32))
             else:
                 chunks.append(self.onnx.proba(pixels))
         return np.concatenate(chunks)
+
+
+    def _pixels(self, path: Path) -> np.ndarray:
+        with image_warnings(path):
+            return load_eval_pixels(path, self.record)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
