@@ -12,7 +12,6 @@ that nothing half-written is left; the serious ones also run through real `dvc r
 import hashlib
 import json
 import os
-import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -22,14 +21,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import dvc, tiny_params
+from conftest import copy_project, dvc
 from test_hostile import (assert_error, assert_ok, class_folder, cli, dataset_members, exif_jpeg, flip,
                           make_zip, new_project, stage, tampered, temporaries, write_png)
 from tlpipe import gallery, io as tio
 from tlpipe.onnx_model import SEAL_KEY
 from tlpipe.pixels import check_image
 from tlpipe.runtime import TlpipeError
-from tlpipe.scaffold import create_project
 
 SEAL_MESSAGE = ("{path}: sha256 {got} is not the {sealed} sealed in it at export: the file was altered after it "
                 "was written; export it again (dvc repro --force export_head or export_finetuned)")
@@ -126,16 +124,14 @@ def test_an_image_altered_in_place_through_dvc_repro(tmp_path, digit_folder):
 # --- serious 2: a damaged but loadable ONNX file ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, digit_folder) -> Path:
-    """A tiny project run through export_head (the head and its ONNX file)."""
-    project = create_project(tmp_path_factory.mktemp("integrity") / "project", tiny_params(digit_folder))
-    dvc(project, "repro", "export_head")
-    return project
+def exported(cold_project) -> Path:
+    """The cold tiny project (conftest): run through export_head (the head and its ONNX file). Read only."""
+    return cold_project.path
 
 
 @pytest.fixture
-def onnx_copy(exported, tmp_path) -> Path:
-    return Path(shutil.copytree(exported, tmp_path / "copy", symlinks=True))
+def onnx_copy(cold_project, tmp_path) -> Path:
+    return copy_project(cold_project.path, tmp_path / "copy")
 
 
 def negate_largest_initializer(path: Path) -> str:
