@@ -14,8 +14,7 @@ $(VENV)/.installed: pyproject.toml
 repro: $(VENV)/.installed
 	dvc repro
 	@echo
-	@echo "Metrics: metrics/test.json (test), metrics/head.json (val), metrics/data.json; plots: dvc plots show"
-	dvc metrics show
+	@tlpipe summary
 
 test: $(VENV)/.installed
 	pytest -m "slow or not slow"
