@@ -161,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
 
     sm = sub.add_parser("summary", help="the few lines of the last run that matter (what `make repro` ends with)",
-                        description="Each model's test accuracy with its 95 %% interval, the paired verdict, "
+                        description="Each model's test accuracy with its 95 % interval, the paired verdict, "
                         "calibration, how the fine-tuned epoch was kept, warnings about val's size and copies "
                         "across splits, and where the plots are; read from metrics/*.json.")
     sm.set_defaults(func=_summary)
