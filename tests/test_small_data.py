@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, dvc, read_json, tool_env
 from tlpipe import audit, calibration, summary
+from tlpipe.manifest import read_manifest
 from tlpipe.scaffold import create_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,10 +116,10 @@ def test_summary_says_what_matters_in_lines_under_120_characters(tmp_path, monke
     text = summary.render()
     lines = text.splitlines()
     assert max(len(line) for line in lines) < 120
-    assert lines[0] == "test split: 160 images; 95 % intervals in brackets"  # no metrics/data.json: no split sizes
-    assert lines[1].startswith("head        test accuracy 0.900 [0.800, 0.950]; temperature 1.80: log loss 0.300 -> "
-                               "0.250, ECE 0.080 -> 0.030")
-    assert lines[2].startswith("fine-tuned  test accuracy 0.925 [0.800, 0.950]; log loss 0.300, ECE 0.080; not "
+    assert lines[0] == "on the test split: 160 images; 95 % intervals in brackets"  # no metrics/data.json: no sizes
+    assert lines[1] == ("head        accuracy 0.900 [0.800, 0.950]; temperature 1.80: log loss 0.300 -> 0.250, "
+                        "ECE 0.080 -> 0.030")
+    assert lines[2].startswith("fine-tuned  accuracy 0.925 [0.800, 0.950]; log loss 0.300, ECE 0.080; not "
                                "calibrated (T = 1): a reason")
     flat = " ".join(text.split())  # wrapped lines, joined: nothing of the long reason is lost
     assert long_reason.strip() in flat
@@ -183,7 +184,7 @@ def test_a_perfectly_classified_tiny_val_keeps_t_at_1_and_the_last_epoch(small_p
     repo, run = small_project
     assert read_json(repo / "metrics" / "data.json")["val_images"] == 12
     val = load_file(str(repo / "data" / "predictions" / "finetuned_val.safetensors"))
-    manifest = pd.read_csv(repo / "data" / "prepared" / "manifest.csv")
+    manifest, _ = read_manifest(repo / "data" / "prepared")
     labels = torch.tensor(manifest.loc[val["ids"].numpy(), "target"].to_numpy())
     assert torch.equal(val["logits"].argmax(1), labels)  # every val image right: the case
     assert calibration.fit_temperature(val["logits"], labels) < 0.26  # what an unguarded fit would ship
@@ -254,12 +255,13 @@ def test_summary_of_the_small_project(small_project):
     lines = proc.stdout.splitlines()
     assert 6 <= len(lines) <= 14 and max(len(line) for line in lines) < 120, proc.stdout
     test = read_json(repo / "metrics" / "test.json")
-    assert lines[0] == "test split: 12 images (24 train, 12 val, 2 classes); 95 % intervals in brackets"
-    f = test["finetuned"]
-    assert lines[2] == (f"fine-tuned  test accuracy {f['accuracy']:.3f} [{f['accuracy_low']:.3f}, "
-                        f"{f['accuracy_high']:.3f}]; log loss {f['log_loss']:.3f}, ECE {f['ece']:.3f}; not calibrated "
-                        "(T = 1): 12 val images, fewer than 50")
+    assert lines[0] == "on the test split: 12 images (24 train, 12 val, 2 classes); 95 % intervals in brackets"
     flat = " ".join(proc.stdout.split())
+    for model, label, held_out in (("head", "head", "36 out-of-fold"), ("finetuned", "fine-tuned", "12 val")):
+        m = test[model]
+        assert (f"{label} accuracy {m['accuracy']:.3f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}]; log loss "
+                f"{m['log_loss']:.3f}, ECE {m['ece']:.3f}; not calibrated (T = 1): {held_out} images, fewer than 50"
+                ) in flat
     assert f"head vs fine-tuned: {test['paired']['verdict']} (exact McNemar p = " in flat
     assert "fine-tuned model: epoch 3 of 3 (raw weights), kept by schedule" in flat
     assert audit.val_warning(test["val"]) in flat

@@ -27,7 +27,7 @@ def _optional(path) -> dict:
 
 
 def _accuracy(s: dict) -> str:
-    return f"test accuracy {s['accuracy']:.3f} [{s['accuracy_low']:.3f}, {s['accuracy_high']:.3f}]"
+    return f"accuracy {s['accuracy']:.3f} [{s['accuracy_low']:.3f}, {s['accuracy_high']:.3f}]"
 
 
 def _calibration(s: dict) -> str:
@@ -47,7 +47,7 @@ def lines() -> list[str]:
     n_test = sum(test["paired"][k] for k in ("head_only_right", "finetuned_only_right", "both_right", "both_wrong"))
     split = (f" ({data['train_images']} train, {data['val_images']} val, {data['classes']} classes)"
              if {"train_images", "val_images", "classes"} <= set(data) else "")
-    out = [f"test split: {n_test} images{split}; 95 % intervals in brackets"]
+    out = [f"on the test split: {n_test} images{split}; 95 % intervals in brackets"]
     width = max(len(label) for label in MODELS.values())
     for model, label in MODELS.items():
         out.append(f"{label:<{width}}  {_accuracy(test[model])}; {_calibration(test[model])}")
