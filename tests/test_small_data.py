@@ -216,7 +216,7 @@ def test_a_perfectly_classified_tiny_val_keeps_t_at_1_and_the_last_epoch(small_p
     model = read_json(repo / "models" / "finetuned.json")
     assert (model["kept_by"], model["kept_reason"], model["best_epoch"]) == ("schedule", metrics["kept_reason"], 3)
     assert f"kept by schedule: {metrics['kept_reason']}" in run.stdout
-    assert "kept epoch 3 (raw weights) by schedule" in run.stdout and "early stop" not in run.stdout
+    assert "kept epoch 3 (raw weights) by schedule" in run.stdout and "early stop:" not in run.stdout
     assert audit.val_warning(test["val"]) in run.stdout
 
 
