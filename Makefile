@@ -16,11 +16,14 @@ repro: $(VENV)/.installed
 	@echo
 	@tlpipe summary
 
+# Two pytest workers (pytest-xdist), one test file each at a time: much of a test's time is process
+# start-up and waiting on `dvc`, so two workers keep 2 cores busy. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	pytest -m "slow or not slow"
+	pytest -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 test-fast: $(VENV)/.installed
-	pytest -m "not slow"
+	pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: $(VENV)/.installed
 	python bench/all.py

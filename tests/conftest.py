@@ -3,15 +3,19 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
+from filelock import FileLock
 from PIL import Image
 
-from tlpipe.scaffold import create_project
+from tlpipe.scaffold import GIT_IDENTITY, create_project, set_param
 
 # ../shared/datasets beside the checkout; TLPIPE_SHARED_DATASETS overrides (a worktree elsewhere)
 SHARED = Path(os.environ.get("TLPIPE_SHARED_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
@@ -71,20 +75,85 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
-@pytest.fixture(scope="session")
-def digit_folder(tmp_path_factory) -> Path:
-    """Real scans: 12 of each of three digit classes as PNG files, one folder per class."""
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test run, shared by every pytest-xdist worker.
+
+    Each worker has its own base temp folder; their common parent is the run's, so the first
+    worker to get the lock builds and the others wait, then reuse the folder."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker's failed attempt
+            build(folder)
+            done.touch()
+    return folder
+
+
+def write_digit_folder(root: Path) -> None:
     from sklearn.datasets import load_digits
 
-    root = tmp_path_factory.mktemp("digits3")
     digits = load_digits()
     for label in (0, 1, 2):
         idx = np.flatnonzero(digits.target == label)[:12]
-        (root / f"class{label}").mkdir()
+        (root / f"class{label}").mkdir(parents=True)
         for i in idx:
             pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
             Image.fromarray(pixels, "L").save(root / f"class{label}" / f"{i:04d}.png")
-    return root
+
+
+@pytest.fixture(scope="session")
+def digit_folder(tmp_path_factory) -> Path:
+    """Real scans: 12 of each of three digit classes as PNG files, one folder per class."""
+    return built_once(tmp_path_factory, "digits3", write_digit_folder)
+
+
+STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "export_head", "export_finetuned",
+          "evaluate", "scratch"]
+
+
+@pytest.fixture(scope="session")
+def cold_project(tmp_path_factory, digit_folder) -> SimpleNamespace:
+    """THE cold tiny project: one `dvc repro` of `tiny_params` per test run, committed as `baseline`.
+
+    Never change it: take a copy (`copy_project`) and work on that. `executed` lists the stages the
+    cold run ran, `params_read` the params each stage process read (TLPIPE_PARAMS_LOG)."""
+    def build(root: Path) -> None:
+        project = create_project(root / "project", tiny_params(digit_folder))
+        log = root / "params-read.jsonl"
+        cold = dvc(project, "repro", TLPIPE_PARAMS_LOG=str(log))
+        git = lambda *args: subprocess.run(["git", *GIT_IDENTITY, *args], cwd=project, check=True,
+                                           env=tool_env(), capture_output=True)
+        git("add", "-A")
+        git("commit", "-qm", "baseline")
+        (root / "cold-run.json").write_text(json.dumps({"executed": cold.executed, "stdout": cold.stdout}))
+
+    root = built_once(tmp_path_factory, "cold-tiny", build)
+    run = read_json(root / "cold-run.json")
+    return SimpleNamespace(path=root / "project", executed=run["executed"], stdout=run["stdout"],
+                           params_read=[json.loads(line) for line in
+                                        (root / "params-read.jsonl").read_text().splitlines()])
+
+
+def copy_project(project: Path, dest: Path, **overrides) -> Path:
+    """A private copy of a project: work tree, git history and DVC cache (mtimes kept; DVC rehashes
+    what it needs, since its state is keyed by inode), with param overrides (`finetune__epochs=4`)."""
+    dest = Path(shutil.copytree(project, dest, symlinks=True))
+    if overrides:
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        for key, value in overrides.items():
+            set_param(params, key.replace("__", "."), value)
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+@pytest.fixture
+def cold_copy(tmp_path, cold_project):
+    """`cold_copy(finetune__epochs=4)`: a copy of the cold tiny project with those params. Stages whose
+    params and deps the overrides leave alone are up to date, so `dvc repro` runs only the rest: use it
+    instead of `tiny_project` wherever a test needs the pipeline run up to some stage."""
+    return lambda **overrides: copy_project(cold_project.path, tmp_path / "project", **overrides)
 
 
 @pytest.fixture

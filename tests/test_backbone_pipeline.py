@@ -102,9 +102,9 @@ def test_editing_a_repository_weights_file_reruns_features_and_below_only(tmp_pa
 
 
 @pytest.mark.slow  # a queued sweep of two backbones, then back to one of them
-def test_probe_only_sweep_ranks_backbones_and_going_back_restores_features_from_cache(tmp_path, digit_folder):
-    repo = create_project(tmp_path / "project", {**tiny_params(digit_folder), "finetune.epochs": 0})
-    dvc(repo, "repro")
+def test_probe_only_sweep_ranks_backbones_and_going_back_restores_features_from_cache(tmp_path, cold_copy):
+    repo = cold_copy(finetune__epochs=0)
+    assert dvc(repo, "repro").executed == ["finetune", "infer", "export_finetuned", "evaluate"]
     assert read_json(repo / "metrics/finetune.json")["epochs_run"] == 0  # the probe kept as is
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "baseline: tf_efficientnet_lite0")

@@ -1,5 +1,7 @@
 """The decode stage: every image decoded once into uint8 shards, and the fast JPEG path it uses."""
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -171,6 +173,16 @@ def test_shards_of_another_manifest_are_refused(project):
     manifest.write_text(manifest.read_text().replace(",train,", ",val,", 1))
     with pytest.raises(TlpipeError, match="decoded from another manifest.*rerun the decode stage"):
         DecodedSplit("train")
+
+
+def test_shards_without_the_training_source_name_the_stage_to_run(project):
+    decode.main()
+    meta_file = decoded.DECODED / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["splits"][decoded.TRAIN_SOURCE]  # as an older tlpipe wrote it
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(TlpipeError, match=r"meta.json: has no 'train_source' images; rerun the decode stage"):
+        DecodedSplit(decoded.TRAIN_SOURCE)
 
 
 def test_missing_shards_name_the_stage_to_run(project):

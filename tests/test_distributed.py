@@ -30,14 +30,13 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, digit_folder):
-    """A tiny project run to the head, with 12 training images and a global batch of 4."""
-    from conftest import tiny_params
-    from tlpipe.scaffold import create_project
+def project(tmp_path_factory, cold_project):
+    """The cold tiny project (conftest) run to the head, with 12 training images and a global batch of 4."""
+    from conftest import copy_project
 
-    params = {**tiny_params(digit_folder), "finetune.epochs": 1, "finetune.batch_size": 4}
-    repo = create_project(tmp_path_factory.mktemp("ddp") / "project", params)
-    dvc(repo, "repro", "head")
+    repo = copy_project(cold_project.path, tmp_path_factory.mktemp("ddp") / "project",
+                        finetune__epochs=1, finetune__batch_size=4)
+    assert dvc(repo, "repro", "head").executed == []
     return repo
 
 

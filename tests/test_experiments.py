@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import dvc, read_json, tiny_params, tool_env
+from conftest import copy_project, dvc, read_json, tool_env
 from tlpipe import compare, gallery
-from tlpipe.scaffold import GIT_IDENTITY, create_project
+from tlpipe.scaffold import GIT_IDENTITY
 
 CONFUSION = ["head confusion (test)", "fine-tuned confusion (test)",
              "head confusion normalized (test)", "fine-tuned confusion normalized (test)"]
@@ -48,15 +48,12 @@ def tlpipe(repo: Path, *args: str, check: bool = True, code: Path | None = None)
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, digit_folder):
-    """Baseline (committed) + `lr-high` (finetune.lr 0.003) + `scratch-on` (the scratch baseline).
+def project(tmp_path_factory, cold_project):
+    """Baseline (a copy of the committed cold tiny project, conftest) + `lr-high` (finetune.lr 0.003)
+    + `scratch-on` (the scratch baseline).
 
-    Three pipeline runs: every test that uses this project (or `repo`) is marked slow."""
-    root = tmp_path_factory.mktemp("experiments")
-    repo = create_project(root / "project", tiny_params(digit_folder))
-    dvc(repo, "repro")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "baseline")
+    Two pipeline runs: every test that uses this project (or `repo`) is marked slow."""
+    repo = copy_project(cold_project.path, tmp_path_factory.mktemp("experiments") / "project")
     runs = {}
     for name, sets in {"lr-high": ["finetune.lr=0.003"], "scratch-on": ["scratch.enabled=true"]}.items():
         runs[name] = dvc(repo, "exp", "run", "-n", name, *[a for s in sets for a in ("-S", s)])

@@ -38,10 +38,10 @@ def result_of(repo: Path) -> dict:
     # the EMA's state and MixUp/CutMix's draws from the global RNG must survive the kill too
     {"finetune__ema_decay": 0.9, "finetune__mixup_alpha": 0.4, "finetune__cutmix_alpha": 1.0},
 ], ids=["plain", "ema-mixup-cutmix"])
-def test_killed_finetune_resumes_with_the_uninterrupted_result(tiny_project, recipe):
+def test_killed_finetune_resumes_with_the_uninterrupted_result(cold_copy, recipe):
     epochs = 6
-    repo = tiny_project(finetune__epochs=epochs, finetune__patience=epochs, **recipe)
-    dvc(repo, "repro", "head")
+    repo = cold_copy(finetune__epochs=epochs, finetune__patience=epochs, **recipe)
+    assert dvc(repo, "repro", "head").executed == []  # the cold project's features and head
 
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "finetune"], cwd=repo, env=tool_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -68,9 +68,10 @@ def test_killed_finetune_resumes_with_the_uninterrupted_result(tiny_project, rec
     assert result_of(repo) == after_resume
 
 
-def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_epoch(tiny_project, monkeypatch):
-    repo = tiny_project(finetune__epochs=3, finetune__patience=3)
-    dvc(repo, "repro", "head")
+def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_epoch(cold_copy, monkeypatch):
+    repo = cold_copy(finetune__epochs=3, finetune__patience=3)
+    assert dvc(repo, "repro", "head").executed == []  # the cold project's features and head
+    (repo / "models" / "finetuned.safetensors").unlink()  # the cold run's; this run must not write one
     monkeypatch.chdir(repo)
     monkeypatch.setenv("TLPIPE_WORKERS", "0")
     monkeypatch.setenv("TLPIPE_PROGRESS", "0")

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import dvc, tiny_params, tool_env
+from conftest import copy_project, dvc, tiny_params, tool_env
 from tlpipe import images, io as tio, runtime, sources
 from tlpipe.runtime import TlpipeError
 from tlpipe.scaffold import create_project
@@ -133,22 +132,15 @@ EXIF_ATTRIBUTE_ERROR = (19, 5)  # make's type -> RATIONAL: AttributeError
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, digit_folder) -> Path:
-    """A tiny project run through the whole pipeline once; tests work on copies of it."""
-    project = create_project(tmp_path_factory.mktemp("hostile") / "project", tiny_params(digit_folder))
-    dvc(project, "repro")
-    return project
-
-
-@pytest.fixture(scope="module")
 def bare(tmp_path_factory, digit_folder) -> Path:
     """A new project where nothing has run: for checks that must fail before any work."""
     return create_project(tmp_path_factory.mktemp("bare") / "project", tiny_params(digit_folder))
 
 
 @pytest.fixture
-def copy(trained, tmp_path) -> Path:
-    return Path(shutil.copytree(trained, tmp_path / "copy", symlinks=True))
+def copy(cold_project, tmp_path) -> Path:
+    """A copy of the tiny project run through the whole pipeline once (conftest's cold project)."""
+    return copy_project(cold_project.path, tmp_path / "copy")
 
 
 # --- 1. non-UTF-8 file names ------------------------------------------------------------------------
@@ -207,7 +199,7 @@ def test_malformed_exif_is_the_files_skip_reason_in_the_data_stage(tmp_path):
     ("manifest label", r"data/prepared/manifest.csv: label 'zebra' is not in classes.json; rerun the data stage"),
     ("features meta", r"data/features/meta.json: not valid JSON \(.+\); rerun the stage that wrote it"),
 ])
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_damaged_json_and_csv_artifacts_are_one_line(copy, damage, message):
     if damage == "classes.json":
         (copy / "data/prepared/classes.json").write_text('["0", "1", ')
@@ -439,7 +431,7 @@ def test_cli_arguments_are_checked_before_any_work(bare, args, message):
 
 # --- 5. disk full while writing ---------------------------------------------------------------------
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_disk_full_writing_a_model_is_one_line_and_keeps_the_old_one(copy):
     before = (copy / "models/head.safetensors").read_bytes()
     proc = stage(copy, "head", fsize=4096)
@@ -448,7 +440,7 @@ def test_disk_full_writing_a_model_is_one_line_and_keeps_the_old_one(copy):
     assert not temporaries(copy / "models")
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_disk_full_writing_decoded_shards_names_the_shard(copy):
     before = tio.sha256_file(copy / "data/decoded/meta.json")
     assert_error(stage(copy, "decode", fsize=20_000), "data/decoded/train-000.safetensors: cannot write (File too large)")
@@ -464,7 +456,7 @@ def test_disk_full_copying_images_names_the_image(tmp_path):
     assert not (project / "data/prepared").exists() and not temporaries(project / "data")
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_disk_full_writing_a_checkpoint_is_one_line(copy):
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["finetune"]["epochs"] = 3
@@ -474,7 +466,7 @@ def test_disk_full_writing_a_checkpoint_is_one_line(copy):
     assert not temporaries(copy / "models")
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_disk_full_writing_predictions_is_one_line(copy, digit_folder):
     proc = cli(copy, "predict", "--model", "head", str(digit_folder / "class0"), "--out", "p.csv", fsize=200)
     assert_error(proc, "p.csv: cannot write (File too large)")
@@ -499,7 +491,7 @@ def tampered(project: Path, path: Path, record: str, rerun: str, old: str) -> st
             f"it was written; rerun the {rerun} stage (dvc repro --force {rerun})")
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_flipped_byte_in_a_safetensors_header(copy):
     path = Path("models/head.safetensors")
     old = tio.sha256_file(copy / path)
@@ -513,7 +505,7 @@ def test_flipped_byte_in_a_safetensors_header(copy):
                                           r"head stage", regex=True)
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_features_altered_in_place_with_mtime_kept_are_refused(copy):
     path = Path("data/features/train.safetensors")
     old = tio.sha256_file(copy / path)
@@ -525,7 +517,7 @@ def test_features_altered_in_place_with_mtime_kept_are_refused(copy):
     assert_error(stage(copy, "finetune"), expected)
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_non_finite_model_weights_are_refused_not_predicted(copy, digit_folder):
     path = copy / "models/finetuned.safetensors"
     state = load_file(str(path))
@@ -541,7 +533,7 @@ def test_non_finite_model_weights_are_refused_not_predicted(copy, digit_folder):
     assert not (copy / "preds.csv").exists()
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_non_finite_features_are_refused(copy):
     path = copy / "data/features/val.safetensors"
     tensors = load_file(str(path))
@@ -555,7 +547,7 @@ def test_non_finite_features_are_refused(copy):
                                       "(NaN or inf); refusing to use it")
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 @pytest.mark.parametrize("artifact, record, reader, producer, back", [
     ("data/decoded/val-000.safetensors", "data/decoded/meta.json", "features", "decode", 5),
     ("data/predictions/finetuned_test.safetensors", "data/predictions/meta.json", "evaluate", "infer", 2),
@@ -567,7 +559,7 @@ def test_artifact_altered_in_place_is_refused(copy, artifact, record, reader, pr
     assert_error(stage(copy, reader), tampered(copy, path, record, producer, old))
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_damaged_checkpoint_is_dropped_and_the_run_starts_over(copy):
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["finetune"]["epochs"] = 1
@@ -604,7 +596,7 @@ def stage_pids(project: Path, module: str) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 @pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])  # bash execs the stage; dash stays its parent
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_kill_9_of_dvc_takes_the_stage_with_it(copy, shell, tmp_path):
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["finetune"].update(epochs=200, patience=200)
@@ -639,7 +631,7 @@ def test_a_stage_does_not_commit_outputs_once_its_starter_is_gone(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_checkpoint_of_the_run_in_the_workspace_is_removed_by_any_stage(copy):
     key = json.loads((copy / "models/finetuned.json").read_text())["resume_key"]
     (copy / "models/.resume" / key).mkdir(parents=True)  # as an interrupted attempt of this run left it
@@ -664,7 +656,7 @@ def formats_folder(root: Path) -> dict[str, str]:
     return made
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_predict_takes_exactly_the_files_the_data_stage_takes(copy, tmp_path):
     root = tmp_path / "formats"
     made = formats_folder(root)
@@ -685,7 +677,7 @@ def test_predict_checks_the_output_path_before_anything_else(bare, tmp_path):
                  f"--out {tmp_path}/no/p.csv: folder {tmp_path}/no does not exist")
 
 
-@pytest.mark.slow  # needs the trained project (a whole pipeline run)
+@pytest.mark.slow  # works on a copy of the cold project (a whole pipeline run)
 def test_predict_reports_bad_files_as_rows_and_predicts_the_rest(copy, tmp_path):
     folder = tmp_path / "mixed"
     write_png(folder / "good.png", seed=3)
@@ -798,7 +790,7 @@ def mutants(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 @pytest.mark.slow  # a whole pipeline run, then 500 images
-def test_fuzz_500_mutated_images_through_the_data_stage_and_predict(trained, tmp_path):
+def test_fuzz_500_mutated_images_through_the_data_stage_and_predict(copy, tmp_path):
     root = tmp_path / "fuzz"
     files = mutants(root, 520)
     class_folder(root, per_class=10)  # enough clean images that both classes can be split
@@ -811,7 +803,7 @@ def test_fuzz_500_mutated_images_through_the_data_stage_and_predict(trained, tmp
     assert len(manifest) + len(skipped) == total  # every file used or skipped with a reason
     assert skipped["reason"].str.len().min() > 0 and not skipped["reason"].str.contains("\n").any()
     assert_ok(stage(project, "decode"))  # every used file decodes in the evaluation path too
-    proc = cli(trained, "predict", "--model", "head", str(root), "--out", str(tmp_path / "p.csv"))
+    proc = cli(copy, "predict", "--model", "head", str(root), "--out", str(tmp_path / "p.csv"))
     assert_ok(proc)
     table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert len(table) == total

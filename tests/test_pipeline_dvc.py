@@ -12,27 +12,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import dvc, read_json, tiny_params
+from conftest import STAGES, copy_project, dvc, read_json
 from tlpipe.linear import PROBE_MAX_ITER
-from tlpipe.scaffold import GIT_IDENTITY, PROJECT, create_project
+from tlpipe.scaffold import PROJECT
 
-STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "export_head", "export_finetuned",
-          "evaluate", "scratch"]
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, digit_folder):
-    """A project after one cold `dvc repro`, committed, with the params each stage read.
+def repo(tmp_path_factory, cold_project):
+    """A copy of the cold tiny project (conftest), with the stages and params the cold run read.
 
     Every test that uses it (or `baseline`) runs the pipeline and is marked slow."""
-    root = tmp_path_factory.mktemp("pipeline")
-    project = create_project(root / "project", tiny_params(digit_folder))
-    log = root / "params-read.jsonl"
-    cold = dvc(project, "repro", TLPIPE_PARAMS_LOG=str(log))
-    subprocess.run(["git", *GIT_IDENTITY, "add", "-A"], cwd=project, check=True)
-    subprocess.run(["git", *GIT_IDENTITY, "commit", "-qm", "baseline"], cwd=project, check=True)
-    return SimpleNamespace(path=project, cold=cold,
-                           params_read=[json.loads(line) for line in log.read_text().splitlines()])
+    project = copy_project(cold_project.path, tmp_path_factory.mktemp("pipeline") / "project")
+    return SimpleNamespace(path=project, cold=SimpleNamespace(executed=cold_project.executed),
+                           params_read=cold_project.params_read)
 
 
 @pytest.fixture

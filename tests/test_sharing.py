@@ -17,13 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import dvc, tiny_params, tool_env
-from tlpipe.scaffold import GIT_IDENTITY, create_project
+from conftest import STAGES, copy_project, dvc, tool_env
+from tlpipe.scaffold import GIT_IDENTITY
 
 pytestmark = pytest.mark.slow  # a cold repro, pushes and fresh clones
 
-STAGES = ["data", "decode", "stats", "features", "head", "finetune", "infer", "export_head", "export_finetuned",
-          "evaluate", "scratch"]
 UP_TO_DATE = "Data and pipelines are up to date"
 BUCKET = "tlpipe-share"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}
@@ -43,17 +41,18 @@ def digests(repo: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, digit_folder):
-    """The owner: project created, local remote set, `dvc repro`, git push to a bare repo, `dvc push`."""
+def shared(tmp_path_factory, cold_project):
+    """The owner: a copy of the cold tiny project (conftest), local remote set, git push to a bare
+    repo, `dvc push`."""
     root = tmp_path_factory.mktemp("sharing")
-    owner = create_project(root / "owner", tiny_params(digit_folder))
+    assert cold_project.executed == STAGES
+    owner = copy_project(cold_project.path, root / "owner")
+    assert git(owner, "status", "--porcelain") == ""  # outputs are DVC's or ignored; results committed
+    assert {"dvc.lock", "metrics/test.json", "data/.gitignore"} <= set(git(owner, "ls-files").split())
     origin = root / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
     dvc(owner, "remote", "add", "-d", "storage", str(root / "storage"))
-    assert dvc(owner, "repro").executed == STAGES
-    git(owner, "add", "dvc.lock", "metrics", ".dvc/config", "data/.gitignore")
-    git(owner, "commit", "-qm", "baseline results")
-    assert git(owner, "status", "--porcelain") == ""  # everything else is DVC's or ignored
+    git(owner, "commit", "-qam", "local remote")
     git(owner, "remote", "add", "origin", str(origin))
     git(owner, "push", "-q", "-u", "origin", "main")
     dvc(owner, "push", "--run-cache")

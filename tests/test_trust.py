@@ -195,6 +195,7 @@ def test_suspect_labels_flag_confidently_other_images():
     assert list(found["index"]) == [4, 5] and list(found["suspected"]) == [1, 0]
 
 
+@pytest.mark.slow  # a pipeline run to evaluate
 def test_near_duplicate_of_a_test_image_in_train_is_reported(tmp_path):
     """A resized, re-encoded copy of a test image placed in train: sha256 differs, features do not."""
     from sklearn.datasets import load_digits
@@ -215,7 +216,7 @@ def test_near_duplicate_of_a_test_image_in_train_is_reported(tmp_path):
     Image.open(original).resize((40, 40), Image.BILINEAR).convert("RGB").save(
         root / "train" / "d2" / "copy.jpg", quality=85)
     project = create_project(tmp_path / "project", {**TINY, "data.source": "presplit", "data.root": str(root)})
-    result = dvc(project, "repro")
+    result = dvc(project, "repro", "evaluate")  # the report's stage and what it reads; no exports
     report = pd.read_csv(project / "metrics" / "duplicates.csv")
     pair = report[(report["path_a"].str.endswith("copy.jpg") | report["path_b"].str.endswith("copy.jpg"))
                   & (report["path_a"].str.endswith(original.name) | report["path_b"].str.endswith(original.name))]

@@ -85,6 +85,8 @@ class DecodedSplit:
 
     def __init__(self, split: str, folder: Path = DECODED, meta: dict | None = None):
         meta = read_meta(folder) if meta is None else meta
+        if split not in meta.get("splits", {}):  # shards of an older tlpipe, or a meta.json edited by hand
+            raise TlpipeError(f"{folder / 'meta.json'}: has no {split!r} images; rerun the decode stage")
         self.split, self.folder = split, folder
         self.sizes = meta["splits"][split]["shards"]
         self.starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
