@@ -14,8 +14,7 @@ $(VENV)/.installed: pyproject.toml
 repro: $(VENV)/.installed
 	dvc repro
 	@echo
-	@echo "Metrics: metrics/test.json (test), metrics/head.json (val), metrics/data.json; plots: dvc plots show"
-	dvc metrics show
+	@tlpipe summary
 
 # Two pytest workers (pytest-xdist), one test file each at a time: much of a test's time is process
 # start-up and waiting on `dvc`, so two workers keep 2 cores busy. TEST_WORKERS=0 runs in one process.

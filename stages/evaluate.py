@@ -57,6 +57,14 @@ def verdict(paired: dict) -> str:
     return "finetuned better" if paired["finetuned_only_right"] > paired["head_only_right"] else "finetuned worse"
 
 
+def describe(model: str, s: dict, images: int) -> str:
+    calibrated = (f"{s['log_loss_calibrated']:.4f} and {s['ece_calibrated']:.4f} at temperature {s['temperature']:.3f}"
+                  if s["calibrated"] else f"not calibrated: {s['calibration_reason']}")
+    return (f"{model}: test accuracy {s['accuracy']:.4f} (95 % interval {s['accuracy_low']:.4f}-{s['accuracy_high']:.4f}), "
+            f"macro-F1 {s['macro_f1']:.4f}, log loss {s['log_loss']:.4f}, ECE {s['ece']:.4f} ({calibrated}) "
+            f"({images} images)")
+
+
 def main() -> None:
     params = load_params("evaluate")
     p, seed = params.evaluate, params.seed
@@ -68,7 +76,8 @@ def main() -> None:
     y_true = test["labels"].numpy()
     logits = {"head": test["features"].double() @ head["weight"].double().T + head["bias"].double(),
               "finetuned": finetuned_logits(test["ids"], classes)}
-    temperature = {"head": head_cfg["temperature"], "finetuned": read_json(FINETUNED_CALIBRATION)["temperature"]}
+    fits = {"head": head_cfg, "finetuned": read_json(FINETUNED_CALIBRATION)}  # temperature, calibrated, reason
+    temperature = {name: fit["temperature"] for name, fit in fits.items()}
 
     scores, probas, calibrated, curves = {}, {}, {}, {}
     for name, z in logits.items():
@@ -78,8 +87,10 @@ def main() -> None:
                         "log_loss_calibrated": round(calibration.log_loss(z, test["labels"], temperature[name]), 6),
                         "ece": round(calibration.ece(y_true, proba), 6),
                         "ece_calibrated": round(calibration.ece(y_true, scaled), 6),
-                        "temperature": temperature[name]}
-        curves[name] = [("as trained", y_true, proba), (f"temperature {temperature[name]:.2f}", y_true, scaled)]
+                        "temperature": temperature[name], "calibrated": fits[name].get("calibrated", True),
+                        "calibration_reason": fits[name].get("calibration_reason", "")}
+        curves[name] = [("as trained", y_true, proba)] + (
+            [(f"temperature {temperature[name]:.2f}", y_true, scaled)] if scores[name]["calibrated"] else [])
     calibration.diagram(curves, RELIABILITY, f"reliability on {len(y_true)} test images")
 
     paired = mcnemar(y_true, probas["head"].argmax(1), probas["finetuned"].argmax(1))
@@ -101,18 +112,12 @@ def main() -> None:
         gallery.write(TEST_PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model",
                       hashes=hashes_by_path(manifest))
     for model in probas:
-        s = scores[model]
-        print(f"{model}: test accuracy {s['accuracy']:.4f} (95 % interval {s['accuracy_low']:.4f}-"
-              f"{s['accuracy_high']:.4f}), macro-F1 {s['macro_f1']:.4f}, log loss {s['log_loss']:.4f} "
-              f"({s['log_loss_calibrated']:.4f} calibrated), ECE {s['ece']:.4f} -> {s['ece_calibrated']:.4f} "
-              f"({len(y_true)} images)")
+        print(describe(model, scores[model], len(y_true)))
     print(f"head vs fine-tuned (exact McNemar, {paired['head_only_right']} vs {paired['finetuned_only_right']} "
           f"images right by one model only): {scores['paired']['verdict']} (p = {paired['p_value']:.3g})")
     v = scores["val"]
     if v["val_too_small"]:
-        print(f"warning: val has {v['val_min_per_class']} image(s) in its smallest class (< "
-              f"{audit.MIN_VAL_PER_CLASS}): early stopping, the kept epoch and the fine-tuned model's "
-              f"temperature rest on few images (docs/trust.md)")
+        print(audit.val_warning(v))
     for line in audit.describe(report):
         print(line + f"; listed in {TEST_DUPLICATES}")
 

@@ -22,7 +22,8 @@ def main() -> None:
     if "temperature" not in calibrated:
         raise TlpipeError(f"{FINETUNED_CALIBRATION}: no temperature; rerun the infer stage")
     export.export(model, cfg, FINETUNED, FINETUNED_CONFIG, FINETUNED_ONNX, EXPORT_FINETUNED_METRICS,
-                  DecodedSplit("test"), calibrated["temperature"], str(FINETUNED_CALIBRATION))
+                  DecodedSplit("test"), calibrated["temperature"], str(FINETUNED_CALIBRATION),
+                  calibrated.get("calibrated"), calibrated.get("calibration_reason", ""))
 
 
 if __name__ == "__main__":

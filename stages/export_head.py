@@ -21,7 +21,7 @@ def main() -> None:
     backbone = backbones.pretrained_for(cfg, str(HEAD_CONFIG))
     model = Classifier(backbone.trunk, head).eval()
     export.export(model, cfg, HEAD, HEAD_CONFIG, HEAD_ONNX, EXPORT_HEAD_METRICS, DecodedSplit("test"),
-                  cfg["temperature"], str(HEAD_CONFIG))
+                  cfg["temperature"], str(HEAD_CONFIG), cfg.get("calibrated"), cfg.get("calibration_reason", ""))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ the head stage: it takes a second, and it keeps fine-tuning independent of the h
 sweeping the head never re-runs the expensive stage. With `probe_l2` equal to the head's chosen L2
 the two are the same classifier. The recipe (tlpipe.finetuning): backbone LR = head LR x
 backbone_lr_mult; the checkpoint with the best val loss is kept; training stops after `patience`
-epochs without improvement (warmup epochs not counted). After every epoch the whole training state
+epochs without improvement (warmup epochs not counted). A val below audit.MIN_VAL_PER_CLASS images
+in some class chooses nothing: the schedule's last epoch is kept, with no early stopping
+(`kept_by: schedule` in the metrics, and why). After every epoch the whole training state
 goes to models/.resume/ (tlpipe.checkpoints), so a killed run continues from its last finished
 epoch with the result of an uninterrupted one.
 
@@ -60,10 +62,12 @@ def main() -> None:
     if group.is_main:
         checkpoint.remove_others()
     say = print if group.is_main else (lambda *_: None)
-    progress = finetuning.Progress.resume(checkpoint, model, optimizer, scheduler, ema)
+    kept_by, why = finetuning.kept_by(start.source["classes"], ema is not None)
+    say(f"kept by {kept_by.replace('_', ' ')}: {why}")
+    progress = finetuning.Progress.resume(checkpoint, model, optimizer, scheduler, ema, kept_by)
     if progress is None:
         progress = finetuning.Progress.from_probe(model, *finetuning.evaluate(model, val_batches, start.targets,
-                                                                              record, group))
+                                                                              record, group), kept_by)
         say(f"epoch 0 (the probe on the frozen backbone): val loss {progress.best['val_loss']:.4f} "
             f"acc {progress.best['val_accuracy']:.4f}")
     else:
@@ -97,12 +101,13 @@ def main() -> None:
             progress.save(checkpoint, model, optimizer, scheduler, ema)
     distributed.barrier(group)  # every rank finished cleanly before anything is written
     if group.is_main:
-        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name)
+        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name, why)
         checkpoint.remove()
     distributed.leave(group)
 
 
-def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: float, resume_key: str) -> None:
+def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: float, resume_key: str,
+                  why: str) -> None:
     with writing(FINETUNE_CURVES), Live(str(FINETUNE_CURVES), dvcyaml=False, save_dvc_exp=False) as live:
         for step, record in enumerate(progress.history):
             live.step = step
@@ -112,14 +117,17 @@ def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: 
     model.load_state_dict(best["state"])
     save_classifier(model, FINETUNED, FINETUNED_CONFIG, {**source_of(source), "probe_l2": probe_l2,
                                                           "best_epoch": best["epoch"], "weights": best["weights"],
+                                                          "kept_by": progress.kept_by, "kept_reason": why,
                                                           # its checkpoint is stale once these outputs exist
                                                           "resume_key": resume_key})
     first = progress.history[0]
     write_json(FINETUNE_METRICS, {
         "initial_val_accuracy": round(first["val/accuracy"], 6), "initial_val_loss": round(first["val/loss"], 6),
-        "best_epoch": best["epoch"], "kept_weights": best["weights"], "epochs_run": len(progress.history) - 1,
+        "best_epoch": best["epoch"], "kept_weights": best["weights"], "kept_by": progress.kept_by, "kept_reason": why,
+        "epochs_run": len(progress.history) - 1,
         "val_loss": round(best["val_loss"], 6), "val_accuracy": round(best["val_accuracy"], 6)})
-    print(f"kept epoch {best['epoch']} ({best['weights']} weights): val loss {best['val_loss']:.4f} acc {best['val_accuracy']:.4f}")
+    print(f"kept epoch {best['epoch']} ({best['weights']} weights) by {progress.kept_by.replace('_', ' ')}: "
+          f"val loss {best['val_loss']:.4f} acc {best['val_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

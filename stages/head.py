@@ -4,8 +4,9 @@ Protocol (Kornblith et al. 2019, CLIP), with the choice made on more than a hand
 multinomial logistic regression by L-BFGS, one fit per grid point from the strongest L2 to the
 weakest (each warm-started from the last), and the L2 with the lowest mean held-out log loss over
 `head.cv_folds` stratified folds of train + val kept (log loss, not accuracy: accuracy ties are
-coarse on small sets). The head is then fitted on train and val together. Its temperature is fitted
-on the out-of-fold logits, which also flag suspect labels (tlpipe/audit.py). `head.cv_folds: 0` is
+coarse on small sets). The head is then fitted on train and val together. Its temperature comes
+from the out-of-fold logits, by tlpipe.calibration's rule (T = 1 where they are too few or too
+rarely wrong to fit one); they also flag suspect labels (tlpipe/audit.py). `head.cv_folds: 0` is
 the classic protocol: fit on train, choose on val. Test is not read here.
 """
 
@@ -73,32 +74,33 @@ def main() -> None:
     for row in rows:
         print("  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "log10_l2" and not k.endswith("sd")))
 
-    temperature = calibration.fit_temperature(held_logits, held_labels)
+    held = "val" if fitted_on == "train" else "cv"
+    fit = calibration.calibrate(held_logits, held_labels, "val" if held == "val" else "out-of-fold")
+    temperature = fit.value
     held_proba = {t: calibration.scaled_proba(held_logits, t).numpy() for t in (1.0, temperature)}
 
     with atomic_path(HEAD) as tmp:
         save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}, str(tmp))
     chosen = rows[best]
     write_json(HEAD_CONFIG, {"type": "linear", **source_of(meta), "l2": chosen["l2"], "fitted_on": fitted_on,
-                             "temperature": round(temperature, 6),
+                             **fit.record(),
                              "sha256": sha256_file(HEAD)})  # of head.safetensors, checked by its readers
     # Out-of-fold probabilities judge every train + val label; val logits of the classic protocol
     # come from a model that saw no val label either, so they serve the same way.
     suspects = write_suspects(held_logits, held_labels, held_ids, temperature)
     with atomic_path(HEAD_GRID) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    held = "val" if fitted_on == "train" else "cv"
     y = held_labels.numpy()
     write_json(HEAD_METRICS, {
         "l2": chosen["l2"], "cv_folds": params.head.cv_folds, "fitted_on": fitted_on,
         **{k: v for k, v in chosen.items() if k not in ("l2", "log10_l2")},
-        "temperature": round(temperature, 6),
+        **fit.record(),
         f"{held}_ece": round(calibration.ece(y, held_proba[1.0]), 6),
         f"{held}_ece_calibrated": round(calibration.ece(y, held_proba[temperature]), 6),
         f"{held}_log_loss_calibrated": round(calibration.log_loss(held_logits, held_labels, temperature), 6),
         "suspect_labels": suspects})
     print(f"chose l2={chosen['l2']:.2e} ({held} log loss {chosen[f'{held}_log_loss']:.4f}), fitted on "
-          f"{fitted_on}; temperature {temperature:.3f}; {suspects} suspect label(s) in {SUSPECTS}")
+          f"{fitted_on}; {calibration.describe(fit)}; {suspects} suspect label(s) in {SUSPECTS}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """infer: run the fine-tuned model once over the val and test images; per-image class probabilities.
 
 A stage of its own, so that evaluate only turns predictions into metrics: a head-only change then
-re-scores the head from cached features and never re-runs the fine-tuned model. The val logits fit
-the model's temperature (tlpipe/calibration.py), which `tlpipe predict` and evaluate apply.
+re-scores the head from cached features and never re-runs the fine-tuned model. The val logits give
+the model's temperature (tlpipe/calibration.py: T = 1 where val is too small or too rarely wrong
+to fit one), which `tlpipe predict`, the ONNX export and evaluate apply.
 """
 
 import torch
@@ -42,16 +43,16 @@ def main() -> None:
                       str(tmp))
     write_json(FINETUNED_TEST.parent / "meta.json", {  # evaluate checks these
         "sha256": sha256_file(FINETUNED_TEST), "val_sha256": sha256_file(FINETUNED_VAL)})
-    # Val chose the kept epoch too, so this temperature is fitted on images not quite unseen;
+    # Where val chose the kept epoch, this temperature is fitted on images not quite unseen;
     # docs/trust.md says why that is the lesser evil on small sets.
     val_labels = torch.tensor(manifest.loc[DecodedSplit("val").ids().numpy(), "target"].to_numpy())
-    temperature = calibration.fit_temperature(logits["val"], val_labels)
+    fit = calibration.calibrate(logits["val"], val_labels, "val")
     write_json(FINETUNED_CALIBRATION, {
-        "temperature": round(temperature, 6), "fitted_on": "val", "val_images": len(val_labels), "tta": tta,
+        **fit.record(), "fitted_on": "val", "val_images": len(val_labels), "tta": tta,
         "val_log_loss": round(calibration.log_loss(logits["val"], val_labels), 6),
-        "val_log_loss_calibrated": round(calibration.log_loss(logits["val"], val_labels, temperature), 6)})
+        "val_log_loss_calibrated": round(calibration.log_loss(logits["val"], val_labels, fit.value), 6)})
     print(f"fine-tuned model on {len(logits['val'])} val and {len(logits['test'])} test images ({dev.type}, "
-          f"test-time augmentation: {tta}); temperature {temperature:.3f} (fitted on val)")
+          f"test-time augmentation: {tta}); {calibration.describe(fit)}")
 
 
 if __name__ == "__main__":

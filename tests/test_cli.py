@@ -14,7 +14,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_argument_of_every_subcommand_has_a_help_text():
     commands = subcommands()
-    assert set(commands) == {"compare", "lr-find", "predict"}
+    assert set(commands) == {"compare", "lr-find", "predict", "summary"}
     for name, parser in commands.items():
         assert parser.description, name
         for action in parser._actions:

@@ -92,6 +92,13 @@ def val_counts(manifest: pd.DataFrame, classes: list[str]) -> dict:
             "val_too_small": smallest < MIN_VAL_PER_CLASS}
 
 
+def val_warning(counts: dict) -> str:
+    """The warning line for a val split below MIN_VAL_PER_CLASS (`counts`: val_counts' dict)."""
+    return (f"warning: val has {counts['val_min_per_class']} image(s) in its smallest class (< {MIN_VAL_PER_CLASS}): "
+            "too few to choose an epoch, so fine-tuning kept its last (docs/finetuning.md); val-based "
+            "choices and scores rest on few images (docs/trust.md)")
+
+
 def duplicate_report(manifest: pd.DataFrame, split_features: dict[str, tuple[torch.Tensor, torch.Tensor]],
                      exact: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Exact copies (sha256, from the data stage) and near-duplicates across splits, one row per pair.

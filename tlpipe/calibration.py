@@ -4,18 +4,31 @@ One scalar T divides a model's logits: argmax (so accuracy) is unchanged, confid
 fitted by minimizing the log loss of held-out logits (the head's out-of-fold logits, the
 fine-tuned model's val logits), over log T by a bounded 1-d search, and kept only if it lowers that
 log loss: temperature scaling never raises the log loss it was fitted on (T = 1 otherwise).
+
+`calibrate` decides whether the held-out set can support that fit at all (docs/trust.md,
+"Calibration"). A correctly classified image's log loss falls monotonically as T falls, so only
+misclassified images stop T from running to 0: on a perfectly classified held-out set the
+"best" T is the search's lower bound, and every shipped probability becomes 1.00. Hence T is
+fitted only on at least MIN_IMAGES held-out images of which at least MIN_ERRORS are misclassified,
+within T_RANGE; otherwise T = 1 and the reason is recorded.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 ECE_BINS = 15  # equal-width confidence bins, as Guo et al.
-LOG_T_RANGE = (-4.0, 4.0)  # T in [0.018, 55]: far beyond what a sane model needs
+# Where T is searched. Fitted temperatures of real models sit well inside it (Guo et al.: about 1
+# to 3; label smoothing's underconfidence: about 0.5); at T = 1/4 every logit is multiplied by 4.
+T_RANGE = (0.25, 4.0)
+LOG_T_RANGE = (math.log(T_RANGE[0]), math.log(T_RANGE[1]))
+MIN_IMAGES = 50  # held-out images a temperature is fitted on, at least
+MIN_ERRORS = 5   # of them misclassified, at least: only errors keep T from running to its lower bound
 
 
 def log_loss(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
@@ -33,6 +46,41 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
                              method="bounded", options={"xatol": 1e-6})
     t = math.exp(float(result.x))
     return t if log_loss(logits, labels, t) < log_loss(logits, labels) else 1.0
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """A model's temperature, whether it was fitted (`calibrated`), and why or why not."""
+    value: float
+    calibrated: bool
+    reason: str
+
+    def record(self) -> dict:
+        """The keys models/*.json, metrics/*.json and the ONNX metadata carry."""
+        return {"temperature": round(self.value, 6), "calibrated": self.calibrated, "calibration_reason": self.reason}
+
+
+def calibrate(logits: torch.Tensor, labels: torch.Tensor, held_out: str) -> Temperature:
+    """The temperature of held-out `logits`, by the rule of the module docstring; `held_out` names
+    the set in the reason ("val", "out-of-fold")."""
+    n = len(labels)
+    errors = int((logits.argmax(1) != labels).sum()) if n else 0
+    if n < MIN_IMAGES:
+        return Temperature(1.0, False, f"{n} {held_out} images, fewer than {MIN_IMAGES}")
+    if errors < MIN_ERRORS:
+        return Temperature(1.0, False, f"{errors} of {n} {held_out} images misclassified, fewer than {MIN_ERRORS}")
+    t = fit_temperature(logits, labels)
+    if t == 1.0:
+        return Temperature(1.0, False, f"no temperature lowers the log loss of {n} {held_out} images")
+    bound = " (at the bound of the search)" if min(abs(t - b) / b for b in T_RANGE) < 1e-3 else ""
+    return Temperature(t, True, f"fitted on {n} {held_out} images, {errors} misclassified{bound}")
+
+
+def describe(fit: Temperature) -> str:
+    """One phrase for a stage's output line."""
+    if fit.calibrated:
+        return f"temperature {fit.value:.3f} ({fit.reason})"
+    return f"not calibrated, T = 1 ({fit.reason})"
 
 
 def logits_of(proba: np.ndarray | torch.Tensor) -> torch.Tensor:

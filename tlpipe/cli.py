@@ -3,6 +3,7 @@
     tlpipe compare [EXP ...] [--out compare.html]
     tlpipe lr-find head|finetune [--steps N] [--start-lr 1e-7] [--end-lr 10] [--out-dir lr_find]
     tlpipe predict --model head|finetuned|FILE.onnx IMAGE_OR_FOLDER ... [--top-k K] [--out preds.csv]
+    tlpipe summary
 
 The heavy imports (torch, dvc) happen inside each command, so `tlpipe --help` is instant, and
 `predict` with a .onnx file never imports torch (docs/deploy.md).
@@ -76,6 +77,12 @@ def _predict(args) -> None:
     predict.predict(args.inputs, args.model, args.top_k, Path(args.out), tta="flip" if args.tta else "none")
 
 
+def _summary(args) -> None:
+    from tlpipe import summary
+
+    print(summary.render())
+
+
 def _model(value: str) -> str:
     if value in ("head", "finetuned") or value.endswith(".onnx"):
         return value
@@ -141,6 +148,12 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--tta", action="store_true",
                     help="test-time augmentation: average with the mirror image (twice the cost)")
     pr.set_defaults(func=_predict)
+
+    sm = sub.add_parser("summary", help="the few lines of the last run that matter (what `make repro` ends with)",
+                        description="Each model's test accuracy with its 95 % interval, the paired verdict, "
+                        "calibration, how the fine-tuned epoch was kept, warnings about val's size and copies "
+                        "across splits, and where the plots are; read from metrics/*.json.")
+    sm.set_defaults(func=_summary)
     return p
 
 

@@ -188,7 +188,9 @@ def trust_table(exps: list[Experiment]) -> pd.DataFrame:
                 f"{test['paired.verdict']} (p = {_fmt(test['paired.p_value'])}; right by one model only: "
                 f"head {test['paired.head_only_right']}, fine-tuned {test['paired.finetuned_only_right']})")
         for m in ("head", "finetuned"):
-            if f"{m}.ece" in test:
+            if f"{m}.ece" in test and test.get(f"{m}.calibrated") in (False, "false"):  # T = 1 (docs/trust.md)
+                row[f"{m} ECE, calibrated"] = f"{_fmt(test[f'{m}.ece'])}, not calibrated (T = 1)"
+            elif f"{m}.ece" in test:
                 row[f"{m} ECE, calibrated"] = f"{_fmt(test[f'{m}.ece'])} -> {_fmt(test[f'{m}.ece_calibrated'])}"
         if test.get("val.val_too_small"):
             row["val"] = f"too small ({test['val.val_min_per_class']} in its smallest class)"

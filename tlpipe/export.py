@@ -1,8 +1,9 @@
 """ONNX export of a trained classifier, checked against PyTorch before it is kept.
 
 The exported graph takes uint8 N x 3 x S x S pixels (what tlpipe.pixels decodes, and what the decode
-stage stores) and returns calibrated class probabilities, softmax(logits / T) with the model's fitted
-temperature T (tlpipe.calibration), and the raw logits: normalization, temperature and softmax are
+stage stores) and returns calibrated class probabilities, softmax(logits / T) with the model's
+temperature T (tlpipe.calibration; T = 1 where none could be fitted, with `calibrated` "false" and
+the reason in the metadata), and the raw logits: normalization, temperature and softmax are
 inside, so a runtime needs only Pillow, numpy and onnxruntime (tlpipe.onnx_model, docs/deploy.md) and
 gets the probabilities `tlpipe predict` and evaluate report. Batch size is dynamic.
 
@@ -11,9 +12,9 @@ the CPU, then tlpipe.calibration) on the decoded test images; the file is rename
 when the model's largest probability difference (softmax of the logits) is at most TOLERANCE and
 every argmax agrees. The file is sealed (tlpipe.onnx_model.seal: its own sha256 in its metadata),
 so every reader refuses it once altered; metrics/export_*.json keeps the sha256 of the file as
-written beside the parity numbers. The calibrated difference is reported beside it, not gated: a temperature T < 1
-multiplies the same float32 logit noise by 1/T, so gating on it would fail sharply calibrated models
-(tiny sets fit T near 0.02) whose file is as faithful as any other.
+written beside the parity numbers. The calibrated difference is reported beside it, not gated: a
+temperature T < 1 multiplies the same float32 logit noise by 1/T (up to 4x at calibration.T_RANGE's
+lower bound), so gating on it would fail sharply calibrated models whose file is as faithful as any other.
 """
 
 from __future__ import annotations
@@ -101,10 +102,12 @@ def parity(model: nn.Module, onnx_file: Path, test: DecodedSplit, record: dict, 
 
 
 def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, metrics: Path,
-           test: DecodedSplit, temperature: float, temperature_from: str) -> dict:
-    """Export `model` (loaded from `source` + `config`, eval mode, CPU) with its fitted `temperature`
-    (read from `temperature_from`) to `out`, checked on the decoded `test` split; parity numbers to
-    `metrics`. Nothing is written when parity fails."""
+           test: DecodedSplit, temperature: float, temperature_from: str, calibrated: bool | None = None,
+           calibration_reason: str = "") -> dict:
+    """Export `model` (loaded from `source` + `config`, eval mode, CPU) with its `temperature` (read
+    from `temperature_from`, which also says whether it was fitted and why: `calibrated`,
+    `calibration_reason`) to `out`, checked on the decoded `test` split; parity numbers to `metrics`.
+    Nothing is written when parity fails."""
     record = cfg["preprocessing"]
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise TlpipeError(f"{temperature_from}: temperature {temperature!r} is not a finite number above 0; "
@@ -116,6 +119,8 @@ def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, m
                 "source_model": str(source), "source_sha256": sha256_file(source),
                 "backbone": cfg["backbone"], "backbone_weights_sha256": cfg["weights_sha256"],
                 "temperature": repr(float(temperature)), "temperature_from": temperature_from}
+    if calibrated is not None:  # a model recorded before tlpipe said why has only its temperature
+        metadata.update(calibrated=str(bool(calibrated)).lower(), calibration_reason=calibration_reason)
     with atomic_path(out) as tmp:
         to_onnx(model, record, temperature, metadata, tmp)
         numbers = parity(model, tmp, test, record, temperature)

@@ -11,7 +11,11 @@
   exponential moving average of the weights.
 - `set_trainable`: which backbone blocks train in an epoch (`unfreeze`: all, last_n, gradual).
 - `train_one_epoch`, `evaluate`: one pass over the training batches, one over val.
-- `Progress`: the epoch record, the best epoch so far and early stopping, saved with the weights
+- `kept_by`: which weights a run keeps. With a val of at least `audit.MIN_VAL_PER_CLASS` images in
+  every class, the epoch with the lowest val loss, and early stopping; below it, the last epoch of
+  the schedule (its EMA when there is one), and no early stopping: a dozen val images cannot
+  choose an epoch (docs/finetuning.md).
+- `Progress`: the epoch record, the kept epoch so far and early stopping, saved with the weights
   after every epoch so a killed run resumes with the result of an uninterrupted one.
 
 The finetune stage runs these; `tlpipe lr-find finetune` uses the same start and optimizer, so the
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlpipe import backbones, checkpoints, distributed, linear
+from tlpipe import audit, backbones, checkpoints, distributed, linear
 from tlpipe.decoded import TRAIN_SOURCE, DecodedSplit
 from tlpipe.features import load_split
 from tlpipe.images import TrainImages, normalize_batch, train_transform
@@ -71,6 +75,18 @@ def start_model(f, seed: int) -> Start:
         record["img_size"], record["interpolation"], f.crop_scale_min, f.hflip, f.randaugment_magnitude), seed)
     return Start(model, backbones.blocks(source["backbone"], model.trunk), source, train_set,
                  targets[rows], targets)
+
+
+def kept_by(classes: list[str], ema: bool) -> tuple[str, str]:
+    """("val_loss" or "schedule", why): how the run chooses the weights it keeps, from val's size."""
+    manifest, _ = read_manifest()
+    counts = audit.val_counts(manifest, classes)
+    smallest = f"val has {counts['val_min_per_class']} image(s) in its smallest class"
+    if not counts["val_too_small"]:
+        return "val_loss", (f"{smallest} (>= {audit.MIN_VAL_PER_CLASS}): the epoch with the lowest val loss is kept, "
+                            "with early stopping")
+    return "schedule", (f"{smallest} (< {audit.MIN_VAL_PER_CLASS}), too few to choose an epoch: the last "
+                        f"{'one (its EMA)' if ema else 'one'} is kept, no early stopping")
 
 
 def check_batch_size(f, world: int) -> None:
@@ -309,31 +325,40 @@ def counts_toward_patience(epoch: int, schedule: str, warmup_epochs: int) -> boo
 
 @dataclass
 class Progress:
-    """Everything about a run so far except the live weights: the per-epoch records, the best epoch
-    (by val loss) with its weights, and early stopping.
+    """Everything about a run so far except the live weights: the per-epoch records, the kept epoch
+    with its weights (`best`), and early stopping.
 
-    With an EMA, each epoch scores both the raw weights (val/...) and the average (val_ema/...); the
-    better of the two competes for best, and `best["weights"]` says which was kept (probe, raw, ema).
+    `kept_by` "val_loss": with an EMA, each epoch scores both the raw weights (val/...) and the
+    average (val_ema/...); the better of the two competes for best, and `best["weights"]` says which
+    was kept (probe, raw, ema). `kept_by` "schedule": every epoch replaces the kept weights (the EMA
+    when there is one), val is only scored, and the run never stops early.
     """
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)  # epoch, weights, val_loss, val_accuracy, state
     epoch: int = 0
     stale: int = 0
     stopped: bool = False
+    kept_by: str = "val_loss"
 
     @classmethod
-    def from_probe(cls, model: nn.Module, val_loss: float, val_acc: float) -> "Progress":
+    def from_probe(cls, model: nn.Module, val_loss: float, val_acc: float, kept_by: str = "val_loss") -> "Progress":
         return cls([{"val/loss": val_loss, "val/accuracy": val_acc}],
                    {"epoch": 0, "weights": "probe", "val_loss": val_loss, "val_accuracy": val_acc,
-                    "state": copy.deepcopy(model.state_dict())})
+                    "state": copy.deepcopy(model.state_dict())}, kept_by=kept_by)
 
     def end_epoch(self, epoch: int, record: dict, model: nn.Module, f, ema=None) -> None:
-        """Record an epoch; keep its weights when val loss improved, else count it toward patience."""
+        """Record an epoch; keep its weights when val loss improved (or, kept by schedule, always),
+        else count it toward patience."""
         self.epoch = epoch
         self.history.append(record)
         options = [("raw", model, record["val/loss"], record["val/accuracy"])]
         if ema is not None:
             options.append(("ema", ema.module, record["val_ema/loss"], record["val_ema/accuracy"]))
+        if self.kept_by == "schedule":
+            weights, module, val_loss, val_acc = options[-1]
+            self.best = {"epoch": epoch, "weights": weights, "val_loss": val_loss, "val_accuracy": val_acc,
+                         "state": copy.deepcopy(module.state_dict())}
+            return
         weights, module, val_loss, val_acc = min(options, key=lambda o: o[2])
         if val_loss < self.best["val_loss"]:
             self.best = {"epoch": epoch, "weights": weights, "val_loss": val_loss, "val_accuracy": val_acc,
@@ -349,12 +374,13 @@ class Progress:
             {"model": model.state_dict(), "best": self.best["state"], "optimizer": opt_tensors,
              "rng": {"torch": torch.get_rng_state()}, **({"ema": ema.state_dict()} if ema is not None else {})},
             {"epoch": self.epoch, "stale": self.stale, "stopped": self.stopped, "history": self.history,
+             "kept_by": self.kept_by,
              "best": {k: v for k, v in self.best.items() if k != "state"},
              "optimizer": opt_rest, "scheduler": scheduler.state_dict()})
 
     @classmethod
     def resume(cls, checkpoint: checkpoints.EpochCheckpoint, model, optimizer, scheduler,
-               ema=None) -> "Progress | None":
+               ema=None, kept_by: str = "val_loss") -> "Progress | None":
         """The run's state after its last finished epoch, loaded into model, optimizer, scheduler, the
         EMA and torch's RNG; None when this run has no checkpoint."""
         resumed = checkpoint.load()
@@ -368,5 +394,6 @@ class Progress:
                                                                   record["optimizer"]))
         scheduler.load_state_dict(record["scheduler"])
         torch.set_rng_state(tensors["rng"]["torch"])
+        # `kept_by` follows from the manifest, which is in the checkpoint's key: the same as the record's
         return cls(record["history"], {**record["best"], "state": tensors["best"]}, record["epoch"],
-                   record["stale"], record["stopped"])
+                   record["stale"], record["stopped"], kept_by)

@@ -5,8 +5,9 @@ img_size, decoded by tlpipe.pixels; outputs `probabilities`, float32 N x classes
 (softmax(logits / T), T the model's fitted temperature), and `logits`, float32 N x classes;
 metadata_props `classes` (JSON list), `preprocessing` (the JSON preprocessing record,
 tlpipe.preprocessing), `temperature` (T, already applied to `probabilities`), `source_sha256` (the
-safetensors file it was exported from) and `tlpipe_sha256`, the file's seal. Anything else is refused
-in one line.
+safetensors file it was exported from) and `tlpipe_sha256`, the file's seal; optionally `calibrated`
+("true" or "false": whether T was fitted or is 1 for want of held-out evidence) and
+`calibration_reason`. Anything else is refused in one line.
 
 The seal: the sha256 of the whole file as written with 64 zeros in place of the seal's own value
 (`seal`). Checking it (`check_seal`) needs neither `onnx` nor torch, only the bytes: any change to
@@ -109,6 +110,9 @@ class OnnxModel:
         if not (np.isfinite(self.temperature) and self.temperature > 0):
             raise TlpipeError(f"{path}: metadata 'temperature' is {meta['temperature']!r}, not a number above 0")
         self.source_sha256 = meta["source_sha256"]
+        # None for files exported before tlpipe recorded whether T was fitted
+        self.calibrated = {"true": True, "false": False}.get(meta.get("calibrated", ""))
+        self.calibration_reason = meta.get("calibration_reason", "")
         self._check_signature()
 
     def _check_signature(self) -> None:

@@ -12,9 +12,10 @@ takes. Each file is decoded once up front as the model's loader will decode it; 
 (not an image, malformed EXIF, a name that is not UTF-8...) is reported, on stderr and as a CSV
 row with an error, and does not stop the run. The output path and the model are checked before
 any image is decoded.
-Probabilities are calibrated: the model's logits divided by its fitted temperature (head.json's,
-fitted on out-of-fold logits; finetuned_calibration.json's, fitted on val), as evaluate scores them;
-an ONNX file has its temperature inside, and gives the same probabilities.
+Probabilities are calibrated: the model's logits divided by its temperature (head.json's, from
+out-of-fold logits; finetuned_calibration.json's, from val), as evaluate scores them; an ONNX file
+has its temperature inside, and gives the same probabilities. Where no temperature could be fitted
+(tlpipe.calibration: too few held-out images or errors) T is 1, and a note on stderr says why.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class TorchModel:
         if kind == "head":
             self.head, cfg = load_head(models / "head.safetensors", models / "head.json")
             self.backbone = backbones.pretrained_for(cfg, str(models / "head.json"))
-            self.temperature = cfg.get("temperature", 1.0)  # fitted on out-of-fold logits
+            self.temperature = cfg.get("temperature", 1.0)  # from the out-of-fold logits
+            self.calibrated, self.calibration_reason = cfg.get("calibrated"), cfg.get("calibration_reason", "")
         else:
             self.model, cfg = load_classifier(models / "finetuned.safetensors", models / "finetuned.json")
             # the temperature the infer stage fitted on val; without it (infer not run yet), as trained
@@ -81,7 +83,9 @@ class TorchModel:
             if not calibration.is_file():
                 print(f"note: {calibration} missing (run the infer stage); probabilities are not calibrated",
                       file=sys.stderr)
-            self.temperature = read_json(calibration)["temperature"] if calibration.is_file() else 1.0
+            fit = read_json(calibration) if calibration.is_file() else {}
+            self.temperature = fit["temperature"] if fit else 1.0
+            self.calibrated, self.calibration_reason = fit.get("calibrated"), fit.get("calibration_reason", "")
         self.record, self.classes = cfg["preprocessing"], cfg["classes"]
 
     def proba(self, paths: list[Path], tta: str) -> np.ndarray:
@@ -120,6 +124,8 @@ class ExportedModel:
 
         self.onnx = OnnxModel(path)  # a bad model file fails before any image is read
         self.record, self.classes = self.onnx.preprocessing, self.onnx.classes
+        self.temperature = self.onnx.temperature
+        self.calibrated, self.calibration_reason = self.onnx.calibrated, self.onnx.calibration_reason
 
     def proba(self, paths: list[Path], tta: str) -> np.ndarray:
         """Decoded and run one batch at a time. The file's own output is calibrated already; with tta
@@ -154,6 +160,9 @@ def predict(inputs: list[str], model: str, top_k: int, out: Path, models: Path =
     if not files:
         raise TlpipeError("no files found in " + ", ".join(shown(i) for i in inputs))
     trained = ExportedModel(model) if model.endswith(".onnx") else TorchModel(model, models)
+    if trained.calibrated is False:
+        print(f"note: the {model} model's probabilities are not calibrated (T = {trained.temperature:g}: "
+              f"{trained.calibration_reason}; docs/trust.md)", file=sys.stderr)
     load = eval_check(trained.record)
     errors = {}
     for path in files:

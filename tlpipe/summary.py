@@ -1,0 +1,82 @@
+"""`tlpipe summary`: the few lines of a run that matter, read from metrics/*.json.
+
+Each model's test accuracy with its 95 % interval, the paired verdict, whether each model's
+probabilities are calibrated (and why not), how the fine-tuned epoch was kept, the warnings about
+val's size and copies across splits, and where the plots and per-image results are. `make repro`
+ends with it; every line fits in WIDTH characters (longer ones wrap, indented).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from tlpipe.io import read_json
+from tlpipe.paths import (DATA_METRICS, FINETUNE_METRICS, GALLERY, RELIABILITY, SCRATCH_METRICS, TEST_DUPLICATES,
+                          TEST_METRICS, TEST_PREDICTIONS)
+from tlpipe.runtime import TlpipeError
+
+WIDTH = 119  # a line is at most this long
+MODELS = {"head": "head", "finetuned": "fine-tuned"}
+
+
+def _optional(path) -> dict:
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return {}
+
+
+def _accuracy(s: dict) -> str:
+    return f"accuracy {s['accuracy']:.3f} [{s['accuracy_low']:.3f}, {s['accuracy_high']:.3f}]"
+
+
+def _calibration(s: dict) -> str:
+    if s.get("calibrated", True):
+        return (f"temperature {s['temperature']:.2f}: log loss {s['log_loss']:.3f} -> {s['log_loss_calibrated']:.3f}, "
+                f"ECE {s['ece']:.3f} -> {s['ece_calibrated']:.3f}")
+    return f"log loss {s['log_loss']:.3f}, ECE {s['ece']:.3f}; not calibrated (T = 1): {s['calibration_reason']}"
+
+
+def lines() -> list[str]:
+    """The summary, unwrapped: one entry per statement."""
+    try:
+        test = read_json(TEST_METRICS)
+    except FileNotFoundError:
+        raise TlpipeError(f"{TEST_METRICS}: missing; run `dvc repro` first") from None
+    data, finetune, scratch = _optional(DATA_METRICS), _optional(FINETUNE_METRICS), _optional(SCRATCH_METRICS)
+    n_test = sum(test["paired"][k] for k in ("head_only_right", "finetuned_only_right", "both_right", "both_wrong"))
+    split = (f" ({data['train_images']} train, {data['val_images']} val, {data['classes']} classes)"
+             if {"train_images", "val_images", "classes"} <= set(data) else "")
+    out = [f"on the test split: {n_test} images{split}; 95 % intervals in brackets"]
+    width = max(len(label) for label in MODELS.values())
+    for model, label in MODELS.items():
+        out.append(f"{label:<{width}}  {_accuracy(test[model])}; {_calibration(test[model])}")
+    if scratch.get("scratch", {}).get("trained") and "accuracy_low" in scratch["scratch"]:
+        out.append(f"{'scratch':<{width}}  {_accuracy(scratch['scratch'])} (the CNN trained from scratch)")
+    p = test["paired"]
+    out.append(f"head vs fine-tuned: {p['verdict']} (exact McNemar p = {p['p_value']:.3g}; {p['head_only_right']} "
+               f"vs {p['finetuned_only_right']} test images right by one model only)")
+    if "best_epoch" in finetune:
+        how = finetune.get("kept_by", "val_loss").replace("_", " ")
+        out.append(f"fine-tuned model: epoch {finetune['best_epoch']} of {finetune['epochs_run']} "
+                   f"({finetune['kept_weights']} weights), kept by {how}")
+    v = test["val"]
+    if v["val_too_small"]:
+        from tlpipe.audit import val_warning
+        out.append(val_warning(v))
+    d = test["duplicates"]
+    copies = d.get("exact_across_splits", 0) + d.get("near_across_splits", 0)
+    if copies or d.get("label_conflicts"):
+        pairs = ", ".join(f"{d[k]} {k[7:].replace('_', '/')}" for k in ("across_train_test", "across_test_val",
+                                                                          "across_train_val") if d.get(k))
+        leak = "; test is involved: its scores are inflated" if "test" in pairs else ""
+        out.append(f"warning: {copies} image pair(s) copied across splits ({pairs or 'none'}){leak}; "
+                   f"{d.get('label_conflicts', 0)} label conflict(s); listed in {TEST_DUPLICATES}")
+    out.append(f"plots: dvc plots show (curves, confusion matrices); {RELIABILITY}; misclassified: {GALLERY}/")
+    out.append(f"per image: {TEST_PREDICTIONS}/; all numbers: metrics/*.json; experiments side by side: tlpipe compare")
+    return out
+
+
+def render() -> str:
+    wrapped = [textwrap.wrap(line, WIDTH, subsequent_indent="    ", break_on_hyphens=False) for line in lines()]
+    return "\n".join(part for parts in wrapped for part in parts)
