@@ -38,6 +38,14 @@ def test_bad_head_layers_fail_in_one_line_naming_the_param(tmp_path, value, mess
     assert "head.layers" in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 2), (4, 4), (7, 7), (8, 5), (13, 16)])
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_pool_is_adaptive_average_pooling(h, w, p):
+    t = torch.randn(3, 5, h, w, generator=torch.Generator().manual_seed(h * w))
+    expected = torch.nn.functional.adaptive_avg_pool2d(t, p).flatten(1)
+    torch.testing.assert_close(layers.pool(t, p), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_auto_family_is_the_last_layer_and_the_top_stages():
     meta = {"feature_dim": 1280, "layers": {"stages": [{"module": f"blocks.{i}"} for i in range(7)]}}
     family = layers.candidates(meta)

@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -53,6 +52,18 @@ def _as_map(out, channels: int | None) -> torch.Tensor:
     return t
 
 
+def pool(t: torch.Tensor, p: int) -> torch.Tensor:
+    """adaptive_avg_pool2d(t, p).flatten(1), written as means over its bins (the same bins, the same
+    channel-major layout): the ONNX exporter takes adaptive pooling only where p divides the map,
+    and a 224 px Lite0's last stages are 7 x 7."""
+    if p == 1:
+        return t.mean((2, 3))
+    h, w = int(t.shape[2]), int(t.shape[3])
+    rows = [(i * h // p, -(-(i + 1) * h // p)) for i in range(p)]
+    cols = [(j * w // p, -(-(j + 1) * w // p)) for j in range(p)]
+    return torch.stack([t[:, :, r0:r1, c0:c1].mean((2, 3)) for r0, r1 in rows for c0, c1 in cols], 2).flatten(1)
+
+
 class Tapped(nn.Module):
     """The trunk and, from the same forward pass, pooled outputs of its stages: concatenated in the
     order of `keys` ("last" is the trunk's own output). The trunk's computation is untouched (forward
@@ -73,8 +84,7 @@ class Tapped(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._seen.clear()
         last = self.trunk(x)
-        parts = [last if p is None else F.adaptive_avg_pool2d(self._seen[p[0]], p[1]).flatten(1)
-                 for p in self._parsed]
+        parts = [last if p is None else pool(self._seen[p[0]], p[1]) for p in self._parsed]
         self._seen.clear()
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
