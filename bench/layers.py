@@ -1,6 +1,6 @@
 """layers: what the probe on intermediate layers (head.layers, tlpipe.layers) costs.
 
-    python bench/layers.py [--sets sign-digits,hymenoptera] [--repeats 3] [--workdir DIR]
+    python bench/layers.py [--sets sign-digits,hymenoptera] [--repeats 3] [--limit N] [--workdir DIR]
 
 Targets (DESIGN.md §10): the features pass with every stage tapped and pooled (what the features
 stage runs) at most 1.3x the time of the last layer alone; the head stage with head.layers: auto
@@ -9,7 +9,9 @@ under 90 s on sign-digits (Lite0, 128 px) on a quiet 2-core machine.
 - features: in-process, tlpipe.inference.outputs over the decode stage's shards (every split), the
   trunk alone against the trunk with its stages tapped (tlpipe.layers.Tapped, as stages/features.py
   builds it), alternately, --repeats times each, the median counting (a shared machine is noisy);
-  and the features stage's own `done in` time and the bytes it wrote, from metrics/features.json.
+  and the features stage's own time and the bytes it wrote, from metrics/features.json. --limit N
+  times only each split's first N images (on a busy machine a full pass takes long; the ratio is
+  what counts). With --workdir, a project whose features exist is reused (not rebuilt).
 - head: `python -m stages.head` with head.layers: last and with auto (its `done in` time: reading the
   features, the CV over layer sets and L2, the final fit, writing), and the test accuracy of each head
   (the cached test features of its layers), with its 95 % interval.
@@ -43,8 +45,10 @@ SETS = {
 }
 
 
-def features_pass(project: Project, model) -> float:
+def features_pass(project: Project, model, limit: int | None) -> float:
     """Seconds of one in-process features pass over every split (as the stage, without writing)."""
+    import itertools
+
     from tlpipe import backbones, inference
     from tlpipe.decoded import DecodedSplit
     from tlpipe.runtime import inference_batch_size
@@ -53,9 +57,11 @@ def features_pass(project: Project, model) -> float:
     cpu = __import__("torch").device("cpu")
     with common.inside(project):
         start = time.perf_counter()
+        batch = inference_batch_size(cpu)
         for split in ("train", "val", "test"):
-            inference.outputs(model, DecodedSplit(split).batches(inference_batch_size(cpu)), b.mean, b.std, cpu,
-                              progress=False)
+            batches = DecodedSplit(split).batches(batch)
+            inference.outputs(model, itertools.islice(batches, None if limit is None else -(-limit // batch)),
+                              b.mean, b.std, cpu, progress=False)
         return time.perf_counter() - start
 
 
@@ -70,7 +76,12 @@ def head_run(project: Project, setting) -> dict:
     params["head"]["layers"] = setting
     (project.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     say(f"{project.label}: head stage, head.layers={setting} ...")
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall, _, out, err, code = common.run_monitored([sys.executable, "-m", "stages.head"], project.path)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if code:
         sys.exit(f"head failed in {project.path}:\n{out[-3000:]}\n{err[-3000:]}")
     seconds = float(err.rsplit("[head] done in ", 1)[1].split("s")[0]) if "[head] done in" in err else wall
@@ -85,15 +96,15 @@ def head_run(project: Project, setting) -> dict:
     n = len(test["labels"])
     low, high = wilson(right, n)
     chosen = json.loads((project.path / "metrics" / "head.json").read_text())
-    return {"seconds": seconds, "wall": wall, "layers": chosen.get("layers", "last"), "dims": chosen.get("dims"),
+    return {"seconds": seconds, "wall": wall, "cpu": cpu, "layers": chosen.get("layers", "last"), "dims": chosen.get("dims"),
             "right": right, "n": n, "low": low, "high": high}
 
 
-def run(project: Project, repeats: int) -> Section:
+def run(project: Project, repeats: int, limit: int | None) -> Section:
     from tlpipe import backbones, layers
 
-    project.prepare("features")
-    stage = project.runs["features"]
+    if not (project.path / "data" / "features" / "meta.json").is_file():
+        project.prepare("features")
     numbers = json.loads((project.path / "metrics" / "features.json").read_text())
     meta = json.loads((project.path / "data" / "features" / "meta.json").read_text())
     b = backbones.build(common.BACKBONE)
@@ -103,22 +114,24 @@ def run(project: Project, repeats: int) -> Section:
     times = {"last layer only": [], "every stage tapped (1x1 + 2x2)": []}
     for r in range(repeats):
         say(f"{project.label}: features pass {r + 1}/{repeats} (last layer, then tapped) ...")
-        times["last layer only"].append(features_pass(project, plain))
-        times["every stage tapped (1x1 + 2x2)"].append(features_pass(project, tapped))
+        times["last layer only"].append(features_pass(project, plain, limit))
+        times["every stage tapped (1x1 + 2x2)"].append(features_pass(project, tapped, limit))
     median = {k: statistics.median(v) for k, v in times.items()}
     ratio = median["every stage tapped (1x1 + 2x2)"] / median["last layer only"]
     n = numbers["images"]
+    timed = n if limit is None else sum(min(limit, k) for k in split_sizes(project))
     section = Section(f"layers: {project.label} ({n} images, {project.params()['image']['img_size']} px, "
                       f"{common.BACKBONE})")
-    rows = [[k, n, f"{median[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in times.items()]
+    rows = [[k, timed, f"{median[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in times.items()]
     section.parts.append(table(["features pass (in-process, every split)", "images", "median s", "runs s"], rows))
-    section.parts.append(f"The features stage itself (taps on): {stage.seconds:.1f} s (`done in`), "
+    section.parts.append(f"The features stage itself (taps on): {numbers['seconds']:.1f} s for {n} images, "
                          f"last-layer files {numbers['last_layer_bytes'] / 2**20:.1f} MiB, layer files "
                          f"{numbers['layers_bytes'] / 2**20:.1f} MiB ({numbers['layer_keys']} layer keys).")
     heads = {setting: head_run(project, setting) for setting in ("last", "auto")}
     section.parts.append(table(
-        ["head.layers", "chosen", "dims", "head stage s (done in)", "wall s", "test accuracy (95 % interval)"],
-        [[s, h["layers"], h["dims"], f"{h['seconds']:.1f}", f"{h['wall']:.1f}",
+        ["head.layers", "chosen", "dims", "head stage s (done in)", "wall s", "CPU s (all threads)",
+         "test accuracy (95 % interval)"],
+        [[s, h["layers"], h["dims"], f"{h['seconds']:.1f}", f"{h['wall']:.1f}", f"{h['cpu']:.1f}",
           f"{h['right'] / h['n']:.3f} ({h['right']}/{h['n']}; {h['low']:.3f}-{h['high']:.3f})"]
          for s, h in heads.items()]))
     section.targets.append(Target(f"features with every stage tapped ({project.label})",
@@ -131,11 +144,18 @@ def run(project: Project, repeats: int) -> Section:
     return section
 
 
+def split_sizes(project: Project) -> list[int]:
+    meta = json.loads((project.path / "data" / "decoded" / "meta.json").read_text())
+    return [sum(meta["splits"][s]["shards"]) for s in ("train", "val", "test")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="sign-digits,hymenoptera", help="comma-separated: sign-digits, hymenoptera")
     parser.add_argument("--repeats", type=int, default=3, help="features passes of each kind (default 3)")
-    parser.add_argument("--workdir", type=Path, help="where projects are built (default: a temporary folder)")
+    parser.add_argument("--limit", type=int, help="time the features passes on each split's first N images")
+    parser.add_argument("--workdir", type=Path, help="where projects are built (default: a temporary folder); "
+                        "a project there whose features exist is reused")
     args = parser.parse_args()
     sections = []
     with common.Workdir(args.workdir) as workdir:
@@ -144,8 +164,10 @@ def main() -> None:
                 sys.exit(f"unknown set {name!r} (sign-digits, hymenoptera)")
             if not Path(SETS[name]["data.root"]).is_dir():
                 sys.exit(f"{name} not found: {SETS[name]['data.root']}")
-            project = Project.create(workdir / name, name, SETS[name])
-            sections.append(run(project, args.repeats))
+            path = workdir / name
+            project = (Project(path, name) if (path / "data" / "features" / "meta.json").is_file()
+                       else Project.create(path, name, SETS[name]))
+            sections.append(run(project, args.repeats, args.limit))
     for s in sections:
         print()
         print(s.markdown())

@@ -118,7 +118,8 @@ def test_cached_layers_equal_a_direct_forward_of_the_backbone(project):
 
     meta = read_json(project / "data" / "features" / "meta.json")
     b = backbones.build("tf_efficientnet_lite0")
-    images, ids = DecodedSplit("test", project / "data" / "decoded").rows(0, 10 ** 6)
+    decoded = project / "data" / "decoded"
+    images, ids = DecodedSplit("test", decoded, meta=read_json(decoded / "meta.json")).rows(0, 10 ** 6)
     x = normalize_batch(images, b.mean, b.std)
     with torch.inference_mode():
         final, stages = b.trunk.forward_intermediates(x, extra_blocks=True)  # stem + the 7 block stages
