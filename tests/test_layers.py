@@ -50,9 +50,12 @@ def test_auto_family_is_the_last_layer_and_the_top_stages():
     meta = {"feature_dim": 1280, "layers": {"stages": [{"module": f"blocks.{i}"} for i in range(7)]}}
     family = layers.candidates(meta)
     assert family["last"] == ["last"] and list(family)[0] == "last"
-    assert family["top4@2"] == ["stage3@2", "stage4@2", "stage5@2", "stage6@2"]
-    assert family["last+top4@2"] == ["last", *family["top4@2"]]
-    assert family["all@1+2"] == [f"stage{s}@{p}" for s in range(7) for p in (1, 2)]
+    assert family["top5@2"] == ["stage2@2", "stage3@2", "stage4@2", "stage5@2", "stage6@2"]
+    assert family["last+top5@2"] == ["last", *family["top5@2"]]
+    assert list(family) == ["last", "top5@2", "last+top5@2"]
+    # fewer stages than five (a small timm model's feature_info): every stage
+    assert layers.candidates({"feature_dim": 8, "layers": {"stages": [{}] * 3}})["top5@2"] == [
+        "stage0@2", "stage1@2", "stage2@2"]
     # a backbone whose stages are not cached: auto is the last layer alone
     assert layers.candidates({"feature_dim": 512, "layers": {"stages": [], "note": "x"}}) == {"last": ["last"]}
 
@@ -130,9 +133,11 @@ def test_cached_layers_equal_a_direct_forward_of_the_backbone(project):
     for s, stage in enumerate(stages[1:]):
         for p in (1, 2):
             torch.testing.assert_close(cached[f"stage{s}@{p}"], F.adaptive_avg_pool2d(stage, p).flatten(1),
-                                       rtol=1e-4, atol=1e-5)
+                                       rtol=1e-3, atol=1e-4)
+    # (the stage runs channels_last batches, this a plain NCHW forward: float32 rounds differently,
+    # within bench/features.py's 1e-4)
     torch.testing.assert_close(load_file(str(project / "data" / "features" / "test.safetensors"))["features"],
-                               last, rtol=1e-4, atol=1e-5)
+                               last, rtol=1e-3, atol=1e-4)
     sizes = read_json(project / "metrics" / "features.json")
     assert sizes["layers_bytes"] > 0 and sizes["layer_keys"] == 14
 
@@ -164,16 +169,17 @@ def test_a_head_layers_change_reruns_head_export_and_evaluate_only(project):
 
     # tlpipe predict --model head and the ONNX file: evaluate's calibrated probabilities, per test image
     evaluated = pd.read_csv(project / "metrics" / "predictions" / "head.csv")
-    paths = [str(project / p) for p in evaluated["path"]]
+    paths = [str(project / "data" / "prepared" / "images" / p) for p in evaluated["path"]]
     for model in ("head", "models/head.onnx"):
         out = project / f"predicted-{model.replace('/', '-')}.csv"
         proc = subprocess.run([sys.executable, "-m", "tlpipe.cli", "predict", *paths, "--model", model,
                                "--out", str(out), "--top-k", "1"], cwd=project, env=tool_env(),
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-        got = pd.read_csv(out)
+        got = pd.read_csv(out, keep_default_na=False)
+        assert (got["error"] == "").all(), got["error"]
         assert list(got["label_1"]) == list(evaluated["predicted"]), model
-        np.testing.assert_allclose(got["prob_1"], evaluated["confidence"], atol=2e-4)
+        np.testing.assert_allclose(got["prob_1"].astype(float), evaluated["confidence"], atol=1e-4)
 
     # back to the last layer: only the head side again, and the features still untouched
     set_layers(project, "last")
@@ -186,7 +192,7 @@ def test_auto_choice_is_deterministic_and_written_down(project):
     set_layers(project, "auto")
     assert dvc(project, "repro", "head").executed == ["head"]
     metrics = read_json(project / "metrics" / "head.json")
-    assert set(metrics["layer_sets"]) == {"last", "top4@2", "last+top4@2", "all@1+2"}
+    assert set(metrics["layer_sets"]) == {"last", "top5@2", "last+top5@2"}
     chosen = metrics["layer_sets"][metrics["layers"]]
     assert chosen["cv_log_loss"] == min(s["cv_log_loss"] for s in metrics["layer_sets"].values())
     curves = pd.read_csv(project / "metrics" / "head_layers.csv")

@@ -198,12 +198,15 @@ def for_head(trunk: nn.Module, cfg: dict) -> nn.Module:
 
 def candidates(meta: dict) -> dict[str, list[str]]:
     """head.layers: auto's family, in a fixed order (a tie in CV log loss keeps the earlier, smaller):
-    the last layer; the top four stages pooled to 2x2 (where Head2Toe-style probes gain most on images
-    far from ImageNet); the same with the last layer; every stage at 1x1 and 2x2. For a backbone
-    whose intermediate layers are not cached, only the last layer."""
+    the last layer; the last five stages pooled to 2x2 (for Lite0 stages 2-6, 2,976 dims: the set
+    whose CV log loss was lowest on sign-digits, docs/layers.md); the same with the last layer (the
+    better one on ImageNet-like photos in Head2Toe's and issue 28's checks). For a backbone whose
+    intermediate layers are not cached, only the last layer."""
     n = len((meta.get("layers") or {}).get("stages", []))
     if n == 0:
         return {LAST: [LAST]}
-    top = [key(s, 2) for s in range(max(0, n - 4), n)]
-    every = [key(s, p) for s in range(n) for p in POOLS]
-    return {LAST: [LAST], "top4@2": top, "last+top4@2": [LAST, *top], "all@1+2": every}
+    top = [key(s, 2) for s in range(max(0, n - TOP), n)]
+    return {LAST: [LAST], f"top{TOP}@2": top, f"last+top{TOP}@2": [LAST, *top]}
+
+
+TOP = 5  # stages in auto's sets, counted from the last
