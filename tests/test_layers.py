@@ -181,9 +181,11 @@ def test_a_head_layers_change_reruns_head_export_and_evaluate_only(project):
         assert list(got["label_1"]) == list(evaluated["predicted"]), model
         np.testing.assert_allclose(got["prob_1"].astype(float), evaluated["confidence"], atol=1e-4)
 
-    # back to the last layer: only the head side again, and the features still untouched
+    # back to the last layer: DVC's run-cache restores the first run's head, export and evaluation
     set_layers(project, "last")
-    assert dvc(project, "repro").executed == ["head", "export_head", "evaluate"]
+    assert dvc(project, "repro").executed == []
+    assert read_json(project / "models" / "head.json")["layers"] == ["last"]
+    assert {p.name: p.read_bytes() for p in (project / "data" / "features").iterdir()} == before
     subprocess.run(["git", "checkout", "-q", "--", "."], cwd=project, check=True)
 
 
