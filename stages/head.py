@@ -52,9 +52,12 @@ def choose(train: dict, val: dict, n_classes: int, h, seed: int):
 
 
 def layer_sets(setting, meta: dict) -> dict[str, list[str]]:
-    """The layer sets to try: head.layers' one, or auto's family."""
-    sets = layers.candidates(meta) if setting == "auto" else {"+".join([setting] if isinstance(setting, str)
-                                                                       else setting): [setting] if isinstance(setting, str) else list(setting)}
+    """The layer sets to try, by name: auto's family, or the one set head.layers names."""
+    if setting == "auto":
+        sets = layers.candidates(meta)
+    else:
+        keys = [setting] if isinstance(setting, str) else list(setting)
+        sets = {"+".join(keys): keys}
     for keys in sets.values():
         layers.check_keys(keys, meta, "head.layers")
     return sets
