@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import common
@@ -51,6 +52,10 @@ def run(project: Project, workdir: Path, args=None) -> Section:
 
     project.prepare("features")
     params = project.params()
+    if params["head"].get("layers", "last") != "last":
+        # scikit-learn's side fits the last layer: so does the head here (bench/layers.py times the rest)
+        params["head"]["layers"] = "last"
+        (project.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     h, seed = params["head"], params["seed"]
     grid = np.logspace(h["l2_min_log10"], h["l2_max_log10"], h["l2_steps"])[::-1]  # as stages/head.py
     repeats = getattr(args, "repeats", None) or REPEATS

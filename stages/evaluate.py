@@ -1,6 +1,7 @@
 """evaluate: score both models on the test split, the one split no choice was made on.
 
-The head is scored on the cached test features; the fine-tuned model by the logits the infer stage
+The head is scored on the cached test features of the layers it reads (head.json's `layers`); the
+near-duplicate report compares last-layer features, whatever the head reads. The fine-tuned model by the logits the infer stage
 computed on the test images. Evaluate itself runs no network, so re-scoring after a head-only
 change takes a second. metrics/test.json holds one block per model ({"head": {...}, "finetuned":
 {...}}) with 95 % intervals and calibration, the paired McNemar verdict, the val size and the
@@ -12,13 +13,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tlpipe import audit, calibration, gallery
+from tlpipe import audit, calibration, gallery, layers
 from tlpipe.features import check_source, load_split
 from tlpipe.io import atomic_path, load_tensors, read_json, write_json
 from tlpipe.manifest import hashes_by_path, read_manifest
 from tlpipe.metrics import mcnemar, per_class, with_intervals
 from tlpipe.params import load_params
-from tlpipe.paths import (DUPLICATES, FINETUNED_CALIBRATION, FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG,
+from tlpipe.paths import (DUPLICATES, FEATURES, FINETUNED_CALIBRATION, FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG,
                           RELIABILITY, TEST_DUPLICATES, TEST_METRICS, TEST_PER_CLASS, TEST_PREDICTIONS)
 from tlpipe.runtime import TlpipeError, run_stage
 
@@ -73,8 +74,14 @@ def main() -> None:
     head_cfg = read_json(HEAD_CONFIG)
     check_source(HEAD_CONFIG, head_cfg, meta, "rerun the head stage")
     head = load_tensors(HEAD, "head", head_cfg.get("sha256"), HEAD_CONFIG)
+    keys = layers.of_model(head_cfg)
+    layers.check_keys(keys, meta, f"{HEAD_CONFIG} (rerun the head stage)")
+    x_head = layers.concat(layers.read("test", keys, test, meta, FEATURES), keys)
+    if x_head.shape[1] != head["weight"].shape[1]:
+        raise TlpipeError(f"{HEAD}: takes {head['weight'].shape[1]} features, its layers {keys} have "
+                          f"{x_head.shape[1]}; rerun the head stage")
     y_true = test["labels"].numpy()
-    logits = {"head": test["features"].double() @ head["weight"].double().T + head["bias"].double(),
+    logits = {"head": x_head.double() @ head["weight"].double().T + head["bias"].double(),
               "finetuned": finetuned_logits(test["ids"], classes)}
     fits = {"head": head_cfg, "finetuned": read_json(FINETUNED_CALIBRATION)}  # temperature, calibrated, reason
     temperature = {name: fit["temperature"] for name, fit in fits.items()}

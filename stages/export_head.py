@@ -1,11 +1,14 @@
 """export_head: the head on its frozen pretrained backbone as models/head.onnx (tlpipe.export).
 
+A head on intermediate layers (head.json's `layers`) sits on the backbone tapped at those stages
+(tlpipe.layers.for_head): the file still takes pixels and returns the head's probabilities.
+
 uint8 pixels in, calibrated class probabilities out (the head's temperature, from head.json); kept
 only if onnxruntime agrees with PyTorch on the test images (metrics/export_head.json). A stage of its
 own, so fine-tuning changes do not re-export it.
 """
 
-from tlpipe import backbones, export
+from tlpipe import backbones, export, layers
 from tlpipe.decoded import DecodedSplit
 from tlpipe.models import Classifier, load_head
 from tlpipe.params import load_params
@@ -19,7 +22,7 @@ def main() -> None:
     if "temperature" not in cfg:
         raise TlpipeError(f"{HEAD_CONFIG}: no temperature; rerun the head stage")
     backbone = backbones.pretrained_for(cfg, str(HEAD_CONFIG))
-    model = Classifier(backbone.trunk, head).eval()
+    model = Classifier(layers.for_head(backbone.trunk, cfg), head).eval()
     export.export(model, cfg, HEAD, HEAD_CONFIG, HEAD_ONNX, EXPORT_HEAD_METRICS, DecodedSplit("test"),
                   cfg["temperature"], str(HEAD_CONFIG), cfg.get("calibrated"), cfg.get("calibration_reason", ""))
 

@@ -5,6 +5,10 @@ itself. Deterministic: eval mode, no augmentation, a fixed image order; the same
 bit-identical files on the same device. fp32 on the CPU, bf16 autocast on CUDA (tlpipe.inference).
 Device and batch size are resource knobs (TLPIPE_DEVICE, TLPIPE_BATCH_SIZE), not params.
 
+The same forward pass also yields each stage's output pooled to 1x1 and 2x2 (tlpipe.layers), kept
+in `layers-{split}.safetensors` for a head that reads intermediate layers (head.layers); the
+last-layer files are exactly what they were without them.
+
 With TLPIPE_NPROC / TLPIPE_NNODES (tlpipe.distributed) each split's batches are dealt out to several
 processes round-robin and gathered back in order on rank 0, which alone writes: every image is
 computed in the same batch as by one process, so the files are the same.
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from tlpipe import backbones, distributed, inference, preprocessing
+from tlpipe import backbones, distributed, inference, layers, preprocessing
 from tlpipe.decoded import DecodedSplit, read_meta
 from tlpipe.features import save_split
 from tlpipe.io import atomic_dir, file_hashes, sha256_file, write_json
@@ -65,22 +69,25 @@ def main() -> None:
     warning = backbones.check_input_size(backbone, decoded["preprocessing"]["img_size"])
     if warning and group.is_main:
         print(warning)
+    model, dims, layer_meta = tap_layers(backbone, decoded["preprocessing"]["img_size"])
     started = time.perf_counter()
     dev = group.device
     size = inference_batch_size(dev)
-    features, ids = {}, {}
+    outputs, ids = {}, {}
     for split in ("train", "val", "test"):
         images = DecodedSplit(split, meta=decoded)
         ids[split] = images.ids()
-        mine = inference.outputs(backbone.trunk, images.batches(size, group.rank, group.world),
+        mine = inference.outputs(model, images.batches(size, group.rank, group.world),
                                  mean, std, dev, desc=f"features {split}", progress=group.is_main)
-        features[split] = gather_batches(group, mine, images.batch_lengths(size)).reshape(
-            -1, backbone.feature_dim)  # an empty split, or a rank without a batch, gives no chunk
+        # an empty split, or a rank without a batch, gives no chunk
+        outputs[split] = dict(zip(dims, gather_batches(group, mine, images.batch_lengths(size)).reshape(
+            -1, sum(dims.values())).split(list(dims.values()), dim=1)))
     distributed.leave(group)
     seconds = time.perf_counter() - started
     if not group.is_main:
         return
-    if not all(torch.isfinite(f).all() for f in features.values()):
+    features = {split: out.pop(layers.LAST) for split, out in outputs.items()}
+    if not all(torch.isfinite(f).all() for split in features for f in [features[split], *outputs[split].values()]):
         raise TlpipeError(f"backbone {name} produced non-finite features; check the images and weights")
 
     meta = {
@@ -100,15 +107,36 @@ def main() -> None:
     with atomic_dir(FEATURES) as out:
         for split in ("train", "val", "test"):
             save_split(out, split, features[split], labels[ids[split]], ids[split], meta)
-        # Consumers check these before use (tlpipe.features.load_split).
-        write_json(out / "meta.json", {**meta, "files": file_hashes(out, [f"{s}.safetensors" for s in features])})
-    # Timing is not a result: it lives in a git-tracked metrics file, so the cached features stay
-    # bit-identical from run to run.
+            layers.save(out, split, outputs[split], ids[split], {**meta, "layers": layer_meta})
+        names = [f"{s}.safetensors" for s in features] + [layers.file_name(s) for s in features]
+        # Consumers check these before use (tlpipe.features.load_split, tlpipe.layers.read).
+        write_json(out / "meta.json", {**meta, "layers": layer_meta, "files": file_hashes(out, names)})
+        sizes = {n: (out / n).stat().st_size for n in names}
+    # Timing is not a result: it lives in a metrics file, so the cached features stay bit-identical
+    # from run to run.
     write_json(FEATURES_METRICS, {"backbone": name, "images": len(manifest), "seconds": round(seconds, 3),
                                   "ms_per_image": round(1000 * seconds / max(len(manifest), 1), 3),
-                                  "device": dev.type, "processes": group.world})
+                                  "device": dev.type, "processes": group.world,
+                                  "last_layer_bytes": sum(v for n, v in sizes.items() if not n.startswith("layers-")),
+                                  "layers_bytes": sum(v for n, v in sizes.items() if n.startswith("layers-")),
+                                  "layer_keys": len(layer_meta["dims"])})
     print(f"{len(manifest)} images -> {backbone.feature_dim}-d features ({name}, weights from "
-          f"{backbone.weights_source}: {backbone.weights_file}, {dev.type}, {1000 * seconds / max(len(manifest), 1):.1f} ms/image)")
+          f"{backbone.weights_source}: {backbone.weights_file}, {dev.type}, {1000 * seconds / max(len(manifest), 1):.1f} ms/image)"
+          + (f", and {len(layer_meta['stages'])} stages pooled to {'/'.join(f'{p}x{p}' for p in layers.POOLS)} "
+             f"({sum(layer_meta['dims'].values())} dims)" if layer_meta["stages"] else f"; last layer only "
+             f"({layer_meta['note']})"))
+
+
+def tap_layers(backbone: backbones.Backbone, img_size: int) -> tuple[layers.Tapped, dict[str, int], dict]:
+    """The trunk with its stages tapped (tlpipe.layers), {key: dim} of its output's parts in order,
+    and the layers' record for meta.json."""
+    modules, note = backbones.layer_modules(backbone.name, backbone.trunk)
+    stages, note = layers.describe(backbone.trunk, modules, img_size) if modules else ([], note)
+    dims = {layers.LAST: backbone.feature_dim, **layers.stage_keys(stages)}
+    names = [s["module"] for s in stages]
+    model = layers.Tapped(backbone.trunk, names, list(dims), layers.feature_info_channels(backbone.trunk, names))
+    return model, dims, {"stages": stages, "pools": list(layers.POOLS), "dims": layers.stage_keys(stages),
+                         "note": note}
 
 
 def check_weights_path(weights: str, say: bool) -> None:

@@ -5,7 +5,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import HYMENOPTERA, dvc, needs_hymenoptera, read_json
-from tlpipe import linear
+from tlpipe import layers, linear
 from tlpipe.scaffold import PHOTO_SETTINGS, create_project
 
 pytestmark = [pytest.mark.slow, needs_hymenoptera()]
@@ -21,7 +21,11 @@ def test_presplit_hymenoptera_head_and_fine_tuning_reach_targets(tmp_path):
 
     test = load_file(str(repo / "data" / "features" / "test.safetensors"))
     head = load_file(str(repo / "models" / "head.safetensors"))
-    proba = linear.predict_proba(test["features"], head["weight"], head["bias"])
+    # the cached test features of the layers the head chose (head.layers: auto)
+    keys = layers.of_model(read_json(repo / "models" / "head.json"))
+    features = layers.concat(layers.read("test", keys, test, read_json(repo / "data" / "features" / "meta.json"),
+                                         repo / "data" / "features"), keys)
+    proba = linear.predict_proba(features, head["weight"], head["bias"])
     accuracy = float((proba.argmax(1) == test["labels"]).double().mean())
     assert accuracy >= 0.93, accuracy
 

@@ -193,7 +193,7 @@ def test_lpft_starts_where_the_head_ended(baseline):
     """
     # head.cv_folds=0: the classic protocol (fit on train, choose on val), as fine-tuning's probe
     result = dvc(baseline, "exp", "run", "-S", "head.l2_min_log10=-1.5", "-S", "head.l2_max_log10=-1.5",
-                 "-S", "head.l2_steps=1", "-S", "head.cv_folds=0", "-S", f"head.max_iter={PROBE_MAX_ITER}", "-S", f"finetune.probe_l2={10 ** -1.5!r}")
+                 "-S", "head.l2_steps=1", "-S", "head.cv_folds=0", "-S", "head.layers=last", "-S", f"head.max_iter={PROBE_MAX_ITER}", "-S", f"finetune.probe_l2={10 ** -1.5!r}")
     assert result.executed == ["head", "finetune", "infer", "export_head", "export_finetuned", "evaluate"]
     head = read_json(baseline / "metrics" / "head.json")
     finetune = read_json(baseline / "metrics" / "finetune.json")

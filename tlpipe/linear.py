@@ -208,10 +208,25 @@ def cv_sweep(features: torch.Tensor, labels: torch.Tensor, n_classes: int, grid,
     out-of-fold logits at the kept L2 (every row scored by the fold model that did not see it), and
     the raw-feature weights of the final fit.
     """
+    rows, best, oof, finish = cv_curve(features, labels, n_classes, grid, max_iter, folds, seed)
+    return rows, best, oof, finish()
+
+
+def cv_curve(features: torch.Tensor, labels: torch.Tensor, n_classes: int, grid, max_iter: int,
+             folds: int, seed: int):
+    """cv_sweep without its final fit: (rows, kept index, out-of-fold logits, finish), where finish()
+    makes the final fit and returns its raw-feature weights. The head compares several feature sets
+    by their curves and fits only the one it keeps."""
     n, d = features.shape
     work = n * (folds - 1) // folds * min(n, d) * n_classes
-    with _threads(1 if work < SINGLE_THREAD_WORK else torch.get_num_threads()):
-        return _cv_sweep(features, labels, n_classes, grid, max_iter, folds, seed)
+    threads = 1 if work < SINGLE_THREAD_WORK else torch.get_num_threads()
+    with _threads(threads):
+        rows, best, oof, finish = _cv_sweep(features, labels, n_classes, grid, max_iter, folds, seed)
+
+    def finish_with_threads():
+        with _threads(threads):
+            return finish()
+    return rows, best, oof, finish_with_threads
 
 
 def _cv_sweep(features, labels, n_classes, grid, max_iter, folds, seed):
@@ -254,15 +269,18 @@ def _cv_sweep(features, labels, n_classes, grid, max_iter, folds, seed):
             "cv_accuracy_sd": round(float(per_fold_acc.std()), 6),
         })
     best = min(range(len(rows)), key=lambda i: (rows[i]["cv_log_loss"], -rows[i]["cv_accuracy"]))
-    # The final fit on every row, warm-started from the mean of the fold models at that L2.
-    w_k, b_k = fits[best]
-    everything = torch.ones(1, len(labels), dtype=torch.bool)
-    w_fin, b_fin = _fit_folds(x, labels, everything, n_classes, float(grid[best]), max_iter,
-                              (w_k.mean(0, keepdim=True), b_k.mean(0, keepdim=True)))
-    w_fin, b_fin = w_fin[0], b_fin[0]
     for row in rows:
         row["cv_log_loss_minus_sd"] = round(row["cv_log_loss"] - row["cv_log_loss_sd"], 6)
         row["cv_log_loss_plus_sd"] = round(row["cv_log_loss"] + row["cv_log_loss_sd"], 6)
-    if basis is not None:
-        w_fin = w_fin @ basis
-    return rows, best, oof_logits[best].double(), fold(w_fin, b_fin, scaler)
+    w_k, b_k = fits[best]
+
+    def finish():
+        # The final fit on every row, warm-started from the mean of the fold models at that L2.
+        everything = torch.ones(1, len(labels), dtype=torch.bool)
+        w_fin, b_fin = _fit_folds(x, labels, everything, n_classes, float(grid[best]), max_iter,
+                                  (w_k.mean(0, keepdim=True), b_k.mean(0, keepdim=True)))
+        w_fin, b_fin = w_fin[0], b_fin[0]
+        if basis is not None:
+            w_fin = w_fin @ basis
+        return fold(w_fin, b_fin, scaler)
+    return rows, best, oof_logits[best].double(), finish

@@ -113,6 +113,26 @@ class HeadParams(_Section):
     # Stratified k-fold CV on train + val chooses L2, then the head is fitted on both; 0: choose on
     # val, fit on train (the classic probe protocol)
     cv_folds: int = Field(5, ge=0, le=50)
+    # Which cached layers the probe reads (tlpipe.layers, docs/layers.md): last (the last pooled
+    # layer), auto (a small family of layer sets, chosen with L2 by the same CV), or a list of keys
+    # such as [last, stage3@2, stage4@2]
+    layers: str | list[str] = "auto"
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_keys(cls, value):
+        if isinstance(value, str):
+            if value not in ("last", "auto"):
+                raise ValueError(f"{value!r}: must be last, auto, or a list of layer keys such as [last, stage3@2]")
+            return value
+        if not value:
+            raise ValueError("an empty list: name at least one layer (last, stageN@P)")
+        bad = [k for k in value if k != "last" and not re.fullmatch(r"stage\d+@\d+", k)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a layer key (last, or stageN@P such as stage3@2)")
+        if len(set(value)) < len(value):
+            raise ValueError("names a layer twice")
+        return value
 
     @model_validator(mode="after")
     def _grid(self):

@@ -3,9 +3,9 @@
 Exactly the evaluation path: the model's preprocessing record (decoding by tlpipe.pixels, as the
 decode stage, then its mean/std); for the head, the backbone's features computed by
 `inference.outputs` (what the features stage caches) and then the head's linear layer (what evaluate
-applies to the cached test features). With a `.onnx` file (the export stages' models/*.onnx), the
-record comes from the file's metadata and onnxruntime runs it: torch is never imported on that path,
-nor pandas, so Pillow, numpy and onnxruntime suffice (docs/deploy.md).
+applies to the cached test features), on the layers the head reads (tlpipe.layers). With a `.onnx`
+file (the export stages' models/*.onnx), the record comes from the file's metadata and onnxruntime
+runs it: torch is never imported on that path, nor pandas, so Pillow, numpy and onnxruntime suffice (docs/deploy.md).
 Folders are searched like the data stage's class folders (`tlpipe.pixels.list_files`: every file
 but hidden and junk ones, whatever its extension), so predict takes exactly the files training
 takes. Each file is decoded once up front as the model's loader will decode it; a file that fails
@@ -67,13 +67,14 @@ class TorchModel:
         except ImportError:
             raise TlpipeError(f"--model {kind} needs torch (pip install tlpipe); a runtime without it "
                               "takes an exported .onnx file (docs/deploy.md)") from None
-        from tlpipe import backbones
+        from tlpipe import backbones, layers
         from tlpipe.models import load_classifier, load_head
 
         self.kind = kind
         if kind == "head":
             self.head, cfg = load_head(models / "head.safetensors", models / "head.json")
             self.backbone = backbones.pretrained_for(cfg, str(models / "head.json"))
+            self.trunk = layers.for_head(self.backbone.trunk, cfg)
             self.temperature = cfg.get("temperature", 1.0)  # from the out-of-fold logits
             self.calibrated, self.calibration_reason = cfg.get("calibrated"), cfg.get("calibration_reason", "")
         else:
@@ -110,7 +111,8 @@ class TorchModel:
                 return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
                                                      desc="fine-tuned")
             weight, bias = self.head.weight.detach(), self.head.bias.detach()
-            views = [self.backbone.trunk] + ([inference.Mirrored(self.backbone.trunk)] if tta == "flip" else [])
+            trunk = self.trunk  # the layers the head reads (tlpipe.layers.for_head)
+            views = [trunk] + ([inference.Mirrored(trunk)] if tta == "flip" else [])
             proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
                                                             desc="features"), weight, bias) for view in views]
         return sum(proba) / len(proba)
