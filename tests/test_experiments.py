@@ -2,6 +2,7 @@
 `dvc` in one shared temporary project with a baseline and two experiments."""
 
 import base64
+import html
 import io
 import json
 import re
@@ -258,7 +259,7 @@ def test_compare_report_has_every_experiment_and_marks_the_best(repo, tmp_path):
         assert f"<th>{name}</th>" in page and f"| {name} |" in md
         for file, entry in rows[name]["metrics"].items():
             for key, value in compare.flatten(entry["data"]).items():
-                assert compare._fmt(value) in page, (name, file, key)
+                assert html.escape(compare._fmt(value)) in page, (name, file, key)  # "< 20" is "&lt; 20"
 
     # one data set: every experiment knows its manifest, no note, no data column
     exps = compare.load_experiments([], repo)

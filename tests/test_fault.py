@@ -79,7 +79,8 @@ def clean(tmp_path_factory, digit_folder):
     assert run.proc.returncode == 0, out
     duration = run.done_at - run.started_at  # the stage's process: imports, backbone, extraction
     files = feature_files(project)
-    assert sorted(files) == ["meta.json", "test.safetensors", "train.safetensors", "val.safetensors"]
+    assert sorted(files) == ["layers-test.safetensors", "layers-train.safetensors", "layers-val.safetensors",
+                             "meta.json", "test.safetensors", "train.safetensors", "val.safetensors"]
     return SimpleNamespace(project=project, files=files, duration=duration)
 
 

@@ -73,9 +73,18 @@ def test_defaults_only_file_loads(tmp_path):
     assert p._model == Params()
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n", "seed: 0\n", "head: {}\n"])
-def test_empty_or_partial_file_uses_defaults(tmp_path, text):
+@pytest.mark.parametrize("text", ["seed: 0\n", "head: {}\n"])
+def test_partial_file_uses_defaults(tmp_path, text):
     assert load_params("x", write(tmp_path, text))._model == Params()
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_file_is_refused_not_taken_for_defaults(tmp_path, text):
+    # all defaults would switch a photo project to the digits source and overwrite its data (issue 30)
+    path = write(tmp_path, text)
+    with pytest.raises(TlpipeError) as err:
+        load_params("x", path)
+    assert str(err.value).startswith(f"{path}: empty (no params); restore it (git checkout")
 
 
 def test_project_params_yaml_loads():
@@ -257,12 +266,16 @@ def test_several_errors_are_reported_together_on_one_line(tmp_path):
 
 @pytest.mark.parametrize("yaml_text, key", [
     ("image: 5\n", "image"),                  # a section that is not a mapping
-    ("- a\n- b\n", "(top level)"),            # a file that is not a mapping
     ("head:\n  l2_steps: 2.5\n", "head.l2_steps"),  # a fraction for an integer
     ("finetune:\n  hflip: maybe\n", "finetune.hflip"),
 ])
 def test_wrong_shapes_name_the_key(tmp_path, yaml_text, key):
     assert f"{key}: " in error_of(tmp_path, yaml_text)
+
+
+def test_a_file_that_is_not_a_mapping_says_what_it_holds(tmp_path):
+    assert error_of(tmp_path, "- a\n- b\n").startswith(
+        f"{tmp_path / 'params.yaml'}: holds a list, not a mapping of sections (data:, image:, ...); restore it")
 
 
 def test_a_stage_with_bad_params_fails_before_any_work(tmp_path, monkeypatch):
