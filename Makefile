@@ -20,7 +20,7 @@ repro: $(VENV)/.installed
 # start-up and waiting on `dvc`, so two workers keep 2 cores busy. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	pytest -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
+	pytest -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "slow or not slow"
 
 test-fast: $(VENV)/.installed
 	pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
