@@ -20,10 +20,10 @@ repro: $(VENV)/.installed
 # start-up and waiting on `dvc`, so two workers keep 2 cores busy. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	pytest -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "slow or not slow"
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 -m "slow or not slow"
 
 test-fast: $(VENV)/.installed
-	pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench: $(VENV)/.installed
 	python bench/all.py

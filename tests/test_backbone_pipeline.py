@@ -12,12 +12,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import dvc, read_json, tiny_params, tool_env
+from conftest import dvc, read_json, tool_env
 from test_backbones import hf_cache
 from tlpipe.io import sha256_file
-from tlpipe.scaffold import GIT_IDENTITY, create_project
+from tlpipe.scaffold import GIT_IDENTITY
 
 UPSTREAM = ["data", "decode", "stats"]
+BELOW_FEATURES = ["features", "head", "finetune", "infer", "export_head", "export_finetuned", "evaluate"]
 
 
 def set_params(repo, **changes):
@@ -34,16 +35,16 @@ def git(repo, *args):
 
 
 @pytest.mark.slow  # a real dvc repro of a timm model from the hub cache
-def test_hugging_face_cache_through_dvc_repro_offline_and_missing_weights_exit_2(tmp_path, digit_folder):
+def test_hugging_face_cache_through_dvc_repro_offline_and_missing_weights_exit_2(tmp_path, cold_copy):
     import timm
 
     name = "convnext_atto.d2_in1k"
     torch.manual_seed(3)
     file = hf_cache(tmp_path / "hf", name, timm.create_model(name).state_dict())
-    repo = create_project(tmp_path / "project", {**tiny_params(digit_folder), "backbone.name": name})
+    repo = cold_copy(backbone__name=name)
     offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch")}
     run = dvc(repo, "repro", "head", **offline)
-    assert "features" in run.executed
+    assert run.executed == ["features", "head"]
     meta = read_json(repo / "data/features/meta.json")
     assert meta["backbone"] == name and meta["feature_dim"] == 320
     assert meta["weights_source"] == f"hf-hub:timm/{name}" and meta["weights_file"] == "model.safetensors"
@@ -67,19 +68,19 @@ def test_hugging_face_cache_through_dvc_repro_offline_and_missing_weights_exit_2
 
 
 @pytest.mark.slow  # two real pipeline runs
-def test_editing_a_repository_weights_file_reruns_features_and_below_only(tmp_path, digit_folder):
+def test_editing_a_repository_weights_file_reruns_features_and_below_only(cold_copy):
     import timm
 
     def write_weights(seed):
         torch.manual_seed(seed)
         save_file(timm.create_model("convnext_atto").state_dict(), str(repo / "weights" / "mine.safetensors"))
 
-    repo = create_project(tmp_path / "project", {**tiny_params(digit_folder), "backbone.name": "convnext_atto",
-                                                 "backbone.weights": "weights/mine.safetensors",
-                                                 "finetune.epochs": 1})
+    # the session's cold tiny project, switched to a weights file of our own
+    repo = cold_copy(backbone__name="convnext_atto", backbone__weights="weights/mine.safetensors",
+                     finetune__epochs=1)
     write_weights(0)
     first = dvc(repo, "repro")
-    assert {"data", "features", "finetune"} <= set(first.executed)
+    assert set(first.executed) == set(BELOW_FEATURES)
     meta = read_json(repo / "data/features/meta.json")
     assert (meta["weights_source"], meta["weights_file"]) == ("file", "weights/mine.safetensors")
     finetuned = read_json(repo / "models/finetuned.json")
@@ -87,8 +88,7 @@ def test_editing_a_repository_weights_file_reruns_features_and_below_only(tmp_pa
 
     write_weights(1)
     second = dvc(repo, "repro")
-    assert set(second.executed) == {"features", "head", "finetune", "infer", "export_head", "export_finetuned",
-                                    "evaluate"}
+    assert set(second.executed) == set(BELOW_FEATURES)
     assert not set(second.executed) & set(UPSTREAM)
     assert read_json(repo / "data/features/meta.json")["weights_sha256"] == sha256_file(repo / "weights/mine.safetensors")
     assert dvc(repo, "repro").executed == []

@@ -16,11 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import dvc, read_json, tiny_params, tool_env
+from conftest import copy_project, dvc, read_json, tool_env
 from tlpipe import backbones, layers
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError
-from tlpipe.scaffold import GIT_IDENTITY, create_project
+from tlpipe.scaffold import GIT_IDENTITY
 
 
 # --- fast -------------------------------------------------------------------------------------------
@@ -95,10 +95,10 @@ def test_a_timm_model_outside_the_table_uses_its_feature_info():
 # --- slow: the real pipeline on tiny images -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, digit_folder):
-    root = tmp_path_factory.mktemp("layers")
-    repo = create_project(root / "project", {**tiny_params(digit_folder), "head.layers": "last"})
-    dvc(repo, "repro")
+def project(tmp_path_factory, cold_project):
+    # the session's cold tiny project with the head on the last layer: only the head's stages rerun
+    repo = copy_project(cold_project.path, tmp_path_factory.mktemp("layers") / "project", head__layers="last")
+    assert dvc(repo, "repro").executed == ["head", "export_head", "evaluate"]
     subprocess.run(["git", *GIT_IDENTITY, "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", *GIT_IDENTITY, "commit", "-qm", "baseline"], cwd=repo, check=True)
     return repo
@@ -192,7 +192,8 @@ def test_a_head_layers_change_reruns_head_export_and_evaluate_only(project):
 @pytest.mark.slow
 def test_auto_choice_is_deterministic_and_written_down(project):
     set_layers(project, "auto")
-    assert dvc(project, "repro", "head").executed == ["head"]
+    # the project is a copy of the cold tiny one, whose run-cache already holds an auto head
+    assert dvc(project, "repro", "--no-run-cache", "head").executed == ["head"]
     metrics = read_json(project / "metrics" / "head.json")
     assert set(metrics["layer_sets"]) == {"last", "top5@2", "last+top5@2"}
     chosen = metrics["layer_sets"][metrics["layers"]]
