@@ -23,6 +23,10 @@ from typing import Any
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
+# Copy-on-write clones where the filesystem has them (btrfs, XFS, APFS), else hard links (ext4, NTFS),
+# else copies (a cache on another filesystem): DVC takes the first that works. Links are read-only
+# (DVC protects them); every stage writes new files (temp + rename), never into an existing output.
+CACHE_TYPE = "reflink,hardlink,copy"
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
 PIPELINE_DIRS = ("stages", "tlpipe")
 GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
@@ -85,6 +89,8 @@ def create_project(dest: str | Path, overrides: dict[str, Any] | None = None) ->
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     run("git", "init", "-q", "-b", "main")
     run(sys.executable, "-m", "dvc", "init", "-q")
+    # the outputs in the workspace are links to DVC's cache, not a second copy (docs/sharing.md)
+    run(sys.executable, "-m", "dvc", "config", "cache.type", CACHE_TYPE)
     run("git", "add", "-A")
     run("git", *GIT_IDENTITY, "commit", "-qm", "new tlpipe project")
     return dest
