@@ -39,7 +39,11 @@ def image_root(prepared: Path = PREPARED) -> Path:
     record = prepared / SOURCE_RECORD
     if not record.exists():
         return prepared / "images"
-    root = read_json(record).get("root") if record.is_file() else None
+    try:
+        data = read_json(record)
+    except (OSError, ValueError):  # a folder, unreadable, not JSON
+        data = None
+    root = data.get("root") if isinstance(data, dict) else None
     if not isinstance(root, str) or not root:
         raise TlpipeError(f"{record}: damaged (no image root); rerun the data stage")
     return Path(root)
