@@ -731,7 +731,9 @@ def test_constant_channel_with_dataset_normalization_blames_the_statistics(tmp_p
             arr[..., 2] = 0  # no blue anywhere
             (root / label).mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(root / label / f"{i}.png")
-    project = new_project(tmp_path, root, backbone__normalize="dataset")
+    # Exact shards: JPEG's chroma rounding leaves a constant channel near-constant, not constant (std
+    # 0.016 measured on these noise images at q95), which this guard does not catch (issue 31's report)
+    project = new_project(tmp_path, root, backbone__normalize="dataset", image__decoded_quality=0)
     for name in ("data", "decode", "stats"):
         assert_ok(stage(project, name))
     images_n = json.loads((project / "data/stats.json").read_text())["images"]
