@@ -252,6 +252,9 @@ def image_folder_tree(project: Project, dest: Path, splits: tuple[str, ...]) -> 
 
     manifest = pd.read_csv(project.path / "data" / "prepared" / "manifest.csv", dtype=str, keep_default_na=False)
     shutil.rmtree(dest, ignore_errors=True)
+    from tlpipe.manifest import image_root
+
+    images = project.path / image_root(project.path / "data" / "prepared")  # data.root: no copy is made
     for row, (rel, label, split) in enumerate(zip(manifest["path"], manifest["label"], manifest["split"])):
         if split in splits:
             suffix = Path(rel).suffix.lower()
@@ -261,7 +264,7 @@ def image_folder_tree(project: Project, dest: Path, splits: tuple[str, ...]) -> 
                 suffix += ".png"
             link = dest / label / f"{row:06d}{suffix}"
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to((project.path / "data" / "prepared" / "images" / rel).resolve())
+            link.symlink_to((images / rel).resolve())
     return dest
 
 

@@ -162,7 +162,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
     if project.jpeg_draft():
         # The agreement check proper: the same pixels as the reference (jpeg_draft off), tlpipe's
         # hot loop over the first train images of a no-draft decode.
-        nodraft = project.variant("no-draft", {"image.jpeg_draft": False})
+        nodraft = project.variant("no-draft", {"image.jpeg_draft": False, "image.decoded_quality": 0})  # exact pixels
         nodraft.prepare("decode")
         say(f"{project.label}: features of the jpeg_draft=False shards, first {k} train images ...")
         exact_features, _ = hot_loop(nodraft, copy.deepcopy(backbone.trunk), mean, std, ("train",), limit=k)

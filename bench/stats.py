@@ -7,8 +7,9 @@ same images (the project's train split) with the same preprocessing. tlpipe read
 stage's shards; decoding is a separate, one-off stage (per geometry, shared with features,
 fine-tuning and inference), so it gets its own row, and "decode + stats" shows the end-to-end cost.
 With image.jpeg_draft (the default) large JPEGs are decoded at reduced scale, which changes
-pixels slightly; the 1e-4 agreement is checked with jpeg_draft off (the reference's exact decode),
-the jpeg_draft difference is reported beside it.
+pixels slightly, and the shards hold JPEGs of the crops (image.decoded_quality 95); the 1e-4
+agreement is checked with jpeg_draft off and exact shards (decoded_quality 0: the reference's
+pixels), the default's difference is reported beside it.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def run(project: Project, workdir, args=None) -> Section:
     exact_diff = diff
     if project.jpeg_draft():
         # The same stages with jpeg_draft off (sharing the prepared images): the agreement check.
-        exact = project.variant("no-draft", {"image.jpeg_draft": False})
+        exact = project.variant("no-draft", {"image.jpeg_draft": False, "image.decoded_quality": 0})  # exact pixels
         exact.prepare("stats")
         e_mean, e_std = stage_stats(exact)
         exact_diff = max((e_mean - ref_mean).abs().max().item(), (e_std - ref_std).abs().max().item())

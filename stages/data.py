@@ -1,12 +1,15 @@
 """data: ingest labelled images, check every file, write a stratified train/val/test manifest.
 
-Outputs (data/prepared/): images/ (the usable files, byte-for-byte copies), manifest.csv
-(path, label, split, sha256), classes.json, skipped.csv (file, reason), duplicates.csv (images whose
-bytes are identical to another's: sha256, path, label, split, across_splits);
-metrics/data.json counts.
+Outputs (data/prepared/): manifest.csv (path relative to the image root, label, split, sha256),
+source.json (the image root: data.root, the extracted archive, or images/ for the built-in digits,
+the one source written here), classes.json, skipped.csv (file, reason), duplicates.csv (images whose
+bytes are identical to another's: sha256, path, label, split, across_splits); metrics/data.json counts.
+
+No copy of the images: DVC hashes data.root as this stage's dependency, so a changed, added or
+removed image reruns it, and the manifest's sha256 of every file is what each reader checks the
+bytes it opens against (a file changed behind DVC's back is refused, never silently used).
 """
 
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pandas as pd
 
 from tlpipe import sources
 from tlpipe.io import atomic_dir, sha256_file, write_json
+from tlpipe.manifest import SOURCE_RECORD
 from tlpipe.params import load_params
 from tlpipe.paths import DATA_METRICS as METRICS, DOWNLOADS, PREPARED
 # tlpipe.pixels (PIL), not tlpipe.images: this stage needs no torch, whose import alone takes
@@ -100,16 +104,13 @@ def main() -> None:
         if len(classes) < 2:
             raise TlpipeError(f"only one class ({classes[0]!r}) found; classification needs two or more")
 
-        rows = []
-        for item in progress(split, desc="copy"):
-            dest = images / item.rel
-            if item.src != dest:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(item.src, dest)
-            rows.append((item.rel, item.label, item.split, sha256_file(dest)))
+        rows = [(i.rel, i.label, i.split, sha256_file(i.src)) for i in progress(split, desc="sha256")]
         for item, _ in skipped:
-            if item.src.is_relative_to(images):
+            if item.src.is_relative_to(images):  # a written source (digits) keeps only usable files
                 item.src.unlink()
+        # Where the manifest's paths are: under the project (PREPARED/images) or data.root as given
+        write_json(out / SOURCE_RECORD, {"root": str(PREPARED / root.relative_to(out)
+                                                     if root.is_relative_to(out) else root)})
         manifest = pd.DataFrame(rows, columns=["path", "label", "split", "sha256"])
         manifest.to_csv(out / "manifest.csv", index=False)
         write_json(out / "classes.json", classes)

@@ -4,6 +4,7 @@ Every kind of bad input ends either as a documented skip (listed in data/prepare
 counted in metrics/data.json) or as one TlpipeError line naming the file, CSV line or class.
 """
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 
 from conftest import read_json, tool_env
 from stages import data
+from tlpipe.manifest import image_root
 from tlpipe.runtime import TlpipeError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -146,13 +148,14 @@ def test_messy_folder_skips_each_bad_file_with_its_reason_and_ignores_junk(proje
     out = capsys.readouterr().out
     for name in bad:
         assert f"skipped {root / 'b' / name}: {got[name]}" in out
-    # junk is neither prepared nor listed as skipped
-    prepared = folder / "data" / "prepared" / "images"
-    assert not any(p.name.startswith(".") or "__MACOSX" in p.parts for p in prepared.rglob("*"))
+    # junk is neither in the manifest nor listed as skipped
+    assert not any(p.startswith(".") or "__MACOSX" in p or ".DS_Store" in p for p in manifest["path"])
     assert not any(".DS_Store" in f or "__MACOSX" in f for f in skipped["file"])
-    # the prepared copies are byte-identical and every one decodes to RGB
-    for rel in manifest["path"]:
-        assert (prepared / rel).read_bytes() == (root / rel).read_bytes()
+    # no copy of the images: the manifest points into data.root, with each file's sha256
+    assert not (folder / "data" / "prepared" / "images").exists()
+    assert image_root(folder / "data" / "prepared") == root
+    for rel, digest in zip(manifest["path"], manifest["sha256"]):
+        assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == digest
 
 
 def test_messy_folder_with_on_bad_file_fail_names_the_file_and_writes_nothing(project, messy_folder):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import copy_project, dvc, read_json, tool_env
 from tlpipe import compare, gallery
+from tlpipe.manifest import image_root
 from tlpipe.scaffold import GIT_IDENTITY
 
 CONFUSION = ["head confusion (test)", "fine-tuned confusion (test)",
@@ -347,12 +348,17 @@ def test_best_marks_direction_and_ties():
 
 # --- tlpipe predict -------------------------------------------------------------------------------
 
+def images_of(repo: Path) -> Path:
+    """The folder the project's manifest paths are relative to (its data.root: no copy is made)."""
+    return repo / image_root(repo / "data" / "prepared")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["head", "finetuned", "models/head.onnx", "models/finetuned.onnx"])
 def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
     """PyTorch or onnxruntime (the export stages' files), the same preprocessing and the same CSV."""
     expected = pd.read_csv(repo / "metrics" / "predictions" / f"{Path(model).stem}.csv", dtype={"path": str})
-    images = [str(Path("data/prepared/images") / p) for p in expected["path"]]
+    images = [str(images_of(repo) / p) for p in expected["path"]]
     (tmp_path / "junk.png").write_text("not an image")
     good = (repo / images[0]).read_bytes()
     (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
@@ -367,7 +373,11 @@ def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
     ok = got[got["error"] == ""]
     assert ok["path"].tolist() == images
     assert ok["label_1"].tolist() == expected["predicted"].tolist()
-    assert ok["prob_1"].astype(float).to_numpy() == pytest.approx(expected["confidence"].to_numpy(), abs=1e-4)
+    # The fine-tuned model's evaluate probabilities come from `infer` on the JPEG shards (image.decoded_quality
+    # 95); predict decodes each file exactly: measured up to 0.0124 apart here (issue 31). The head's come from
+    # features of the same shards too, but differ by less than 1e-4 on this project.
+    tolerance = 0.02 if "finetuned" in model else 1e-4
+    assert ok["prob_1"].astype(float).to_numpy() == pytest.approx(expected["confidence"].to_numpy(), abs=tolerance)
     assert (ok["prob_1"].astype(float) >= ok["prob_2"].astype(float)).all()
     errors = got[got["error"] != ""]
     assert len(errors) == 2 and (errors["label_1"] == "").all()
@@ -376,13 +386,13 @@ def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
 @pytest.mark.slow
 def test_predict_folder_and_errors(repo, tmp_path):
     out = tmp_path / "p.csv"
-    proc = tlpipe(repo, "predict", "--model", "head", "data/prepared/images/class0", "missing.png",
+    proc = tlpipe(repo, "predict", "--model", "head", str(images_of(repo) / "class0"), "missing.png",
                   "--out", str(out))
     got = pd.read_csv(out, keep_default_na=False)
     assert len(got) == 12 + 1 and got["error"].tolist()[-1] == "no such file"
     assert "12 images predicted with the head model, 1 errors" in proc.stdout
     # outside a project: no models, one line
-    bad = tlpipe(tmp_path, "predict", "--model", "head", str(repo / "data/prepared/images/class0"),
+    bad = tlpipe(tmp_path, "predict", "--model", "head", str(images_of(repo) / "class0"),
                  "--out", str(out), check=False, code=repo)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: models/head.json")
 
@@ -414,7 +424,7 @@ def predict_without_torch(repo: Path, *args: str) -> subprocess.CompletedProcess
 
 @pytest.mark.slow  # needs the experiments project (pipeline runs)
 def test_predict_with_an_onnx_file_never_imports_torch(repo, tmp_path):
-    images = [str(p.relative_to(repo)) for p in sorted((repo / "data/prepared/images").rglob("*.png"))]
+    images = [str(p) for p in sorted(images_of(repo).rglob("*.png"))]
     (tmp_path / "junk.png").write_text("not an image")
     onnx_csv, torch_csv = tmp_path / "onnx.csv", tmp_path / "torch.csv"
     # With flip test-time augmentation, so that path is covered too (without it: the test above).
@@ -440,13 +450,13 @@ def test_a_corrupted_onnx_file_fails_in_one_line(repo, tmp_path):
     cases = {"truncated.onnx": good[: len(good) // 3], "garbage.onnx": b"\x00garbage" * 100}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-        proc = predict_without_torch(repo, "--model", str(tmp_path / name), "data/prepared/images",
+        proc = predict_without_torch(repo, "--model", str(tmp_path / name), str(images_of(repo)),
                                      "--out", str(tmp_path / "p.csv"))
         assert proc.returncode == 2
         (line, modules) = proc.stderr.strip().splitlines()
         assert line.startswith(f"error: {tmp_path / name}: not a loadable ONNX model")
         assert modules == "heavy modules: []" and not (tmp_path / "p.csv").exists()
-    other = tlpipe(repo, "predict", "--model", "model.pt", "data/prepared/images", check=False)
+    other = tlpipe(repo, "predict", "--model", "model.pt", str(images_of(repo)), check=False)
     assert other.returncode == 2 and "expected head, finetuned or a .onnx file" in other.stderr
 
 

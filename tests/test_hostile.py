@@ -448,11 +448,11 @@ def test_disk_full_writing_decoded_shards_names_the_shard(copy):
     assert not temporaries(copy / "data")
 
 
-def test_disk_full_copying_images_names_the_image(tmp_path):
-    root = class_folder(tmp_path / "src")
+def test_disk_full_writing_the_prepared_folder_names_it(tmp_path):
+    root = class_folder(tmp_path / "src")  # a folder source: no image is copied, the manifest is the big file
     project = new_project(tmp_path, root)
     proc = stage(project, "data", fsize=100)
-    assert_error(proc, r"data/prepared/images/\w/\d\.png: cannot write \(File too large\)", regex=True)
+    assert_error(proc, "data/prepared: cannot write (File too large)")
     assert not (project / "data/prepared").exists() and not temporaries(project / "data")
 
 
@@ -731,7 +731,9 @@ def test_constant_channel_with_dataset_normalization_blames_the_statistics(tmp_p
             arr[..., 2] = 0  # no blue anywhere
             (root / label).mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(root / label / f"{i}.png")
-    project = new_project(tmp_path, root, backbone__normalize="dataset")
+    # Exact shards: JPEG's chroma rounding leaves a constant channel near-constant, not constant (std
+    # 0.016 measured on these noise images at q95), which this guard does not catch (issue 31's report)
+    project = new_project(tmp_path, root, backbone__normalize="dataset", image__decoded_quality=0)
     for name in ("data", "decode", "stats"):
         assert_ok(stage(project, name))
     images_n = json.loads((project / "data/stats.json").read_text())["images"]

@@ -12,6 +12,7 @@ that nothing half-written is left; the serious ones also run through real `dvc r
 import hashlib
 import json
 import os
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -45,10 +46,15 @@ def overwrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
-def other_class_image(project: Path) -> tuple[str, bytes]:
+def private_source(tmp_path: Path, digit_folder: Path) -> Path:
+    """A copy of the session's digit folder to alter: the data stage keeps no copy of the images, so
+    a source image altered in place is the file at data.root itself."""
+    return Path(shutil.copytree(digit_folder, tmp_path / "source"))
+
+
+def other_class_image(project: Path, images: Path) -> tuple[str, bytes]:
     """A train image of the first class, and the bytes of a smaller image of another class."""
     manifest = pd.read_csv(project / "data/prepared/manifest.csv", dtype=str)
-    images = project / "data/prepared/images"
     target = manifest[(manifest["split"] == "train") & (manifest["label"] == manifest["label"].iloc[0])]
     target = max(target["path"], key=lambda p: (images / p).stat().st_size)
     donors = manifest[manifest["label"] != manifest["label"].iloc[0]]["path"]
@@ -61,12 +67,13 @@ def other_class_image(project: Path) -> tuple[str, bytes]:
 
 @pytest.mark.parametrize("damage", ["another class's pixels", "zeroed after the first half"])
 def test_an_image_altered_in_place_is_refused_by_the_decode_stage(tmp_path, digit_folder, damage):
-    project = new_project(tmp_path, digit_folder)
+    source = private_source(tmp_path, digit_folder)
+    project = new_project(tmp_path, source)
     for name in ("data", "decode"):
         assert_ok(stage(project, name))
     before = tree(project / "data/decoded")
-    rel, donor = other_class_image(project)
-    path = project / "data/prepared/images" / rel
+    rel, donor = other_class_image(project, source)
+    path = source / rel
     old = tio.sha256_file(path)
     if damage == "another class's pixels":
         overwrite_keeping_size_and_mtime(path, donor)
@@ -75,8 +82,7 @@ def test_an_image_altered_in_place_is_refused_by_the_decode_stage(tmp_path, digi
         overwrite_keeping_size_and_mtime(path, raw[: len(raw) // 2])
     for workers in ("0", "2"):  # in the main process, and raised in a DataLoader worker
         proc = stage(project, "decode", TLPIPE_WORKERS=workers)
-        assert_error(proc, tampered(project, Path("data/prepared/images") / rel, "data/prepared/manifest.csv",
-                                    "data", old))
+        assert_error(proc, tampered(project, path, "data/prepared/manifest.csv", "data", old))
     assert tree(project / "data/decoded") == before and not temporaries(project / "data")
 
 
@@ -99,10 +105,11 @@ def test_the_galleries_check_the_images_they_draw(tmp_path):
 
 @pytest.mark.slow  # real dvc: status, repro after a params change, the suggested fix
 def test_an_image_altered_in_place_through_dvc_repro(tmp_path, digit_folder):
-    project = new_project(tmp_path, digit_folder)
+    source = private_source(tmp_path, digit_folder)
+    project = new_project(tmp_path, source)
     dvc(project, "repro", "decode")
-    rel, donor = other_class_image(project)
-    path = project / "data/prepared/images" / rel
+    rel, donor = other_class_image(project, source)
+    path = source / rel
     old = tio.sha256_file(path)
     decoded = tree(project / "data/decoded")
     dvc(project, "status", "decode")  # DVC records the files' inodes and mtimes
@@ -112,13 +119,14 @@ def test_an_image_altered_in_place_through_dvc_repro(tmp_path, digit_folder):
     (project / "params.yaml").write_text(params.replace("resize_size: 36", "resize_size: 40"))
     result = dvc(project, "repro", "decode", check=False)
     assert result.returncode != 0 and "Traceback" not in result.stdout + result.stderr
-    expected = tampered(project, Path("data/prepared/images") / rel, "data/prepared/manifest.csv", "data", old)
-    assert [line for line in result.stderr.splitlines() if line.startswith("error: data/")] == [f"error: {expected}"]
+    expected = tampered(project, path, "data/prepared/manifest.csv", "data", old)
+    assert [line for line in result.stderr.splitlines() if line.startswith(f"error: {source}")] == [f"error: {expected}"]
     # DVC removes a stage's outputs before it runs it: nothing, or the old shards, never a part
     assert tree(project / "data/decoded") in ({}, decoded) and not temporaries(project / "data")
-    dvc(project, "repro", "--force", "data")  # the fix the message gives
+    dvc(project, "repro", "--force", "data")  # the fix the message gives: the image as it now is
     dvc(project, "repro", "decode")
-    assert tio.sha256_file(path) == old
+    manifest = pd.read_csv(project / "data/prepared/manifest.csv", dtype=str).set_index("path")
+    assert manifest.loc[rel, "sha256"] == tio.sha256_file(path) != old
 
 
 # --- serious 2: a damaged but loadable ONNX file ------------------------------------------------------
@@ -250,7 +258,7 @@ def test_pil_warnings_name_the_image_not_pil(tmp_path):
     proc = stage(project, "decode")
     assert_ok(proc)
     warned = [line for line in proc.stderr.splitlines() if "EXIF" in line]
-    assert warned and set(warned) == {"warning: data/prepared/images/a/exif.jpg: Corrupt EXIF data. Expecting to "
+    assert warned and set(warned) == {f"warning: {root / 'a/exif.jpg'}: Corrupt EXIF data. Expecting to "
                                       "read 2 bytes but only got 0."}
     assert "site-packages" not in proc.stderr
 

@@ -52,9 +52,9 @@ def test_a_stage_run_through_pipes_logs_plain_lines(tmp_path, digit_folder):
     proc = run(TLPIPE_PROGRESS="1")
     assert proc.returncode == 0, proc.stderr
     lines = check_lines(proc.stdout + proc.stderr)
-    assert any(line.startswith("copy: 100% 36/36") for line in lines), lines
+    assert any(line.startswith("sha256: 100% 36/36") for line in lines), lines
     assert any(line.startswith("decode check: 100% 36/36") for line in lines), lines
 
     hidden = run(TLPIPE_PROGRESS="0")
     assert hidden.returncode == 0, hidden.stderr
-    assert not any(line.startswith(("copy:", "decode check:")) for line in hidden.stderr.splitlines())
+    assert not any(line.startswith(("sha256:", "decode check:")) for line in hidden.stderr.splitlines())

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, dvc, read_json, tool_env
 from tlpipe import audit, calibration, summary
-from tlpipe.manifest import read_manifest
+from tlpipe.manifest import image_root, read_manifest
 from tlpipe.scaffold import create_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +235,8 @@ def test_predict_and_the_onnx_file_apply_the_same_t_of_1(small_project, tmp_path
 
     test = load_file(str(repo / "data" / "predictions" / "finetuned_test.safetensors"))
     manifest = pd.read_csv(repo / "data" / "prepared" / "manifest.csv")
-    images = [str(Path("data/prepared/images") / p) for p in manifest.loc[test["ids"].numpy(), "path"]]
+    root = repo / image_root(repo / "data" / "prepared")
+    images = [str(root / p) for p in manifest.loc[test["ids"].numpy(), "path"]]
     as_trained = test["proba"].double().numpy()  # softmax of the logits: T = 1
     for model in ("finetuned", "models/finetuned.onnx"):
         out = tmp_path / f"{Path(model).stem}.csv"
@@ -248,7 +249,8 @@ def test_predict_and_the_onnx_file_apply_the_same_t_of_1(small_project, tmp_path
         proba = np.zeros_like(as_trained)
         for rank in (1, 2):
             proba[np.arange(len(got)), [classes.index(c) for c in got[f"label_{rank}"]]] = got[f"prob_{rank}"]
-        assert proba == pytest.approx(as_trained, abs=1e-4), model
+        # infer read the JPEG shards (image.decoded_quality 95), predict decodes each file exactly (issue 31)
+        assert proba == pytest.approx(as_trained, abs=0.02), model
 
 
 @pytest.mark.slow

@@ -1,13 +1,17 @@
 """Images decoded once at the evaluation geometry, in a few shard files per split.
 
 The idea of FFCV's dataset files: the decode stage turns every image into resized, centre-cropped
-uint8 CHW pixels once; stats, features, fine-tuning's validation pass and inference then read
-those instead of decoding and resizing JPEGs again and again. A split's images go, in manifest
-order, into `{split}-NNN.safetensors` files (tensors `images`, N x 3 x S x S uint8, and `ids`, their
-manifest rows) of at most SHARD_BYTES each, beside a `meta.json` with the geometry, the manifest's
-sha256 and the shard sizes, and the geometry part of the preprocessing record
-(tlpipe.preprocessing). Readers hold one shard's pages at a time, so memory does not grow
-with the number of images.
+pixels once; stats, features, fine-tuning's validation pass and inference then read those instead
+of decoding and resizing the source files again and again. A split's images go, in manifest
+order, into `{split}-NNN.safetensors` files of at most about SHARD_BYTES each, beside a `meta.json`
+with the geometry, the manifest's sha256, the shard sizes and the codec.
+
+Two codecs (image.decoded_quality): `jpeg` (the default, as FFCV stores images) keeps each image as
+a JPEG of the crop at that quality, tensors `jpeg` (every image's bytes, concatenated), `offsets`
+(N + 1 byte offsets) and `ids` (their manifest rows): about what the source files cost on disk,
+decoded by libjpeg-turbo (torchvision.io) at about 1 ms per 224 px image. `raw` (quality 0) keeps
+uint8 CHW pixels, tensors `images` (N x 3 x S x S) and `ids`: exact, about 6x larger. Readers get
+uint8 NCHW either way and hold one shard at a time, so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from tlpipe.io import read_json, sha256_file, verify_sha256, writing
 from tlpipe.paths import DECODED, PREPARED
@@ -28,32 +33,49 @@ SHARD_BYTES = 64 << 20  # big enough that DVC sees few files, small enough to st
 # The train split again, at the training geometry (tlpipe.preprocessing.train_geometry): the pixels
 # fine-tuning's random crops are cut from. meta.json's splits entry for it has its own preprocessing.
 TRAIN_SOURCE = "train_source"
+MIN_JPEG_BYTES = 256  # no JPEG is smaller (headers and tables alone take about 600 bytes)
 
 
 def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:03d}.safetensors"
 
 
-class ShardWriter:
-    """Appends images of one split, writing a shard file each time SHARD_BYTES are filled."""
+def codec(quality: int) -> dict:
+    """meta.json's record of how the pixels are stored (image.decoded_quality)."""
+    return {"format": "jpeg", "quality": quality} if quality else {"format": "raw"}
 
-    def __init__(self, folder: Path, split: str, image_shape: tuple[int, int, int]):
-        self.folder, self.split = folder, split
-        self.capacity = max(1, SHARD_BYTES // math.prod(image_shape))
-        self.buffer = torch.empty((self.capacity, *image_shape), dtype=torch.uint8)
+
+class ShardWriter:
+    """Appends images of one split, writing a shard file each time SHARD_BYTES are filled.
+
+    quality 0 stores uint8 pixels; 1..100, each image as a JPEG of that quality (torchvision.io,
+    deterministic: the same pixels give the same bytes, so the shards are identical run to run)."""
+
+    def __init__(self, folder: Path, split: str, image_shape: tuple[int, int, int], quality: int = 0):
+        self.folder, self.split, self.image_shape, self.quality = folder, split, image_shape, quality
+        # jpeg: a shard is cut at SHARD_BYTES of JPEG bytes; the count cap only bounds the ids buffer
+        self.capacity = max(1, SHARD_BYTES // (MIN_JPEG_BYTES if quality else math.prod(image_shape)))
+        self.buffer = None if quality else torch.empty((self.capacity, *image_shape), dtype=torch.uint8)
         self.ids = torch.empty(self.capacity, dtype=torch.int64)
         self.filled = 0
+        self.encoded: list[torch.Tensor] = []  # jpeg: the pending images' bytes
+        self.encoded_bytes = 0
         self.sizes: list[int] = []
         self.files: dict[str, str] = {}  # sha256 of each shard written, for meta.json
 
     def add(self, images: torch.Tensor, ids: torch.Tensor) -> None:
         while len(images):
             take = min(len(images), self.capacity - self.filled)
-            self.buffer[self.filled:self.filled + take] = images[:take]
+            if self.quality:
+                jpegs = encode_jpeg(list(images[:take]), quality=self.quality) if take else []
+                self.encoded += jpegs
+                self.encoded_bytes += sum(len(j) for j in jpegs)
+            else:
+                self.buffer[self.filled:self.filled + take] = images[:take]
             self.ids[self.filled:self.filled + take] = ids[:take]
             self.filled += take
             images, ids = images[take:], ids[take:]
-            if self.filled == self.capacity:
+            if self.filled == self.capacity or self.encoded_bytes >= SHARD_BYTES:
                 self.flush()
 
     def flush(self) -> None:
@@ -61,11 +83,17 @@ class ShardWriter:
             return
         n = self.filled  # an empty split still gets one (empty) shard, so readers need no special case
         path = self.folder / shard_name(self.split, len(self.sizes))
+        if self.quality:
+            lengths = torch.tensor([0] + [len(j) for j in self.encoded], dtype=torch.int64)
+            data = torch.cat(self.encoded) if self.encoded else torch.empty(0, dtype=torch.uint8)
+            tensors = {"jpeg": data, "offsets": lengths.cumsum(0)}
+        else:
+            tensors = {"images": self.buffer[:n].contiguous()}
         with writing(path):
-            save_file({"images": self.buffer[:n].contiguous(), "ids": self.ids[:n].contiguous()}, str(path))
+            save_file({**tensors, "ids": self.ids[:n].contiguous()}, str(path))
         self.files[path.name] = sha256_file(path)
         self.sizes.append(n)
-        self.filled = 0
+        self.filled, self.encoded, self.encoded_bytes = 0, [], 0
 
 
 def read_meta(folder: Path = DECODED, prepared: Path = PREPARED) -> dict:
@@ -92,6 +120,9 @@ class DecodedSplit:
         self.starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
         self.geometry = meta["splits"][split].get("preprocessing", meta["preprocessing"])
         self.files = meta.get("files", {})
+        self.format = meta.get("codec", {"format": "raw"})["format"]
+        if self.format not in ("raw", "jpeg"):
+            raise TlpipeError(f"{folder / 'meta.json'}: unknown codec {self.format!r}; rerun the decode stage")
         self._open: tuple[int, object] | None = None
         self._verified: set[int] = set()
 
@@ -127,12 +158,25 @@ class DecodedSplit:
             a, b = max(lo, start), min(hi, start + size)
             if a < b:
                 f = self._shard(k)
-                images.append(f.get_slice("images")[a - start:b - start])
+                images.append(self._pixels(f, a - start, b - start))
                 ids.append(f.get_slice("ids")[a - start:b - start])
         if not images:
             s = self.geometry["img_size"]
             return torch.empty((0, 3, s, s), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
         return torch.cat(images), torch.cat(ids)
+
+    def _pixels(self, f, a: int, b: int) -> torch.Tensor:
+        """uint8 NCHW of a shard's images a..b-1."""
+        if self.format == "raw":
+            return f.get_slice("images")[a:b]
+        offsets = f.get_slice("offsets")[a:b + 1]
+        data = f.get_slice("jpeg")[int(offsets[0]):int(offsets[-1])]
+        jpegs = torch.split(data, torch.diff(offsets).tolist())
+        try:
+            return torch.stack(decode_jpeg(list(jpegs), mode=ImageReadMode.RGB))
+        except RuntimeError as e:  # verified shards decode; this is a libjpeg failure on this machine
+            raise TlpipeError(f"{self.folder}: a {self.split} image does not decode ({e}); rerun the decode stage"
+                              .splitlines()[0]) from None
 
     def batches(self, batch_size: int, first: int = 0, every: int = 1) -> "Batches":
         """(uint8 NCHW, ids) batches k = first, first + every, ...: rank r of w takes first=r, every=w."""

@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from tlpipe.io import atomic_path
-from tlpipe.paths import PREPARED
+from tlpipe.manifest import image_root
 from tlpipe.pixels import image_warnings, load_rgb
 
 MAX_IMAGES = 40  # a bounded PNG: the gallery is git-tracked, one per model and experiment
@@ -28,7 +28,7 @@ def mistakes(table: pd.DataFrame) -> pd.DataFrame:
     return wrong.sort_values("confidence", ascending=False, kind="stable")
 
 
-def write(predictions_csv: Path, out: Path, title: str, images: Path = PREPARED / "images",
+def write(predictions_csv: Path, out: Path, title: str, images: Path | None = None,
           max_images: int = MAX_IMAGES, hashes: dict[str, str] | None = None) -> int:
     """Draw the gallery of `predictions_csv` into the PNG `out`; return how many images are wrong.
     `hashes`: the manifest's sha256 by path, which each image's bytes are checked against."""
@@ -43,10 +43,12 @@ def write(predictions_csv: Path, out: Path, title: str, images: Path = PREPARED 
     return len(wrong)
 
 
-def draw(paths: list[str], captions: list[str], out: Path, header: str, images: Path = PREPARED / "images",
+def draw(paths: list[str], captions: list[str], out: Path, header: str, images: Path | None = None,
          hashes: dict[str, str] | None = None) -> None:
     """A grid of thumbnails of `paths` (relative to `images`), each with its caption, into the PNG `out`;
-    with `hashes` (the manifest's sha256 by path), each file's bytes checked first."""
+    with `hashes` (the manifest's sha256 by path), each file's bytes checked first. `images` defaults
+    to the data stage's image root (tlpipe.manifest.image_root)."""
+    images = image_root() if images is None else images
     if not paths:
         fig = Figure(figsize=(5, 1))
         fig.text(0.5, 0.5, header, ha="center", va="center")

@@ -10,6 +10,8 @@ from tlpipe.io import read_json
 from tlpipe.paths import PREPARED
 from tlpipe.runtime import TlpipeError
 
+SOURCE_RECORD = "source.json"  # in data/prepared: {"root": the folder the manifest's paths are relative to}
+
 
 def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:
     """The manifest (path, label, split, sha256) with a `target` class index, and the class list."""
@@ -31,9 +33,26 @@ def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:
     return manifest, classes
 
 
+def image_root(prepared: Path = PREPARED) -> Path:
+    """The folder the manifest's paths are relative to: the data stage's record of data.root (or of
+    its own images/ folder for a source it writes, and in projects made before source.json)."""
+    record = prepared / SOURCE_RECORD
+    if not record.exists():
+        return prepared / "images"
+    try:
+        data = read_json(record)
+    except (OSError, ValueError):  # a folder, unreadable, not JSON
+        data = None
+    root = data.get("root") if isinstance(data, dict) else None
+    if not isinstance(root, str) or not root:
+        raise TlpipeError(f"{record}: damaged (no image root); rerun the data stage")
+    return Path(root)
+
+
 def image_paths(manifest: pd.DataFrame, prepared: Path = PREPARED) -> list[Path]:
     """Where each row's image file is. Read them with their `image_hashes` (tlpipe.pixels.read_verified)."""
-    return [prepared / "images" / p for p in manifest["path"]]
+    root = image_root(prepared)
+    return [root / p for p in manifest["path"]]
 
 
 def image_hashes(manifest: pd.DataFrame) -> list[str]:

@@ -76,6 +76,9 @@ class ImageParams(_Section):
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     # Decode large JPEGs at 1/2, 1/4 or 1/8 scale while the short side stays >= resize_size.
     jpeg_draft: bool = True
+    # JPEG quality of the pixels the decode stage stores (data/decoded), as FFCV stores them; 0 =
+    # exact uint8 pixels, about 6x the disk (docs/sharing.md has the measured cost of either)
+    decoded_quality: int = Field(95, ge=0, le=100)
 
     @model_validator(mode="after")
     def _geometry(self):

@@ -6,7 +6,7 @@ same path; dvc.yaml lists the same paths as outs and deps.
 
 from pathlib import Path
 
-PREPARED = Path("data/prepared")            # data: images/, manifest.csv, classes.json, skipped.csv
+PREPARED = Path("data/prepared")            # data: manifest.csv, source.json, classes.json, skipped.csv (images/: digits only)
 MANIFEST = PREPARED / "manifest.csv"
 CLASSES = PREPARED / "classes.json"
 DOWNLOADS = Path("data/downloads")          # data (url source): archives and their extraction

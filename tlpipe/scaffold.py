@@ -23,6 +23,12 @@ from typing import Any
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
+# Hard links (one file, two names: ext4, XFS, btrfs, APFS, NTFS), else copies (a cache on another
+# filesystem, FAT): DVC takes the first that works. Not "reflink" first: DVC 3 then leaves directory
+# outputs (data/decoded, data/features) as copies, since a copy could be a reflink (measured: 25.6 MB
+# of hymenoptera's 92.6 MB). DVC makes linked files read-only; every stage writes new files (temp +
+# rename), never into an existing output (tests/test_disk.py checks every cache file's hash).
+CACHE_TYPE = "hardlink,copy"
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
 PIPELINE_DIRS = ("stages", "tlpipe")
 GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
@@ -85,6 +91,8 @@ def create_project(dest: str | Path, overrides: dict[str, Any] | None = None) ->
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     run("git", "init", "-q", "-b", "main")
     run(sys.executable, "-m", "dvc", "init", "-q")
+    # the outputs in the workspace are links to DVC's cache, not a second copy (docs/sharing.md)
+    run(sys.executable, "-m", "dvc", "config", "cache.type", CACHE_TYPE)
     run("git", "add", "-A")
     run("git", *GIT_IDENTITY, "commit", "-qm", "new tlpipe project")
     return dest
