@@ -35,10 +35,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(REPO))
-from tlpipe import backbones, export, inference  # noqa: E402
-from tlpipe.models import Classifier  # noqa: E402
-from tlpipe.onnx_model import OnnxModel  # noqa: E402
-from tlpipe.pixels import check_image, load_eval_pixels  # noqa: E402
+from tlpipe.deploy import export  # noqa: E402
+from tlpipe.deploy.onnx_model import OnnxModel  # noqa: E402
+from tlpipe.ingest.pixels import check_image, load_eval_pixels  # noqa: E402
+from tlpipe.nets import backbones, inference  # noqa: E402
+from tlpipe.nets.models import Classifier  # noqa: E402
 
 HYMENOPTERA_VAL = REPO.parent / "shared" / "datasets" / "hymenoptera" / "val"
 GEOMETRY = {"img_size": 224, "resize_size": 256, "interpolation": "bicubic", "jpeg_draft": True}

@@ -65,8 +65,8 @@ def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=("train
     import itertools
     import time
 
-    from tlpipe.inference import outputs as extract_features
-    from tlpipe.decoded import read_batches
+    from tlpipe.ingest.decoded import read_batches
+    from tlpipe.nets.inference import outputs as extract_features
     from tlpipe.runtime import inference_batch_size
 
     def tap(batches, seen: list):
@@ -88,7 +88,7 @@ def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=("train
 
 
 def run(project: Project, workdir: Path, args=None) -> Section:
-    from tlpipe import backbones
+    from tlpipe.nets import backbones
     from tlpipe.runtime import inference_batch_size
 
     subset = getattr(args, "subset", 1000)

@@ -48,7 +48,7 @@ def timed(fn, seconds: list[float]) -> dict:
 
 
 def run(project: Project, workdir: Path, args=None) -> Section:
-    from tlpipe import linear
+    from tlpipe.nets import linear
 
     project.prepare("features")
     params = project.params()
@@ -107,7 +107,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
                                                     x_test.numpy(), y_test.numpy(), grid, h["max_iter"])
         held = "val"
 
-    say(f"{project.label}: tlpipe.linear and scikit-learn in-process, {repeats} times each, alternately "
+    say(f"{project.label}: tlpipe.nets.linear and scikit-learn in-process, {repeats} times each, alternately "
         f"({protocol}) ...")
     tl_seconds, sk_seconds = [], []
     for _ in range(repeats):

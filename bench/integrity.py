@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, table  # noqa: E402
-from tlpipe.pixels import check_image, list_files, load_eval_pixels  # noqa: E402
+from tlpipe.ingest.pixels import check_image, list_files, load_eval_pixels  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets"
 GEOMETRY = {"img_size": 224, "resize_size": 256, "interpolation": "bicubic", "jpeg_draft": True}

@@ -49,8 +49,8 @@ def features_pass(project: Project, model, limit: int | None) -> float:
     """Seconds of one in-process features pass over every split (as the stage, without writing)."""
     import itertools
 
-    from tlpipe import backbones, inference
-    from tlpipe.decoded import DecodedSplit
+    from tlpipe.ingest.decoded import DecodedSplit
+    from tlpipe.nets import backbones, inference
     from tlpipe.runtime import inference_batch_size
 
     b = backbones.build(common.BACKBONE, pretrained=False)
@@ -69,8 +69,8 @@ def head_run(project: Project, setting) -> dict:
     """The head stage with head.layers = setting: its seconds, choice and test accuracy."""
     from safetensors.torch import load_file
 
-    from tlpipe import layers
-    from tlpipe.metrics import wilson
+    from tlpipe.nets import layers
+    from tlpipe.report.metrics import wilson
 
     params = yaml.safe_load((project.path / "params.yaml").read_text())
     params["head"]["layers"] = setting
@@ -101,7 +101,7 @@ def head_run(project: Project, setting) -> dict:
 
 
 def run(project: Project, repeats: int, limit: int | None) -> Section:
-    from tlpipe import backbones, layers
+    from tlpipe.nets import backbones, layers
 
     if not (project.path / "data" / "features" / "meta.json").is_file():
         project.prepare("features")

@@ -11,8 +11,8 @@ first (tlpipe.images.load_rgb_drafted). Byte-identical run to run.
 import torch
 
 from tlpipe import preprocessing
-from tlpipe.decoded import TRAIN_SOURCE, ShardWriter
-from tlpipe.images import eval_images
+from tlpipe.ingest.decoded import TRAIN_SOURCE, ShardWriter
+from tlpipe.ingest.images import eval_images
 from tlpipe.io import atomic_dir, sha256_file, write_json
 from tlpipe.manifest import image_hashes, image_paths, read_manifest
 from tlpipe.params import load_params

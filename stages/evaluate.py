@@ -13,14 +13,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tlpipe import audit, calibration, gallery, layers
-from tlpipe.features import check_source, load_split
+from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, load_tensors, read_json, write_json
 from tlpipe.manifest import hashes_by_path, read_manifest
-from tlpipe.metrics import mcnemar, per_class, with_intervals
+from tlpipe.nets import calibration, layers
+from tlpipe.nets.features import check_source, load_split
 from tlpipe.params import load_params
 from tlpipe.paths import (DUPLICATES, FEATURES, FINETUNED_CALIBRATION, FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG,
                           RELIABILITY, TEST_DUPLICATES, TEST_METRICS, TEST_PER_CLASS, TEST_PREDICTIONS)
+from tlpipe.report import gallery
+from tlpipe.report.metrics import mcnemar, per_class, with_intervals
 from tlpipe.runtime import TlpipeError, run_stage
 
 

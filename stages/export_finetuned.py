@@ -5,10 +5,10 @@ models/finetuned_calibration.json); kept only if onnxruntime agrees with PyTorch
 (metrics/export_finetuned.json). A stage of its own, so head changes do not re-export it.
 """
 
-from tlpipe import export
-from tlpipe.decoded import DecodedSplit
+from tlpipe.deploy import export
+from tlpipe.ingest.decoded import DecodedSplit
 from tlpipe.io import read_json
-from tlpipe.models import load_classifier
+from tlpipe.nets.models import load_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import (EXPORT_FINETUNED_METRICS, FINETUNED, FINETUNED_CALIBRATION, FINETUNED_CONFIG,
                           FINETUNED_ONNX)

@@ -8,9 +8,10 @@ only if onnxruntime agrees with PyTorch on the test images (metrics/export_head.
 own, so fine-tuning changes do not re-export it.
 """
 
-from tlpipe import backbones, export, layers
-from tlpipe.decoded import DecodedSplit
-from tlpipe.models import Classifier, load_head
+from tlpipe.deploy import export
+from tlpipe.ingest.decoded import DecodedSplit
+from tlpipe.nets import backbones, layers
+from tlpipe.nets.models import Classifier, load_head
 from tlpipe.params import load_params
 from tlpipe.paths import EXPORT_HEAD_METRICS, HEAD, HEAD_CONFIG, HEAD_ONNX
 from tlpipe.runtime import TlpipeError, run_stage

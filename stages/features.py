@@ -20,15 +20,17 @@ from pathlib import Path
 import torch
 import torchvision
 
-from tlpipe import backbones, distributed, inference, layers, preprocessing
-from tlpipe.decoded import DecodedSplit, read_meta
-from tlpipe.features import save_split
+from tlpipe import preprocessing
+from tlpipe.ingest.decoded import DecodedSplit, read_meta
+from tlpipe.ingest.moments import read_stats
 from tlpipe.io import atomic_dir, file_hashes, sha256_file, write_json
 from tlpipe.manifest import read_manifest
-from tlpipe.moments import read_stats
+from tlpipe.nets import backbones, inference, layers
+from tlpipe.nets.features import save_split
 from tlpipe.params import load_params
 from tlpipe.paths import FEATURES, FEATURES_METRICS, MANIFEST, STATS, WEIGHTS
 from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage
+from tlpipe.train import distributed
 
 
 def gather_batches(group: distributed.Group, mine: torch.Tensor, lengths: list[int]) -> torch.Tensor:

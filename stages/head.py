@@ -5,7 +5,7 @@ multinomial logistic regression by L-BFGS, one fit per grid point from the stron
 weakest (each warm-started from the last), and the L2 with the lowest mean held-out log loss over
 `head.cv_folds` stratified folds of train + val kept (log loss, not accuracy: accuracy ties are
 coarse on small sets). The head is then fitted on train and val together. Its temperature comes
-from the out-of-fold logits, by tlpipe.calibration's rule (T = 1 where they are too few or too
+from the out-of-fold logits, by tlpipe.nets.calibration's rule (T = 1 where they are too few or too
 rarely wrong to fit one); they also flag suspect labels (tlpipe/audit.py). `head.cv_folds: 0` is
 the classic protocol: fit on train, choose on val. Test is not read here.
 
@@ -21,13 +21,15 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from tlpipe import audit, calibration, gallery, layers, linear
-from tlpipe.features import load_split, source_of
+from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.manifest import hashes_by_path, read_manifest
+from tlpipe.nets import calibration, layers, linear
+from tlpipe.nets.features import load_split, source_of
 from tlpipe.params import load_params
 from tlpipe.paths import (FEATURES, HEAD, HEAD_CONFIG, HEAD_GRID, HEAD_LAYERS, HEAD_LAYERS_PLOT, HEAD_METRICS,
                           SUSPECTS, SUSPECTS_GALLERY)
+from tlpipe.report import gallery
 from tlpipe.runtime import TlpipeError, run_stage
 
 MAX_SUSPECTS_SHOWN = 40

@@ -9,11 +9,12 @@ to fit one), which `tlpipe predict`, the ONNX export and evaluate apply.
 import torch
 from safetensors.torch import save_file
 
-from tlpipe import calibration, inference, preprocessing
-from tlpipe.decoded import DecodedSplit
+from tlpipe import preprocessing
+from tlpipe.ingest.decoded import DecodedSplit
 from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.manifest import read_manifest
-from tlpipe.models import load_classifier
+from tlpipe.nets import calibration, inference
+from tlpipe.nets.models import load_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import FINETUNED, FINETUNED_CALIBRATION, FINETUNED_CONFIG, FINETUNED_TEST, FINETUNED_VAL
 from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage

@@ -25,13 +25,13 @@ def main() -> None:
 
     import torch  # the heavy imports, only when the baseline is trained
 
-    from tlpipe import scratch
-    from tlpipe.decoded import DecodedSplit
+    from tlpipe.ingest.decoded import DecodedSplit
     from tlpipe.manifest import read_manifest
-    from tlpipe.metrics import summary
+    from tlpipe.report.metrics import summary
     from tlpipe.runtime import device
+    from tlpipe.train import scratch
 
-    from tlpipe.moments import read_stats
+    from tlpipe.ingest.moments import read_stats
 
     manifest, classes = read_manifest()
     mean, std = read_stats(STATS, "the scratch baseline (which normalizes by dataset statistics)")

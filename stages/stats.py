@@ -6,9 +6,9 @@ Values are on the 0..1 scale that models normalize.
 """
 
 
-from tlpipe.decoded import DecodedSplit
+from tlpipe.ingest.decoded import DecodedSplit
+from tlpipe.ingest.moments import ChannelMoments
 from tlpipe.io import write_json
-from tlpipe.moments import ChannelMoments
 from tlpipe.params import load_params
 from tlpipe.paths import STATS
 from tlpipe.runtime import progress, run_stage

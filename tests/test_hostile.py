@@ -35,9 +35,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import copy_project, dvc, tiny_params, tool_env
-from tlpipe import images, io as tio, runtime, sources
+from tlpipe import io as tio, runtime
+from tlpipe.ingest import images, sources
 from tlpipe.runtime import TlpipeError
-from tlpipe.scaffold import create_project
+from tlpipe.tools.scaffold import create_project
 
 BAD = b"\xff\xfe"  # not UTF-8
 BAD_SHOWN = "\\xff\\xfe"
@@ -61,7 +62,7 @@ def stage(project: Path, name: str, **kw) -> subprocess.CompletedProcess:
 
 
 def cli(project: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    return run(project, "-m", "tlpipe.cli", *args, **kw)
+    return run(project, "-m", "tlpipe.tools.cli", *args, **kw)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests for tlpipe.linear: the L-BFGS linear probe against scikit-learn's optimum."""
+"""Unit tests for tlpipe.nets.linear: the L-BFGS linear probe against scikit-learn's optimum."""
 
 import warnings
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from tlpipe import linear
+from tlpipe.nets import linear
 
 N_CLASSES = 3
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from conftest import STAGES, copy_project, dvc, read_json
-from tlpipe.linear import PROBE_MAX_ITER
-from tlpipe.scaffold import PROJECT
+from tlpipe.nets.linear import PROBE_MAX_ITER
+from tlpipe.tools.scaffold import PROJECT
 
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for tlpipe.sources: listing, CSV, archives, download and the stratified split."""
+"""Unit tests for tlpipe.ingest.sources: listing, CSV, archives, download and the stratified split."""
 
 import hashlib
 import io
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe import sources
+from tlpipe.ingest import sources
+from tlpipe.ingest.sources import Item
 from tlpipe.runtime import TlpipeError
-from tlpipe.sources import Item
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 0), (0, 120, 120)]
 

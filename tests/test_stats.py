@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe import moments
+from tlpipe.ingest import moments
 
 
 @pytest.fixture(scope="module")

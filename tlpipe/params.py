@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    # The names live in tlpipe.sources' table, which checks them before the data stage does any
+    # The names live in tlpipe.ingest.sources' table, which checks them before the data stage does any
     # work; importing it here would make every stage depend on the sources module.
     source: str = "digits"
     # folder/presplit: the image root; csv: the root that CSV paths are relative to.
@@ -85,9 +85,9 @@ class ImageParams(_Section):
 
 
 class BackboneParams(_Section):
-    # tlpipe.backbones' table or any timm model name, with or without a pretrained tag. Checked
+    # tlpipe.nets.backbones' table or any timm model name, with or without a pretrained tag. Checked
     # here only for its form: the full check (the table, then timm's catalogue) needs timm, whose
-    # import takes seconds, and importing tlpipe.backbones here would make every stage depend on
+    # import takes seconds, and importing tlpipe.nets.backbones here would make every stage depend on
     # it; the features stage makes it before any work (tlpipe.backbones.entry).
     name: str = "tf_efficientnet_lite0"
     normalize: Literal["backbone", "dataset"] = "backbone"

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.ingest.pixels import check_image, eval_check, image_warnings, list_files, load_eval_pixels, shown
 from tlpipe.io import atomic_path, check_writable, read_json
 from tlpipe.paths import MODELS
-from tlpipe.pixels import check_image, eval_check, image_warnings, list_files, load_eval_pixels, shown
 from tlpipe.runtime import TlpipeError, inference_batch_size, workers
 
 
@@ -67,8 +67,8 @@ class TorchModel:
         except ImportError:
             raise TlpipeError(f"--model {kind} needs torch (pip install tlpipe); a runtime without it "
                               "takes an exported .onnx file (docs/deploy.md)") from None
-        from tlpipe import backbones, layers
-        from tlpipe.models import load_classifier, load_head
+        from tlpipe.nets import backbones, layers
+        from tlpipe.nets.models import load_classifier, load_head
 
         self.kind = kind
         if kind == "head":
@@ -91,7 +91,7 @@ class TorchModel:
 
     def proba(self, paths: list[Path], tta: str) -> np.ndarray:
         """Calibrated class probabilities (with tta "flip": of the averaged probabilities)."""
-        from tlpipe import calibration
+        from tlpipe.nets import calibration
 
         raw = self.raw_proba(paths, tta)
         return calibration.scaled_proba(calibration.logits_of(raw), self.temperature).float().numpy()
@@ -99,8 +99,8 @@ class TorchModel:
     def raw_proba(self, paths: list[Path], tta: str):
         import torch
 
-        from tlpipe import inference, linear
-        from tlpipe.images import eval_images
+        from tlpipe.ingest.images import eval_images
+        from tlpipe.nets import inference, linear
         from tlpipe.runtime import device
 
         record, dev, n_workers = self.record, device(), workers()
@@ -122,7 +122,7 @@ class ExportedModel:
     """A .onnx file of the export stages (tlpipe.onnx_model), run by onnxruntime without torch."""
 
     def __init__(self, path: str):
-        from tlpipe.onnx_model import OnnxModel
+        from tlpipe.deploy.onnx_model import OnnxModel
 
         self.onnx = OnnxModel(path)  # a bad model file fails before any image is read
         self.record, self.classes = self.onnx.preprocessing, self.onnx.classes

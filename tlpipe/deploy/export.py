@@ -1,6 +1,6 @@
 """ONNX export of a trained classifier, checked against PyTorch before it is kept.
 
-The exported graph takes uint8 N x 3 x S x S pixels (what tlpipe.pixels decodes, and what the decode
+The exported graph takes uint8 N x 3 x S x S pixels (what tlpipe.ingest.pixels decodes, and what the decode
 stage stores) and returns calibrated class probabilities, softmax(logits / T) with the model's
 temperature T (tlpipe.calibration; T = 1 where none could be fitted, with `calibrated` "false" and
 the reason in the metadata), and the raw logits: normalization, temperature and softmax are
@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlpipe import calibration, inference, preprocessing
-from tlpipe.decoded import DecodedSplit
+from tlpipe import preprocessing
+from tlpipe.deploy.onnx_model import INPUT, LOGITS, OUTPUT, SEAL_KEY, UNSEALED, OnnxModel, seal
+from tlpipe.ingest.decoded import DecodedSplit
 from tlpipe.io import atomic_path, sha256_file, write_json
-from tlpipe.onnx_model import INPUT, LOGITS, OUTPUT, SEAL_KEY, UNSEALED, OnnxModel, seal
+from tlpipe.nets import calibration, inference
 from tlpipe.runtime import TlpipeError, inference_batch_size
 
 OPSET = 17

@@ -32,14 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlpipe import audit, backbones, checkpoints, distributed, linear
-from tlpipe.decoded import TRAIN_SOURCE, DecodedSplit
-from tlpipe.features import load_split
-from tlpipe.images import TrainImages, normalize_batch, train_transform
+from tlpipe.ingest import audit
+from tlpipe.ingest.decoded import TRAIN_SOURCE, DecodedSplit
+from tlpipe.ingest.images import TrainImages, normalize_batch, train_transform
 from tlpipe.manifest import read_manifest
-from tlpipe.models import Classifier, linear_from
+from tlpipe.nets import backbones, linear
+from tlpipe.nets.features import load_split
+from tlpipe.nets.models import Classifier, linear_from
 from tlpipe.paths import CLASSES, FEATURES
 from tlpipe.runtime import TlpipeError, progress
+from tlpipe.train import checkpoints, distributed
 
 
 @dataclass

@@ -455,7 +455,7 @@ def check_input_size(b: Backbone, img_size: int) -> str:
     if img_size < b.input_size / 2:
         return (f"warning: image.img_size {img_size} is far below {b.name}'s native {b.input_size} px; "
                 f"fine for tiny images, but photos usually score better at {b.input_size} "
-                f"(image.resize_size {b.resize_size}; python -m tlpipe.scaffold --photos)")
+                f"(image.resize_size {b.resize_size}; python -m tlpipe.tools.scaffold --photos)")
     return ""
 
 

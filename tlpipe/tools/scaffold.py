@@ -1,6 +1,6 @@
 """Start a new tlpipe project: a git + DVC repository holding the pipeline, ready for `dvc repro`.
 
-    python -m tlpipe.scaffold DEST [--photos] [--recipe near|far] [--set data.source=presplit ...]
+    python -m tlpipe.tools.scaffold DEST [--photos] [--recipe near|far] [--set data.source=presplit ...]
 
 `--photos` writes the photo settings (PHOTO_SETTINGS) with the backbone's native input geometry
 (its pretraining input size, resize and interpolation: 260 px for tf_efficientnet_lite2).
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
 PIPELINE_DIRS = ("stages", "tlpipe")
 GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
@@ -50,7 +50,7 @@ PHOTO_SETTINGS = {**PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **RECIPES["near"]}
 
 def photo_settings(backbone: str = "tf_efficientnet_lite0", recipe: str = "near") -> dict[str, Any]:
     """PHOTO_SETTINGS with `backbone`'s native geometry (and its name, when not the default) and `recipe`."""
-    from tlpipe.backbones import native_geometry
+    from tlpipe.nets.backbones import native_geometry
 
     name = {} if backbone == "tf_efficientnet_lite0" else {"backbone.name": backbone}
     return {**RECIPES[recipe], **PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **native_geometry(backbone), **name}

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from tlpipe.pixels import (JUNK_NAMES, MAX_ASPECT, BadImage, check_image, decode_error,  # noqa: F401
+from tlpipe.ingest.pixels import (JUNK_NAMES, MAX_ASPECT, BadImage, check_image, decode_error,  # noqa: F401
                            error_name, eval_load, eval_pixels, image_warnings, is_junk, list_files,
                            load_rgb, load_rgb_drafted, read_verified, shown, to_rgb, utf8_name)
 from tlpipe.runtime import TlpipeError

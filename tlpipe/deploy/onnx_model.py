@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.pixels import not_regular
+from tlpipe.ingest.pixels import not_regular
 from tlpipe.preprocessing import KEYS
 from tlpipe.runtime import TlpipeError
 
