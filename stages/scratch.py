@@ -26,12 +26,11 @@ def main() -> None:
     import torch  # the heavy imports, only when the baseline is trained
 
     from tlpipe.ingest.decoded import DecodedSplit
+    from tlpipe.ingest.moments import read_stats
     from tlpipe.manifest import read_manifest
     from tlpipe.report.metrics import summary
     from tlpipe.runtime import device
     from tlpipe.train import scratch
-
-    from tlpipe.ingest.moments import read_stats
 
     manifest, classes = read_manifest()
     mean, std = read_stats(STATS, "the scratch baseline (which normalizes by dataset statistics)")
