@@ -3,7 +3,7 @@
     python bench/cold_default.py [--keep DIR] [--import-runs N]
 
 Target (issue 19; DESIGN.md §8 said 3 minutes): <= 60 s on a quiet 2-core CPU. The project is what `python -m
-tlpipe.scaffold DIR` makes; the time is the wall time of `dvc repro` (DVC's own overhead and every
+tlpipe.tools.scaffold DIR` makes; the time is the wall time of `dvc repro` (DVC's own overhead and every
 stage's Python start-up included), not the project's creation.
 
 Where the time goes: `python` on the PATH of `dvc repro` is a shell shim that logs when each stage's

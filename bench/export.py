@@ -4,11 +4,11 @@
 
 The model is the default backbone (tf_efficientnet_lite0, pretrained) with its own ImageNet head
 (1000 classes: real trained weights, so the parity numbers are those of a trained classifier), at
-the README's photo geometry (224 px, resize 256, bicubic), exported by tlpipe.export.to_onnx exactly
+the README's photo geometry (224 px, resize 256, bicubic), exported by tlpipe.deploy.export.to_onnx exactly
 as the export stages do. Images: --images (default: ../shared's hymenoptera val/, its test split),
-decoded once by tlpipe.pixels; when that folder is absent, synthetic noise images (said in the output).
+decoded once by tlpipe.ingest.pixels; when that folder is absent, synthetic noise images (said in the output).
 
-- PyTorch: tlpipe.inference.outputs (the evaluation path: normalization, channels_last forward) plus
+- PyTorch: tlpipe.nets.inference.outputs (the evaluation path: normalization, channels_last forward) plus
   softmax, on the CPU.
 - onnxruntime: the exported file, CPUExecutionProvider, uint8 batches in.
 Both with the same number of intra-op threads, for each of --threads (on a CPU shared with other

@@ -10,7 +10,7 @@ same backbone and weights (tf_efficientnet_lite0), the same preprocessing.
 - tlpipe, stage: `python -m stages.features` (its `done in` time: params, building the backbone,
   reading the decode stage's shards, the forward passes, writing the features). The decode stage
   is its own row: a one-off cost per geometry that stats, fine-tuning and inference share.
-- tlpipe, hot loop: in-process, tlpipe.inference.outputs over tlpipe.decoded.read_batches
+- tlpipe, hot loop: in-process, tlpipe.nets.inference.outputs over tlpipe.ingest.decoded.read_batches
   (reading shards, normalizing, channels_last forward): what compares with the compute limit.
 - reference: reference.features_plain_loop (num_workers=0 as tutorials; also num_workers=2 on at
   most --subset images); compute limit: reference.forward_throughput, NCHW and channels_last, at

@@ -176,7 +176,7 @@ def run(workdir: Path, args, dev) -> str:
     machine = common.machine()
     device_name = torch.cuda.get_device_name(dev) if cuda else f"CPU ({machine['CPU']})"
     rows = [
-        ["features", f"the features stage's hot loop, in-process (tlpipe.inference over the decode shards, "
+        ["features", f"the features stage's hot loop, in-process (tlpipe.nets.inference over the decode shards, "
          f"all {feats['images']} images, best of {args.repeats} passes)",
          f"forward on {feats['limit_images']} images on the device", str(dev), precision, feats["batch"],
          feats["ours"], feats["limit"], f"{feats['ours'] / feats['limit']:.2f}"],

@@ -6,7 +6,7 @@ Target (DESIGN.md §8, §9): at least scikit-learn's test accuracy, in no more t
 head's cross-validation. Both fit the same cached features (the features stage's) over the same
 grid (params.yaml head.*; C = reference.sklearn_c(l2, rows fitted)) by the same protocol and are
 scored on the same test split. With head.cv_folds >= 2 (the default): the same stratified folds of
-train + val (tlpipe.linear.stratified_folds, seeded by `seed`), L2 chosen by the mean held-out log
+train + val (tlpipe.nets.linear.stratified_folds, seeded by `seed`), L2 chosen by the mean held-out log
 loss, the final fit on train + val. With head.cv_folds 0: chosen on val, fitted on train.
 Both sides are timed in-process (no start-up, no reading or writing files; the one-off imports are
 paid before the clock), alternately, `--repeats` times each, and the median counts: the machine is

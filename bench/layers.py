@@ -1,4 +1,4 @@
-"""layers: what the probe on intermediate layers (head.layers, tlpipe.layers) costs.
+"""layers: what the probe on intermediate layers (head.layers, tlpipe.nets.layers) costs.
 
     python bench/layers.py [--sets sign-digits,hymenoptera] [--repeats 3] [--limit N] [--workdir DIR]
 
@@ -6,8 +6,8 @@ Targets (DESIGN.md §10): the features pass with every stage tapped and pooled (
 stage runs) at most 1.3x the time of the last layer alone; the head stage with head.layers: auto
 under 90 s on sign-digits (Lite0, 128 px) on a quiet 2-core machine.
 
-- features: in-process, tlpipe.inference.outputs over the decode stage's shards (every split), the
-  trunk alone against the trunk with its stages tapped (tlpipe.layers.Tapped, as stages/features.py
+- features: in-process, tlpipe.nets.inference.outputs over the decode stage's shards (every split), the
+  trunk alone against the trunk with its stages tapped (tlpipe.nets.layers.Tapped, as stages/features.py
   builds it), alternately, --repeats times each, the median counting (a shared machine is noisy);
   and the features stage's own time and the bytes it wrote, from metrics/features.json. --limit N
   times only each split's first N images (on a busy machine a full pass takes long; the ratio is

@@ -1,4 +1,4 @@
-"""export_finetuned: the fine-tuned model as models/finetuned.onnx (tlpipe.export).
+"""export_finetuned: the fine-tuned model as models/finetuned.onnx (tlpipe.deploy.export).
 
 uint8 pixels in, calibrated class probabilities out (the temperature infer fitted on val, from
 models/finetuned_calibration.json); kept only if onnxruntime agrees with PyTorch on the test images

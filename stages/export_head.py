@@ -1,7 +1,7 @@
-"""export_head: the head on its frozen pretrained backbone as models/head.onnx (tlpipe.export).
+"""export_head: the head on its frozen pretrained backbone as models/head.onnx (tlpipe.deploy.export).
 
 A head on intermediate layers (head.json's `layers`) sits on the backbone tapped at those stages
-(tlpipe.layers.for_head): the file still takes pixels and returns the head's probabilities.
+(tlpipe.nets.layers.for_head): the file still takes pixels and returns the head's probabilities.
 
 uint8 pixels in, calibrated class probabilities out (the head's temperature, from head.json); kept
 only if onnxruntime agrees with PyTorch on the test images (metrics/export_head.json). A stage of its

@@ -1,7 +1,7 @@
 """stats: exact per-channel mean and std of the training split at the pipeline's input geometry.
 
 One streaming pass over the decode stage's uint8 shards, counting a per-channel histogram of the
-256 levels (tlpipe.moments): integers, so the result is exact whatever the batch size.
+256 levels (tlpipe.ingest.moments): integers, so the result is exact whatever the batch size.
 Values are on the 0..1 scale that models normalize.
 """
 

@@ -147,6 +147,8 @@ def test_make_deps_writes_the_import_closure_and_keeps_every_other_line(tmp_path
           - out/x.csv
         """)
     codedeps.main(["--check", "--dvc-yaml", str(tmp_path / "dvc.yaml")])  # fresh now
+    assert codedeps.reruns((tmp_path / "dvc.yaml").read_text(), tmp_path) == {
+        "tlpipe/io.py": ["a"], "tlpipe/w/x.py": ["a"], "tlpipe/w/y.py": ["a", "b"]}
     (tmp_path / "tlpipe/w/y.py").write_text("from tlpipe.w import z\n")
     with pytest.raises(SystemExit, match=r"code deps of a, b differ from their imports; run `make deps`"):
         codedeps.main(["--check", "--dvc-yaml", str(tmp_path / "dvc.yaml")])

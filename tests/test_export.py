@@ -80,7 +80,7 @@ class Trunk(nn.Module):
         return f
 
 
-TEMPERATURE = 1.7  # a fitted temperature (tlpipe.calibration) that the export bakes into the graph
+TEMPERATURE = 1.7  # a fitted temperature (tlpipe.nets.calibration) that the export bakes into the graph
 
 
 def export_tiny(tmp_path, branchy: bool = False, low: int = 0, high: int = 256, temperature: float = TEMPERATURE):

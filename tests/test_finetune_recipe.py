@@ -1,4 +1,4 @@
-"""The pieces of the fine-tuning recipe (tlpipe.finetuning), each against a hand computation."""
+"""The pieces of the fine-tuning recipe (tlpipe.train.finetuning), each against a hand computation."""
 
 from types import SimpleNamespace
 

@@ -703,7 +703,7 @@ def test_extreme_aspect_ratio_costs_what_its_pixels_cost(tmp_path, size):
     path = tmp_path / "strip.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     geometry = {"img_size": 224, "resize_size": 256, "interpolation": "bicubic", "jpeg_draft": True}
-    load = images.eval_check(geometry)
+    load = images.eval_tensor_loader(geometry)
     load(path)  # warm up torchvision
     start = time.perf_counter()
     out = load(path)
@@ -718,7 +718,7 @@ def test_band_crop_gives_the_pixels_of_the_full_resize(tmp_path, size):
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     geometry = {"img_size": 32, "resize_size": 36, "interpolation": "bicubic", "jpeg_draft": False}
     full = images.eval_transform(32, 36, "bicubic")(images.load_rgb(path))
-    banded = images.eval_check(geometry)(path)
+    banded = images.eval_tensor_loader(geometry)(path)
     assert torch.equal(full, banded)
 
 

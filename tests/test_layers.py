@@ -1,4 +1,4 @@
-"""The probe on intermediate layers (head.layers, tlpipe.layers; issue 28).
+"""The probe on intermediate layers (head.layers, tlpipe.nets.layers; issue 28).
 
 Fast: the param's checks, the auto family, the clear errors. Slow (real dvc on the tiny digit
 project): the cached layers equal a direct forward of the backbone, a head.layers change reruns only

@@ -1,4 +1,4 @@
-"""tlpipe.moments.ChannelMoments, what the stats stage streams over: per-channel mean and std."""
+"""tlpipe.ingest.moments.ChannelMoments, what the stats stage streams over: per-channel mean and std."""
 
 import numpy as np
 import pytest

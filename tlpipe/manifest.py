@@ -10,6 +10,8 @@ from tlpipe.io import read_json
 from tlpipe.paths import PREPARED
 from tlpipe.runtime import TlpipeError
 
+SPLITS = ("train", "val", "test")  # the manifest's `split` values, in the order stages go through them
+
 
 def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:
     """The manifest (path, label, split, sha256) with a `target` class index, and the class list."""
@@ -32,7 +34,7 @@ def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:
 
 
 def image_paths(manifest: pd.DataFrame, prepared: Path = PREPARED) -> list[Path]:
-    """Where each row's image file is. Read them with their `image_hashes` (tlpipe.pixels.read_verified)."""
+    """Where each row's image file is. Read them with their `image_hashes` (tlpipe.ingest.pixels.read_verified)."""
     return [prepared / "images" / p for p in manifest["path"]]
 
 

@@ -1,12 +1,12 @@
 """`tlpipe predict`: top-k classes of new images with the head, the fine-tuned model or an ONNX export.
 
-Exactly the evaluation path: the model's preprocessing record (decoding by tlpipe.pixels, as the
+Exactly the evaluation path: the model's preprocessing record (decoding by tlpipe.ingest.pixels, as the
 decode stage, then its mean/std); for the head, the backbone's features computed by
 `inference.outputs` (what the features stage caches) and then the head's linear layer (what evaluate
-applies to the cached test features), on the layers the head reads (tlpipe.layers). With a `.onnx`
+applies to the cached test features), on the layers the head reads (tlpipe.nets.layers). With a `.onnx`
 file (the export stages' models/*.onnx), the record comes from the file's metadata and onnxruntime
 runs it: torch is never imported on that path, nor pandas, so Pillow, numpy and onnxruntime suffice (docs/deploy.md).
-Folders are searched like the data stage's class folders (`tlpipe.pixels.list_files`: every file
+Folders are searched like the data stage's class folders (`tlpipe.ingest.pixels.list_files`: every file
 but hidden and junk ones, whatever its extension), so predict takes exactly the files training
 takes. Each file is decoded once up front as the model's loader will decode it; a file that fails
 (not an image, malformed EXIF, a name that is not UTF-8...) is reported, on stderr and as a CSV
@@ -15,7 +15,7 @@ any image is decoded.
 Probabilities are calibrated: the model's logits divided by its temperature (head.json's, from
 out-of-fold logits; finetuned_calibration.json's, from val), as evaluate scores them; an ONNX file
 has its temperature inside, and gives the same probabilities. Where no temperature could be fitted
-(tlpipe.calibration: too few held-out images or errors) T is 1, and a note on stderr says why.
+(tlpipe.nets.calibration: too few held-out images or errors) T is 1, and a note on stderr says why.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def check_output(out: Path) -> None:
 
 
 def calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log(raw) / T): the temperature applied to probabilities (tlpipe.calibration, in numpy)."""
+    """softmax(log(raw) / T): the temperature applied to probabilities (tlpipe.nets.calibration, in numpy)."""
     z = np.log(np.clip(raw.astype(np.float64), 1e-300, None)) / temperature
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -111,7 +111,7 @@ class TorchModel:
                 return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
                                                      desc="fine-tuned")
             weight, bias = self.head.weight.detach(), self.head.bias.detach()
-            trunk = self.trunk  # the layers the head reads (tlpipe.layers.for_head)
+            trunk = self.trunk  # the layers the head reads (tlpipe.nets.layers.for_head)
             views = [trunk] + ([inference.Mirrored(trunk)] if tta == "flip" else [])
             proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
                                                             desc="features"), weight, bias) for view in views]
@@ -119,7 +119,7 @@ class TorchModel:
 
 
 class ExportedModel:
-    """A .onnx file of the export stages (tlpipe.onnx_model), run by onnxruntime without torch."""
+    """A .onnx file of the export stages (tlpipe.deploy.onnx_model), run by onnxruntime without torch."""
 
     def __init__(self, path: str):
         from tlpipe.deploy.onnx_model import OnnxModel

@@ -9,6 +9,7 @@ from the source text (ast), never executed. A package's `__init__.py` holds only
 
     python -m tlpipe.tools.codedeps            rewrite dvc.yaml's code deps
     python -m tlpipe.tools.codedeps --check    exit 1, naming the stages, if they are stale
+    python -m tlpipe.tools.codedeps --reruns   each module and the stages an edit of it reruns
 """
 
 from __future__ import annotations
@@ -91,12 +92,28 @@ def stale_stages(text: str, root: Path = ROOT) -> list[str]:
     return [name for name in now if now[name].get("deps") != want[name].get("deps")]
 
 
+def reruns(text: str, root: Path = ROOT) -> dict[str, list[str]]:
+    """Each tlpipe module that some stage imports -> those stages, in dvc.yaml's order."""
+    import yaml
+
+    found: dict[str, list[str]] = {}
+    for stage in yaml.safe_load(text)["stages"]:
+        for dep in code_deps(stage, root)[1:]:
+            found.setdefault(dep, []).append(stage)
+    return dict(sorted(found.items(), key=lambda item: (item[0].count("/"), item[0])))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only say whether dvc.yaml's code deps are stale")
+    parser.add_argument("--reruns", action="store_true", help="list each module and the stages an edit of it reruns")
     parser.add_argument("--dvc-yaml", type=Path, default=ROOT / "dvc.yaml")
     args = parser.parse_args(argv)
     text = args.dvc_yaml.read_text()
+    if args.reruns:
+        for module, stages in reruns(text, args.dvc_yaml.parent).items():
+            print(f"{module:32s} {len(stages):2d}  {' '.join(stages)}")
+        return
     stale = stale_stages(text, args.dvc_yaml.parent)
     if args.check:
         if stale:

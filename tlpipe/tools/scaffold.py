@@ -28,8 +28,9 @@ PIPELINE_DIRS = ("stages", "tlpipe")
 GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
 
 # The settings for photos of docs/photos.md (its hymenoptera example); the defaults suit 8x8 digit scans.
-# PHOTO_GEOMETRY is the default backbone's (tf_efficientnet_lite0) native geometry; photo_settings
-# gives another backbone's.
+# PHOTO_GEOMETRY is the default backbone's (tf_efficientnet_lite0) native geometry, written out for the
+# benchmarks and tests that want it without building the model; photo_settings asks the backbone
+# table (native_geometry) for any backbone's, and tests/test_backbones.py checks the two agree.
 PHOTO_GEOMETRY = {"image.img_size": 224, "image.resize_size": 256}
 PHOTO_AUGMENTATION = {"finetune.hflip": True, "finetune.randaugment_magnitude": 9,
                       "finetune.crop_scale_min": 0.25, "finetune.label_smoothing": 0.0}
@@ -53,7 +54,7 @@ def photo_settings(backbone: str = "tf_efficientnet_lite0", recipe: str = "near"
     from tlpipe.nets.backbones import native_geometry
 
     name = {} if backbone == "tf_efficientnet_lite0" else {"backbone.name": backbone}
-    return {**RECIPES[recipe], **PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **native_geometry(backbone), **name}
+    return {**RECIPES[recipe], **PHOTO_AUGMENTATION, **native_geometry(backbone), **name}
 
 
 def set_param(params: dict, dotted: str, value: Any) -> None:
