@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 import common
 import reference
 from common import Project, Section, Target, say, table
+from tlpipe.manifest import SPLITS  # noqa: E402 (common puts this checkout's tlpipe first)
 
 REPEATS = 5
 
@@ -63,7 +64,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
     stage = project.run("head")
 
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (split_features(project, s)
-                                                            for s in ("train", "val", "test"))
+                                                            for s in SPLITS)
     n_classes = int(max(y_train.max(), y_val.max(), y_test.max())) + 1
     model = load_file(str(project.path / "models" / "head.safetensors"))
     test_accuracy = float(((x_test @ model["weight"].T + model["bias"]).argmax(1) == y_test).double().mean())

@@ -34,6 +34,7 @@ import yaml
 
 import common
 from common import HYMENOPTERA, Project, Section, Target, say, table
+from tlpipe.manifest import SPLITS  # noqa: E402 (common puts this checkout's tlpipe first)
 
 SIGN_DIGITS = HYMENOPTERA.parent / "sign-digits" / "images"
 MAX_FEATURES_RATIO = 1.3
@@ -58,7 +59,7 @@ def features_pass(project: Project, model, limit: int | None) -> float:
     with common.inside(project):
         start = time.perf_counter()
         batch = inference_batch_size(cpu)
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             batches = DecodedSplit(split).batches(batch)
             inference.outputs(model, itertools.islice(batches, None if limit is None else -(-limit // batch)),
                               b.mean, b.std, cpu, progress=False)
@@ -146,7 +147,7 @@ def run(project: Project, repeats: int, limit: int | None) -> Section:
 
 def split_sizes(project: Project) -> list[int]:
     meta = json.loads((project.path / "data" / "decoded" / "meta.json").read_text())
-    return [sum(meta["splits"][s]["shards"]) for s in ("train", "val", "test")]
+    return [sum(meta["splits"][s]["shards"]) for s in SPLITS]
 
 
 def main() -> None:
