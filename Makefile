@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test test-fast bench clean-venv
+.PHONY: repro test test-fast bench deps clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	python bench/all.py
+
+# Rewrite each stage's code deps in dvc.yaml from its imports (tlpipe/tools/codedeps.py); the tests
+# fail while they are stale.
+deps: $(VENV)/.installed
+	python -m tlpipe.tools.codedeps
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""When is fitting a temperature on a small held-out set worth it? tlpipe.calibration's rule against others.
+"""When is fitting a temperature on a small held-out set worth it? tlpipe.nets.calibration's rule against others.
 
     python bench/calibration_rule.py [--trials 40]
 
@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tlpipe import calibration  # noqa: E402
+from tlpipe.nets import calibration  # noqa: E402
 
 OLD_T_RANGE = (math.exp(-4), math.exp(4))  # the search before the rule: any fit that lowered held-out log loss
 

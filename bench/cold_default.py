@@ -3,7 +3,7 @@
     python bench/cold_default.py [--keep DIR] [--import-runs N]
 
 Target (issue 19; DESIGN.md §8 said 3 minutes): <= 60 s on a quiet 2-core CPU. The project is what `python -m
-tlpipe.scaffold DIR` makes; the time is the wall time of `dvc repro` (DVC's own overhead and every
+tlpipe.tools.scaffold DIR` makes; the time is the wall time of `dvc repro` (DVC's own overhead and every
 stage's Python start-up included), not the project's creation.
 
 Where the time goes: `python` on the PATH of `dvc repro` is a shell shim that logs when each stage's
@@ -121,7 +121,7 @@ def run(workdir: Path, import_runs: int = 3) -> Section:
     own = sum(float(t) for t in times.values())
     section = Section("cold `dvc repro` of the offline default (digits, no overrides)")
     section.parts.append(table(["run", "wall s", "stages executed (their own seconds)"], [
-        ["`python -m tlpipe.scaffold DIR`, then `dvc repro`", seconds, stage_list(stages, times)]]))
+        ["`python -m tlpipe.tools.scaffold DIR`, then `dvc repro`", seconds, stage_list(stages, times)]]))
     section.parts.append(f"The stages' own time adds up to {own:.1f}s; the rest ({seconds - own:.1f}s) is "
                          "DVC (hashing, locking, the run cache) and each stage's Python start-up.")
     if import_runs:

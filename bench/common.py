@@ -1,6 +1,6 @@
 """Shared plumbing of the benchmark scripts: projects, monitored stage runs, tables, the machine.
 
-tlpipe's side of every comparison is its real code path: a project made by `tlpipe.scaffold` (the
+tlpipe's side of every comparison is its real code path: a project made by `tlpipe.tools.scaffold` (the
 pipeline a user gets), whose stages run as subprocesses (`python -m stages.X`) exactly as `dvc
 repro` runs them. Each run is timed three ways, and the tables say which one they use:
 
@@ -35,8 +35,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(REPO))  # after bench/ (the scripts), before an installed tlpipe
-from tlpipe.compare import flatten  # noqa: E402 (needs the path above)
-from tlpipe.scaffold import PHOTO_GEOMETRY, create_project  # noqa: E402
+from tlpipe.report.compare import flatten  # noqa: E402 (needs the path above)
+from tlpipe.tools.scaffold import PHOTO_GEOMETRY, create_project  # noqa: E402
 
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
 # The photo geometry of docs/photos.md, used on both image sets (the defaults suit 8x8 digit scans).

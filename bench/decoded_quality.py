@@ -7,7 +7,7 @@ Both projects ran the whole pipeline on the same source and split (bench/scale.p
 one with the exact uint8 shards, `image.decoded_quality: 0` or a tlpipe before JPEG shards, one with
 the JPEG shards). Prints, per split, the cosine of each image's last-layer features to its exact
 twin; the head's and the fine-tuned model's test accuracy in each with the exact McNemar test between
-them (tlpipe.metrics.mcnemar: only the images one gets right and the other wrong count); the
+them (tlpipe.report.metrics.mcnemar: only the images one gets right and the other wrong count); the
 features stage's ms per image and the fine-tuning stage's images per second (train images x epochs
 run / the stage's wall time, from bench/scale.py's --json when given); and the decoded shards' bytes.
 
@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tlpipe.metrics import mcnemar  # noqa: E402
+from tlpipe.report.metrics import mcnemar  # noqa: E402
 
 
 def features(project: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,11 +4,11 @@
 
 The model is the default backbone (tf_efficientnet_lite0, pretrained) with its own ImageNet head
 (1000 classes: real trained weights, so the parity numbers are those of a trained classifier), at
-the README's photo geometry (224 px, resize 256, bicubic), exported by tlpipe.export.to_onnx exactly
+the README's photo geometry (224 px, resize 256, bicubic), exported by tlpipe.deploy.export.to_onnx exactly
 as the export stages do. Images: --images (default: ../shared's hymenoptera val/, its test split),
-decoded once by tlpipe.pixels; when that folder is absent, synthetic noise images (said in the output).
+decoded once by tlpipe.ingest.pixels; when that folder is absent, synthetic noise images (said in the output).
 
-- PyTorch: tlpipe.inference.outputs (the evaluation path: normalization, channels_last forward) plus
+- PyTorch: tlpipe.nets.inference.outputs (the evaluation path: normalization, channels_last forward) plus
   softmax, on the CPU.
 - onnxruntime: the exported file, CPUExecutionProvider, uint8 batches in.
 Both with the same number of intra-op threads, for each of --threads (on a CPU shared with other
@@ -35,10 +35,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(REPO))
-from tlpipe import backbones, export, inference  # noqa: E402
-from tlpipe.models import Classifier  # noqa: E402
-from tlpipe.onnx_model import OnnxModel  # noqa: E402
-from tlpipe.pixels import check_image, load_eval_pixels  # noqa: E402
+from tlpipe.deploy import export  # noqa: E402
+from tlpipe.deploy.onnx_model import OnnxModel  # noqa: E402
+from tlpipe.ingest.pixels import check_image, load_eval_pixels  # noqa: E402
+from tlpipe.nets import backbones, inference  # noqa: E402
+from tlpipe.nets.models import Classifier  # noqa: E402
 
 HYMENOPTERA_VAL = REPO.parent / "shared" / "datasets" / "hymenoptera" / "val"
 GEOMETRY = {"img_size": 224, "resize_size": 256, "interpolation": "bicubic", "jpeg_draft": True}

@@ -10,7 +10,7 @@ same backbone and weights (tf_efficientnet_lite0), the same preprocessing.
 - tlpipe, stage: `python -m stages.features` (its `done in` time: params, building the backbone,
   reading the decode stage's shards, the forward passes, writing the features). The decode stage
   is its own row: a one-off cost per geometry that stats, fine-tuning and inference share.
-- tlpipe, hot loop: in-process, tlpipe.inference.outputs over tlpipe.decoded.read_batches
+- tlpipe, hot loop: in-process, tlpipe.nets.inference.outputs over tlpipe.ingest.decoded.read_batches
   (reading shards, normalizing, channels_last forward): what compares with the compute limit.
 - reference: reference.features_plain_loop (num_workers=0 as tutorials; also num_workers=2 on at
   most --subset images); compute limit: reference.forward_throughput, NCHW and channels_last, at
@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 import common
 import reference
 from common import BACKBONE, Project, Section, Target, say, table
+from tlpipe.manifest import SPLITS  # noqa: E402 (common puts this checkout's tlpipe first)
 
 SPEEDUP = 2.0
 OF_LIMIT = 0.8
@@ -41,7 +42,7 @@ MAX_ABS = 1e-4
 def stage_features(project: Project) -> dict[int, torch.Tensor]:
     """Features the stage wrote, by manifest row."""
     out = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         t = load_file(str(project.path / "data" / "features" / f"{split}.safetensors"))
         out.update(zip(t["ids"].tolist(), t["features"]))
     return out
@@ -56,7 +57,7 @@ def compare(ours: dict[int, torch.Tensor], ref: torch.Tensor, ref_rows: list[int
     return len(rows), (a - b).abs().max().item(), cosine.min().item()
 
 
-def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=("train", "val", "test"),
+def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=SPLITS,
              limit: int | None = None, dev: torch.device = torch.device("cpu")
              ) -> tuple[dict[int, torch.Tensor], float]:
     """tlpipe's in-process feature extraction over the decode stage's shards, on `dev` at the stage's
@@ -65,8 +66,8 @@ def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=("train
     import itertools
     import time
 
-    from tlpipe.inference import outputs as extract_features
-    from tlpipe.decoded import read_batches
+    from tlpipe.ingest.decoded import read_batches
+    from tlpipe.nets.inference import outputs as extract_features
     from tlpipe.runtime import inference_batch_size
 
     def tap(batches, seen: list):
@@ -88,7 +89,7 @@ def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=("train
 
 
 def run(project: Project, workdir: Path, args=None) -> Section:
-    from tlpipe import backbones
+    from tlpipe.nets import backbones
     from tlpipe.runtime import inference_batch_size
 
     subset = getattr(args, "subset", 1000)
@@ -97,7 +98,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
     resize, size = image["resize_size"], image["img_size"]
     backbone = backbones.build(BACKBONE)
     mean, std = backbone.mean, backbone.std
-    tree = common.image_folder_tree(project, workdir / f"{project.label}-all-tree", ("train", "val", "test"))
+    tree = common.image_folder_tree(project, workdir / f"{project.label}-all-tree", SPLITS)
     ours = stage_features(project)
     n = len(ours)
     rows = []

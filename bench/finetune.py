@@ -67,9 +67,9 @@ def tlpipe_loop(args) -> dict:
     import numpy as np
     import torch
 
-    from tlpipe import distributed, finetuning
     from tlpipe.params import load_params
     from tlpipe.runtime import training_workers
+    from tlpipe.train import distributed, finetuning
 
     params = load_params("finetune")
     group, f, seed = distributed.join(), params.finetune, params.seed
@@ -109,7 +109,7 @@ def plain_loop(args) -> dict:
     from torch import nn
     from torchvision import datasets, transforms
 
-    from tlpipe import backbones
+    from tlpipe.nets import backbones
 
     p = yaml.safe_load(Path("params.yaml").read_text())
     image, f = p["image"], p["finetune"]
@@ -154,11 +154,11 @@ def compute_limit(args) -> dict:
     import numpy as np
     import torch
 
-    from tlpipe import finetuning
-    from tlpipe.decoded import DecodedSplit
-    from tlpipe.images import normalize_batch
+    from tlpipe.ingest.decoded import DecodedSplit
+    from tlpipe.ingest.images import normalize_batch
     from tlpipe.params import load_params
     from tlpipe.runtime import device
+    from tlpipe.train import finetuning
 
     params = load_params("finetune")
     f, seed, dev = params.finetune, params.seed, device()
@@ -244,7 +244,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def class_files(root: Path) -> dict[str, list[Path]]:
-    from tlpipe.images import list_files
+    from tlpipe.ingest.images import list_files
 
     classes = {d.name: list_files(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     if len(classes) < 2:

@@ -10,14 +10,14 @@ numbers. `--device cuda` without a GPU is a one-line error.
 
 The images (`--images`): scikit-learn's digits (the default project's images, no download), the
 synthetic photo set of bench/synthetic.py, or a folder of class folders; `--n` keeps at most about
-n of them (an equal share per class). They become a project made by `tlpipe.scaffold` (source
+n of them (an equal share per class). They become a project made by `tlpipe.tools.scaffold` (source
 `folder`, split 70/15/15 per class, the photo geometry by default) with bench/finetune.py's
 fine-tuning settings (the default backbone, unfreeze all, AdamW, no RandAugment or mixing); its
 data, decode and features stages run on the device (TLPIPE_DEVICE is set for them).
 
 Measured, each tlpipe loop against the compute limit of the same model and batch on the device:
 
-- features: the features stage's hot loop in-process (bench/features.hot_loop: tlpipe.inference
+- features: the features stage's hot loop in-process (bench/features.hot_loop: tlpipe.nets.inference
   over the decode stage's shards, every split, the stage's batch size on the device) against the
   backbone's forward on tensors already on the device (bench/reference.forward_throughput). Both
   channels_last, both under bf16 autocast on CUDA. One warm-up pass each; the best of --repeats
@@ -89,7 +89,7 @@ def pick_device(name: str):
 
 def image_folder(args, workdir: Path) -> tuple[Path, str]:
     """(a folder of class folders, its name) for --images and --n."""
-    from tlpipe.sources import from_digits
+    from tlpipe.ingest.sources import from_digits
 
     if args.images == "digits":
         from_digits(workdir / "digits-source")  # the digits source's own PNGs, as class folders
@@ -109,9 +109,9 @@ def image_folder(args, workdir: Path) -> tuple[Path, str]:
 
 def features_rates(project: Project, dev, args) -> dict:
     """The features stage's hot loop and the backbone's forward on the device: images/s of each."""
-    from tlpipe import backbones
-    from tlpipe.decoded import DecodedSplit
-    from tlpipe.images import normalize_batch
+    from tlpipe.ingest.decoded import DecodedSplit
+    from tlpipe.ingest.images import normalize_batch
+    from tlpipe.nets import backbones
     from tlpipe.runtime import inference_batch_size
 
     backbone = backbones.build(BACKBONE)
@@ -176,7 +176,7 @@ def run(workdir: Path, args, dev) -> str:
     machine = common.machine()
     device_name = torch.cuda.get_device_name(dev) if cuda else f"CPU ({machine['CPU']})"
     rows = [
-        ["features", f"the features stage's hot loop, in-process (tlpipe.inference over the decode shards, "
+        ["features", f"the features stage's hot loop, in-process (tlpipe.nets.inference over the decode shards, "
          f"all {feats['images']} images, best of {args.repeats} passes)",
          f"forward on {feats['limit_images']} images on the device", str(dev), precision, feats["batch"],
          feats["ours"], feats["limit"], f"{feats['ours'] / feats['limit']:.2f}"],

@@ -6,7 +6,7 @@ Target (DESIGN.md §8, §9): at least scikit-learn's test accuracy, in no more t
 head's cross-validation. Both fit the same cached features (the features stage's) over the same
 grid (params.yaml head.*; C = reference.sklearn_c(l2, rows fitted)) by the same protocol and are
 scored on the same test split. With head.cv_folds >= 2 (the default): the same stratified folds of
-train + val (tlpipe.linear.stratified_folds, seeded by `seed`), L2 chosen by the mean held-out log
+train + val (tlpipe.nets.linear.stratified_folds, seeded by `seed`), L2 chosen by the mean held-out log
 loss, the final fit on train + val. With head.cv_folds 0: chosen on val, fitted on train.
 Both sides are timed in-process (no start-up, no reading or writing files; the one-off imports are
 paid before the clock), alternately, `--repeats` times each, and the median counts: the machine is
@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 import common
 import reference
 from common import Project, Section, Target, say, table
+from tlpipe.manifest import SPLITS  # noqa: E402 (common puts this checkout's tlpipe first)
 
 REPEATS = 5
 
@@ -48,7 +49,7 @@ def timed(fn, seconds: list[float]) -> dict:
 
 
 def run(project: Project, workdir: Path, args=None) -> Section:
-    from tlpipe import linear
+    from tlpipe.nets import linear
 
     project.prepare("features")
     params = project.params()
@@ -63,7 +64,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
     stage = project.run("head")
 
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (split_features(project, s)
-                                                            for s in ("train", "val", "test"))
+                                                            for s in SPLITS)
     n_classes = int(max(y_train.max(), y_val.max(), y_test.max())) + 1
     model = load_file(str(project.path / "models" / "head.safetensors"))
     test_accuracy = float(((x_test @ model["weight"].T + model["bias"]).argmax(1) == y_test).double().mean())
@@ -107,7 +108,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
                                                     x_test.numpy(), y_test.numpy(), grid, h["max_iter"])
         held = "val"
 
-    say(f"{project.label}: tlpipe.linear and scikit-learn in-process, {repeats} times each, alternately "
+    say(f"{project.label}: tlpipe.nets.linear and scikit-learn in-process, {repeats} times each, alternately "
         f"({protocol}) ...")
     tl_seconds, sk_seconds = [], []
     for _ in range(repeats):

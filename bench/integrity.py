@@ -3,7 +3,7 @@
     python bench/integrity.py [--passes 3] [FOLDER ...]
 
 Every image file under each folder (default: ../shared's hymenoptera and sign-digits) is decoded at
-the photo geometry (224 px, resize 256, bicubic, jpeg_draft) by tlpipe.pixels.load_eval_pixels, as
+the photo geometry (224 px, resize 256, bicubic, jpeg_draft) by tlpipe.ingest.pixels.load_eval_pixels, as
 a decode-stage loader worker does: once from the path (no check), once through read_verified with
 the file's sha256 (the bytes read once, hashed, then decoded from memory: what the decode stage and
 the galleries do). The two alternate, --passes times each, in one process on one core (the decode
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, table  # noqa: E402
-from tlpipe.pixels import check_image, list_files, load_eval_pixels  # noqa: E402
+from tlpipe.ingest.pixels import check_image, list_files, load_eval_pixels  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets"
 GEOMETRY = {"img_size": 224, "resize_size": 256, "interpolation": "bicubic", "jpeg_draft": True}

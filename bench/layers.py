@@ -1,4 +1,4 @@
-"""layers: what the probe on intermediate layers (head.layers, tlpipe.layers) costs.
+"""layers: what the probe on intermediate layers (head.layers, tlpipe.nets.layers) costs.
 
     python bench/layers.py [--sets sign-digits,hymenoptera] [--repeats 3] [--limit N] [--workdir DIR]
 
@@ -6,8 +6,8 @@ Targets (DESIGN.md §10): the features pass with every stage tapped and pooled (
 stage runs) at most 1.3x the time of the last layer alone; the head stage with head.layers: auto
 under 90 s on sign-digits (Lite0, 128 px) on a quiet 2-core machine.
 
-- features: in-process, tlpipe.inference.outputs over the decode stage's shards (every split), the
-  trunk alone against the trunk with its stages tapped (tlpipe.layers.Tapped, as stages/features.py
+- features: in-process, tlpipe.nets.inference.outputs over the decode stage's shards (every split), the
+  trunk alone against the trunk with its stages tapped (tlpipe.nets.layers.Tapped, as stages/features.py
   builds it), alternately, --repeats times each, the median counting (a shared machine is noisy);
   and the features stage's own time and the bytes it wrote, from metrics/features.json. --limit N
   times only each split's first N images (on a busy machine a full pass takes long; the ratio is
@@ -34,6 +34,7 @@ import yaml
 
 import common
 from common import HYMENOPTERA, Project, Section, Target, say, table
+from tlpipe.manifest import SPLITS  # noqa: E402 (common puts this checkout's tlpipe first)
 
 SIGN_DIGITS = HYMENOPTERA.parent / "sign-digits" / "images"
 MAX_FEATURES_RATIO = 1.3
@@ -49,8 +50,8 @@ def features_pass(project: Project, model, limit: int | None) -> float:
     """Seconds of one in-process features pass over every split (as the stage, without writing)."""
     import itertools
 
-    from tlpipe import backbones, inference
-    from tlpipe.decoded import DecodedSplit
+    from tlpipe.ingest.decoded import DecodedSplit
+    from tlpipe.nets import backbones, inference
     from tlpipe.runtime import inference_batch_size
 
     b = backbones.build(common.BACKBONE, pretrained=False)
@@ -58,7 +59,7 @@ def features_pass(project: Project, model, limit: int | None) -> float:
     with common.inside(project):
         start = time.perf_counter()
         batch = inference_batch_size(cpu)
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             batches = DecodedSplit(split).batches(batch)
             inference.outputs(model, itertools.islice(batches, None if limit is None else -(-limit // batch)),
                               b.mean, b.std, cpu, progress=False)
@@ -69,8 +70,8 @@ def head_run(project: Project, setting) -> dict:
     """The head stage with head.layers = setting: its seconds, choice and test accuracy."""
     from safetensors.torch import load_file
 
-    from tlpipe import layers
-    from tlpipe.metrics import wilson
+    from tlpipe.nets import layers
+    from tlpipe.report.metrics import wilson
 
     params = yaml.safe_load((project.path / "params.yaml").read_text())
     params["head"]["layers"] = setting
@@ -101,7 +102,7 @@ def head_run(project: Project, setting) -> dict:
 
 
 def run(project: Project, repeats: int, limit: int | None) -> Section:
-    from tlpipe import backbones, layers
+    from tlpipe.nets import backbones, layers
 
     if not (project.path / "data" / "features" / "meta.json").is_file():
         project.prepare("features")
@@ -146,7 +147,7 @@ def run(project: Project, repeats: int, limit: int | None) -> Section:
 
 def split_sizes(project: Project) -> list[int]:
     meta = json.loads((project.path / "data" / "decoded" / "meta.json").read_text())
-    return [sum(meta["splits"][s]["shards"]) for s in ("train", "val", "test")]
+    return [sum(meta["splits"][s]["shards"]) for s in SPLITS]
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def children_cpu() -> float:
 def predict_once(project: Project, kind: str, images: Path, out: Path) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one `tlpipe predict` run."""
     model = KINDS[kind.replace("-before", "")]
-    cmd = [sys.executable, "-m", "tlpipe.cli", "predict", "--model", model, str(images), "--out", str(out)]
+    cmd = [sys.executable, "-m", "tlpipe.tools.cli", "predict", "--model", model, str(images), "--out", str(out)]
     cpu = children_cpu()
     wall, _, stdout, stderr, code = run_monitored(cmd, project.path)
     cpu = children_cpu() - cpu

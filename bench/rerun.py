@@ -23,7 +23,7 @@ import yaml
 
 import common
 from common import HYMENOPTERA, Section, Target, say, table
-from tlpipe.scaffold import PHOTO_SETTINGS
+from tlpipe.tools.scaffold import PHOTO_SETTINGS
 
 RERUN_RATIO = 0.05
 PROBE_ACCURACY, FINETUNED_ACCURACY = 0.94, 0.95

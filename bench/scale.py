@@ -5,7 +5,7 @@
     python bench/scale.py --source DIR [--source DIR ...]   # real class folders instead
     python bench/scale.py --code /path/to/other/checkout    # another tlpipe's pipeline (a before/after)
 
-Each set gets a new project from the scaffold (`tlpipe.scaffold --photos`: 224 px, the offline
+Each set gets a new project from the scaffold (`tlpipe.tools.scaffold --photos`: 224 px, the offline
 EfficientNet-Lite0), with `data.source: folder` (or `presplit` for train/ + val/) on the set, outside
 the project. Every stage runs once
 by `dvc repro -s STAGE` in pipeline order and is timed by wall clock (DVC's own start-up, about a second,
@@ -82,7 +82,7 @@ def measure(label: str, root: Path, workdir: Path, code: Path, epochs: int, extr
     sets = ["--set", f"data.source={layout}", "--set", f"data.root={root}", *extra]
     if epochs >= 0:
         sets += ["--set", f"finetune.epochs={epochs}"]
-    run([sys.executable, "-m", "tlpipe.scaffold", str(project), "--photos", *sets], workdir, code)
+    run([sys.executable, "-m", "tlpipe.tools.scaffold", str(project), "--photos", *sets], workdir, code)
     stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     n_files, n_bytes = images_bytes(root)
     print(f"[scale] {label}: {n_files} images, {n_bytes / 1e6:.1f} MB, project {project}", flush=True)

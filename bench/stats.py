@@ -35,8 +35,8 @@ def stage_stats(project: Project) -> tuple[torch.Tensor, torch.Tensor]:
 
 def hot_loop(project: Project) -> float:
     """Seconds of tlpipe's stats computation in-process, reading the project's shards."""
-    from tlpipe.decoded import read_batches
-    from tlpipe.moments import ChannelMoments
+    from tlpipe.ingest.decoded import read_batches
+    from tlpipe.ingest.moments import ChannelMoments
 
     with common.inside(project):
         start = time.perf_counter()
@@ -70,7 +70,7 @@ def run(project: Project, workdir, args=None) -> Section:
                  f"{ratio:.1f}x" if stats.seconds else f"> {ratio:.0f}x"])
     if decode:
         # The stage prints its time to 0.1 s, too coarse once it reads shards: the same loop
-        # in-process (tlpipe.moments over tlpipe.decoded's batches, as stages/stats.py does) gives the
+        # in-process (tlpipe.ingest.moments over tlpipe.ingest.decoded's batches, as stages/stats.py does) gives the
         # ratio its digits.
         hot_seconds = hot_loop(project)
         ratio, which = ref_seconds / hot_seconds, "stats hot loop on the shards, in-process"

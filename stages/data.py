@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from tlpipe import sources
+from tlpipe.ingest import sources
 from tlpipe.io import atomic_dir, sha256_file, write_json
 from tlpipe.manifest import SOURCE_RECORD
 from tlpipe.params import load_params
 from tlpipe.paths import DATA_METRICS as METRICS, DOWNLOADS, PREPARED
-# tlpipe.pixels (PIL), not tlpipe.images: this stage needs no torch, whose import alone takes
+# tlpipe.ingest.pixels (PIL), not tlpipe.ingest.images: this stage needs no torch, whose import alone takes
 # longer than the stage works on the default digits
-from tlpipe.pixels import check_image, shown
+from tlpipe.ingest.pixels import check_image, shown
 from tlpipe.runtime import TlpipeError, progress, run_stage, workers
 
 SHOWN_SKIPS = 20  # skipped files named on the terminal; skipped.csv lists every one

@@ -5,17 +5,17 @@ image.img_size. Stats, features, fine-tuning's validation pass and inference rea
 split once more at the training geometry (tlpipe.preprocessing.train_geometry: 1.15 x img_size,
 centre square) as `train_source`, which fine-tuning cuts its random crops from, so no image file
 is opened in its epoch loop. With image.jpeg_draft, large JPEGs are decoded at a reduced scale
-first (tlpipe.images.load_rgb_drafted). Stored as JPEGs of quality image.decoded_quality (0: exact
-uint8 pixels; tlpipe.decoded). Byte-identical run to run.
+first (tlpipe.ingest.images.load_rgb_drafted). Stored as JPEGs of quality image.decoded_quality (0: exact
+uint8 pixels; tlpipe.ingest.decoded). Byte-identical run to run.
 """
 
 import torch
 
 from tlpipe import preprocessing
-from tlpipe.decoded import TRAIN_SOURCE, ShardWriter, codec
-from tlpipe.images import eval_images
+from tlpipe.ingest.decoded import TRAIN_SOURCE, ShardWriter, codec
+from tlpipe.ingest.images import eval_images
 from tlpipe.io import atomic_dir, sha256_file, write_json
-from tlpipe.manifest import image_hashes, image_paths, read_manifest
+from tlpipe.manifest import SPLITS, image_hashes, image_paths, read_manifest
 from tlpipe.params import load_params
 from tlpipe.paths import DECODED, MANIFEST
 from tlpipe.runtime import progress, run_stage, workers
@@ -48,14 +48,14 @@ def main() -> None:
     meta = {"preprocessing": geometry, "codec": codec(quality), "manifest_sha256": sha256_file(MANIFEST),
             "splits": {}, "files": {}}
     with atomic_dir(DECODED) as out:
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             meta["splits"][split] = write_split(out, split, files, rows_of(manifest, split), geometry, quality)
         train = preprocessing.train_geometry(geometry)
         meta["splits"][TRAIN_SOURCE] = {**write_split(out, TRAIN_SOURCE, files, rows_of(manifest, "train"), train,
                                                     quality),
                                         "preprocessing": train}
         for split in meta["splits"].values():
-            meta["files"].update(split.pop("files"))  # readers check these (tlpipe.decoded)
+            meta["files"].update(split.pop("files"))  # readers check these (tlpipe.ingest.decoded)
         meta["bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         write_json(out / "meta.json", meta)
     counts = ", ".join(f"{s} {v['images']}" for s, v in meta["splits"].items())

@@ -13,14 +13,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tlpipe import audit, calibration, gallery, layers
-from tlpipe.features import check_source, load_split
+from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, load_tensors, read_json, write_json
 from tlpipe.manifest import hashes_by_path, read_manifest
-from tlpipe.metrics import mcnemar, per_class, with_intervals
+from tlpipe.nets import calibration, layers
+from tlpipe.nets.features import check_source, load_split
 from tlpipe.params import load_params
 from tlpipe.paths import (DUPLICATES, FEATURES, FINETUNED_CALIBRATION, FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG,
-                          RELIABILITY, TEST_DUPLICATES, TEST_METRICS, TEST_PER_CLASS, TEST_PREDICTIONS)
+                          PREDICTIONS_META, RELIABILITY, TEST_DUPLICATES, TEST_METRICS, TEST_PER_CLASS,
+                          TEST_PREDICTIONS)
+from tlpipe.report import gallery
+from tlpipe.report.metrics import mcnemar, per_class, with_intervals
 from tlpipe.runtime import TlpipeError, run_stage
 
 
@@ -37,7 +40,7 @@ def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, cl
 
 
 def finetuned_logits(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
-    record = FINETUNED_TEST.parent / "meta.json"
+    record = PREDICTIONS_META
     if not FINETUNED_TEST.exists():
         raise TlpipeError(f"{FINETUNED_TEST}: missing; run the infer stage first") from None
     try:
@@ -68,7 +71,7 @@ def describe(model: str, s: dict, images: int) -> str:
 
 def main() -> None:
     params = load_params("evaluate")
-    p, seed = params.evaluate, params.seed
+    evaluate, seed = params.evaluate, params.seed
     manifest, classes = read_manifest()
     test, meta = load_split("test")
     head_cfg = read_json(HEAD_CONFIG)
@@ -90,7 +93,7 @@ def main() -> None:
     for name, z in logits.items():
         proba, scaled = (calibration.scaled_proba(z, t).numpy() for t in (1.0, temperature[name]))
         probas[name], calibrated[name] = proba, scaled
-        scores[name] = {**with_intervals(y_true, proba, seed, p.bootstrap_samples),
+        scores[name] = {**with_intervals(y_true, proba, seed, evaluate.bootstrap_samples),
                         "log_loss_calibrated": round(calibration.log_loss(z, test["labels"], temperature[name]), 6),
                         "ece": round(calibration.ece(y_true, proba), 6),
                         "ece_calibrated": round(calibration.ece(y_true, scaled), 6),
@@ -107,7 +110,8 @@ def main() -> None:
     scores["val"] = audit.val_counts(manifest, classes)
     splits = {s: load_split(s)[0] for s in ("train", "val")} | {"test": test}
     report = audit.duplicate_report(manifest, {s: (t["features"], t["ids"]) for s, t in splits.items()},
-                                    pd.read_csv(DUPLICATES, dtype=str, keep_default_na=False), p.near_duplicate_cosine)
+                                    pd.read_csv(DUPLICATES, dtype=str, keep_default_na=False),
+                                    evaluate.near_duplicate_cosine)
     with atomic_path(TEST_DUPLICATES) as tmp:
         report.to_csv(tmp, index=False)
     scores["duplicates"] = audit.duplicate_counts(report)

@@ -1,14 +1,14 @@
-"""export_finetuned: the fine-tuned model as models/finetuned.onnx (tlpipe.export).
+"""export_finetuned: the fine-tuned model as models/finetuned.onnx (tlpipe.deploy.export).
 
 uint8 pixels in, calibrated class probabilities out (the temperature infer fitted on val, from
 models/finetuned_calibration.json); kept only if onnxruntime agrees with PyTorch on the test images
 (metrics/export_finetuned.json). A stage of its own, so head changes do not re-export it.
 """
 
-from tlpipe import export
-from tlpipe.decoded import DecodedSplit
+from tlpipe.deploy import export
+from tlpipe.ingest.decoded import DecodedSplit
 from tlpipe.io import read_json
-from tlpipe.models import load_classifier
+from tlpipe.nets.models import load_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import (EXPORT_FINETUNED_METRICS, FINETUNED, FINETUNED_CALIBRATION, FINETUNED_CONFIG,
                           FINETUNED_ONNX)

@@ -1,16 +1,17 @@
-"""export_head: the head on its frozen pretrained backbone as models/head.onnx (tlpipe.export).
+"""export_head: the head on its frozen pretrained backbone as models/head.onnx (tlpipe.deploy.export).
 
 A head on intermediate layers (head.json's `layers`) sits on the backbone tapped at those stages
-(tlpipe.layers.for_head): the file still takes pixels and returns the head's probabilities.
+(tlpipe.nets.layers.for_head): the file still takes pixels and returns the head's probabilities.
 
 uint8 pixels in, calibrated class probabilities out (the head's temperature, from head.json); kept
 only if onnxruntime agrees with PyTorch on the test images (metrics/export_head.json). A stage of its
 own, so fine-tuning changes do not re-export it.
 """
 
-from tlpipe import backbones, export, layers
-from tlpipe.decoded import DecodedSplit
-from tlpipe.models import Classifier, load_head
+from tlpipe.deploy import export
+from tlpipe.ingest.decoded import DecodedSplit
+from tlpipe.nets import backbones, layers
+from tlpipe.nets.models import Classifier, load_head
 from tlpipe.params import load_params
 from tlpipe.paths import EXPORT_HEAD_METRICS, HEAD, HEAD_CONFIG, HEAD_ONNX
 from tlpipe.runtime import TlpipeError, run_stage

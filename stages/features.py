@@ -2,14 +2,14 @@
 
 Reads the decode stage's uint8 shards (no image decoding here), so the backbone has the CPU to
 itself. Deterministic: eval mode, no augmentation, a fixed image order; the same inputs give
-bit-identical files on the same device. fp32 on the CPU, bf16 autocast on CUDA (tlpipe.inference).
+bit-identical files on the same device. fp32 on the CPU, bf16 autocast on CUDA (tlpipe.nets.inference).
 Device and batch size are resource knobs (TLPIPE_DEVICE, TLPIPE_BATCH_SIZE), not params.
 
-The same forward pass also yields each stage's output pooled to 1x1 and 2x2 (tlpipe.layers), kept
+The same forward pass also yields each stage's output pooled to 1x1 and 2x2 (tlpipe.nets.layers), kept
 in `layers-{split}.safetensors` for a head that reads intermediate layers (head.layers); the
 last-layer files are exactly what they were without them.
 
-With TLPIPE_NPROC / TLPIPE_NNODES (tlpipe.distributed) each split's batches are dealt out to several
+With TLPIPE_NPROC / TLPIPE_NNODES (tlpipe.train.distributed) each split's batches are dealt out to several
 processes round-robin and gathered back in order on rank 0, which alone writes: every image is
 computed in the same batch as by one process, so the files are the same.
 """
@@ -20,15 +20,17 @@ from pathlib import Path
 import torch
 import torchvision
 
-from tlpipe import backbones, distributed, inference, layers, preprocessing
-from tlpipe.decoded import DecodedSplit, read_meta
-from tlpipe.features import save_split
+from tlpipe import preprocessing
+from tlpipe.ingest.decoded import DecodedSplit, read_meta
+from tlpipe.ingest.moments import read_stats
 from tlpipe.io import atomic_dir, file_hashes, sha256_file, write_json
-from tlpipe.manifest import read_manifest
-from tlpipe.moments import read_stats
+from tlpipe.manifest import SPLITS, read_manifest
+from tlpipe.nets import backbones, inference, layers
+from tlpipe.nets.features import save_split
 from tlpipe.params import load_params
 from tlpipe.paths import FEATURES, FEATURES_METRICS, MANIFEST, STATS, WEIGHTS
 from tlpipe.runtime import TlpipeError, inference_batch_size, run_stage
+from tlpipe.train import distributed
 
 
 def gather_batches(group: distributed.Group, mine: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -74,7 +76,7 @@ def main() -> None:
     dev = group.device
     size = inference_batch_size(dev)
     outputs, ids = {}, {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         images = DecodedSplit(split, meta=decoded)
         ids[split] = images.ids()
         mine = inference.outputs(model, images.batches(size, group.rank, group.world),
@@ -105,11 +107,11 @@ def main() -> None:
     }
     labels = torch.tensor(manifest["target"].to_numpy(), dtype=torch.int64)
     with atomic_dir(FEATURES) as out:
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             save_split(out, split, features[split], labels[ids[split]], ids[split], meta)
             layers.save(out, split, outputs[split], ids[split], {**meta, "layers": layer_meta})
         names = [f"{s}.safetensors" for s in features] + [layers.file_name(s) for s in features]
-        # Consumers check these before use (tlpipe.features.load_split, tlpipe.layers.read).
+        # Consumers check these before use (tlpipe.nets.features.load_split, tlpipe.nets.layers.read).
         write_json(out / "meta.json", {**meta, "layers": layer_meta, "files": file_hashes(out, names)})
         sizes = {n: (out / n).stat().st_size for n in names}
     # Timing is not a result: it lives in a metrics file, so the cached features stay bit-identical
@@ -128,7 +130,7 @@ def main() -> None:
 
 
 def tap_layers(backbone: backbones.Backbone, img_size: int) -> tuple[layers.Tapped, dict[str, int], dict]:
-    """The trunk with its stages tapped (tlpipe.layers), {key: dim} of its output's parts in order,
+    """The trunk with its stages tapped (tlpipe.nets.layers), {key: dim} of its output's parts in order,
     and the layers' record for meta.json."""
     modules, note = backbones.layer_modules(backbone.name, backbone.trunk)
     stages, note = layers.describe(backbone.trunk, modules, img_size) if modules else ([], note)

@@ -23,14 +23,15 @@ import numpy as np
 import torch
 from dvclive import Live
 
-from tlpipe import checkpoints, distributed, finetuning, preprocessing
-from tlpipe.decoded import DecodedSplit
-from tlpipe.features import source_of
+from tlpipe import preprocessing
+from tlpipe.ingest.decoded import DecodedSplit
 from tlpipe.io import sha256_file, write_json, writing
-from tlpipe.models import save_classifier
+from tlpipe.nets.features import source_of
+from tlpipe.nets.models import save_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNED, FINETUNED_CONFIG,
                           MANIFEST)
+from tlpipe.train import checkpoints, distributed, finetuning
 from tlpipe.runtime import inference_batch_size, run_stage, training_workers
 
 

@@ -5,12 +5,12 @@ multinomial logistic regression by L-BFGS, one fit per grid point from the stron
 weakest (each warm-started from the last), and the L2 with the lowest mean held-out log loss over
 `head.cv_folds` stratified folds of train + val kept (log loss, not accuracy: accuracy ties are
 coarse on small sets). The head is then fitted on train and val together. Its temperature comes
-from the out-of-fold logits, by tlpipe.calibration's rule (T = 1 where they are too few or too
-rarely wrong to fit one); they also flag suspect labels (tlpipe/audit.py). `head.cv_folds: 0` is
+from the out-of-fold logits, by tlpipe.nets.calibration's rule (T = 1 where they are too few or too
+rarely wrong to fit one); they also flag suspect labels (tlpipe/ingest/audit.py). `head.cv_folds: 0` is
 the classic protocol: fit on train, choose on val. Test is not read here.
 
-`head.layers` says which cached layers the probe reads (tlpipe.layers): `last`, a list of keys, or
-`auto`, which runs the same selection over a small family of layer sets (tlpipe.layers.candidates)
+`head.layers` says which cached layers the probe reads (tlpipe.nets.layers): `last`, a list of keys, or
+`auto`, which runs the same selection over a small family of layer sets (tlpipe.nets.layers.candidates)
 and keeps the set and L2 with the lowest held-out log loss (on val with cv_folds 0: the best val
 accuracy, then log loss), the last layer among them. Every set's curve is kept in
 metrics/head_layers.csv and drawn in metrics/head_layers.png.
@@ -21,23 +21,25 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from tlpipe import audit, calibration, gallery, layers, linear
-from tlpipe.features import load_split, source_of
+from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.manifest import hashes_by_path, read_manifest
+from tlpipe.nets import calibration, layers, linear
+from tlpipe.nets.features import load_split, source_of
 from tlpipe.params import load_params
 from tlpipe.paths import (FEATURES, HEAD, HEAD_CONFIG, HEAD_GRID, HEAD_LAYERS, HEAD_LAYERS_PLOT, HEAD_METRICS,
                           SUSPECTS, SUSPECTS_GALLERY)
+from tlpipe.report import gallery
 from tlpipe.runtime import TlpipeError, run_stage
 
 MAX_SUSPECTS_SHOWN = 40
 
 
-def choose(train: dict, val: dict, n_classes: int, h, seed: int):
+def choose(train: dict, val: dict, n_classes: int, head, seed: int):
     """(grid rows, kept index, held-out logits and their labels and ids, finish() -> raw-feature
     weights, fitted on). train/val: {"features", "labels", "ids"}."""
-    grid = np.logspace(h.l2_min_log10, h.l2_max_log10, h.l2_steps)[::-1]
-    max_iter, folds = h.max_iter, h.cv_folds
+    grid = np.logspace(head.l2_min_log10, head.l2_max_log10, head.l2_steps)[::-1]
+    max_iter, folds = head.max_iter, head.cv_folds
     if folds == 0:
         rows, best, (w, b) = linear.sweep(train["features"], train["labels"], val["features"], val["labels"],
                                           n_classes, grid, max_iter)
@@ -115,18 +117,18 @@ def write_layer_curves(results: dict, chosen: str, held: str) -> None:
 
 def main() -> None:
     params = load_params("head")
-    h = params.head
+    head = params.head
     train, meta = load_split("train")
     val, _ = load_split("val")
-    sets = layer_sets(h.layers, meta)
+    sets = layer_sets(head.layers, meta)
     wanted = list(dict.fromkeys(k for keys in sets.values() for k in keys))
     parts = {s: layers.read(s, wanted, t, meta, FEATURES) for s, t in (("train", train), ("val", val))}
-    held = "val" if h.cv_folds == 0 else "cv"
+    held = "val" if head.cv_folds == 0 else "cv"
     results = {}
     for name, keys in sets.items():
         inputs = [{**t, "features": layers.concat(parts[s], keys)} for s, t in (("train", train), ("val", val))]
         r = dict(zip(("rows", "best", "logits", "labels", "ids", "finish", "fitted_on"),
-                     choose(*inputs, len(meta["classes"]), h, params.seed)))
+                     choose(*inputs, len(meta["classes"]), head, params.seed)))
         results[name] = {**r, "keys": keys, "dims": inputs[0]["features"].shape[1]}
         row = r["rows"][r["best"]]
         print(f"layers {name} ({results[name]['dims']} dims): l2 {row['l2']:.2e}, {held} log loss "
@@ -159,7 +161,7 @@ def main() -> None:
     y = held_labels.numpy()
     write_json(HEAD_METRICS, {
         "layers": chosen, "dims": c["dims"],
-        "l2": best["l2"], "cv_folds": h.cv_folds, "fitted_on": fitted_on,
+        "l2": best["l2"], "cv_folds": head.cv_folds, "fitted_on": fitted_on,
         **{k: v for k, v in best.items() if k not in ("l2", "log10_l2")},
         **fit.record(),
         f"{held}_ece": round(calibration.ece(y, held_proba[1.0]), 6),

@@ -2,20 +2,22 @@
 
 A stage of its own, so that evaluate only turns predictions into metrics: a head-only change then
 re-scores the head from cached features and never re-runs the fine-tuned model. The val logits give
-the model's temperature (tlpipe/calibration.py: T = 1 where val is too small or too rarely wrong
+the model's temperature (tlpipe/nets/calibration.py: T = 1 where val is too small or too rarely wrong
 to fit one), which `tlpipe predict`, the ONNX export and evaluate apply.
 """
 
 import torch
 from safetensors.torch import save_file
 
-from tlpipe import calibration, inference, preprocessing
-from tlpipe.decoded import DecodedSplit
+from tlpipe import preprocessing
+from tlpipe.ingest.decoded import DecodedSplit
 from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.manifest import read_manifest
-from tlpipe.models import load_classifier
+from tlpipe.nets import calibration, inference
+from tlpipe.nets.models import load_classifier
 from tlpipe.params import load_params
-from tlpipe.paths import FINETUNED, FINETUNED_CALIBRATION, FINETUNED_CONFIG, FINETUNED_TEST, FINETUNED_VAL
+from tlpipe.paths import (CLASSES, FINETUNED, FINETUNED_CALIBRATION, FINETUNED_CONFIG, FINETUNED_TEST, FINETUNED_VAL,
+                          PREDICTIONS_META)
 from tlpipe.runtime import TlpipeError, device, inference_batch_size, run_stage
 
 
@@ -24,7 +26,7 @@ def main() -> None:
     model, cfg = load_classifier(FINETUNED, FINETUNED_CONFIG)
     manifest, classes = read_manifest()
     if cfg["classes"] != classes:
-        raise TlpipeError(f"{FINETUNED_CONFIG}: classes differ from data/prepared/classes.json; rerun finetune")
+        raise TlpipeError(f"{FINETUNED_CONFIG}: classes differ from {CLASSES}; rerun finetune")
     record, dev = cfg["preprocessing"], device()
     logits = {}
     for split, out in (("val", FINETUNED_VAL), ("test", FINETUNED_TEST)):
@@ -41,7 +43,7 @@ def main() -> None:
         with atomic_path(out) as tmp:
             save_file({"proba": proba.contiguous(), "logits": logits[split].contiguous(), "ids": images.ids()},
                       str(tmp))
-    write_json(FINETUNED_TEST.parent / "meta.json", {  # evaluate checks these
+    write_json(PREDICTIONS_META, {  # evaluate checks these
         "sha256": sha256_file(FINETUNED_TEST), "val_sha256": sha256_file(FINETUNED_VAL)})
     # Where val chose the kept epoch, this temperature is fitted on images not quite unseen;
     # docs/trust.md says why that is the lesser evil on small sets.

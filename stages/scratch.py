@@ -15,36 +15,35 @@ from tlpipe.runtime import run_stage
 
 def main() -> None:
     params = load_params("scratch")
-    s = params.scratch
-    settings = dict(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
-                    width=s.width, hflip=s.hflip, seed=params.seed)
-    if not s.enabled:
+    scratch = params.scratch
+    settings = dict(epochs=scratch.epochs, batch_size=scratch.batch_size, lr=scratch.lr,
+                    weight_decay=scratch.weight_decay, width=scratch.width, hflip=scratch.hflip, seed=params.seed)
+    if not scratch.enabled:
         write_json(METRICS, {"scratch": {"trained": False}})
         print("scratch baseline disabled (scratch.enabled: false); wrote metrics/scratch.json")
         return
 
     import torch  # the heavy imports, only when the baseline is trained
 
-    from tlpipe import scratch
-    from tlpipe.decoded import DecodedSplit
-    from tlpipe.manifest import read_manifest
-    from tlpipe.metrics import summary
+    from tlpipe.ingest.decoded import DecodedSplit
+    from tlpipe.ingest.moments import read_stats
+    from tlpipe.manifest import SPLITS, read_manifest
+    from tlpipe.report.metrics import summary
     from tlpipe.runtime import device
-
-    from tlpipe.moments import read_stats
+    from tlpipe.train.scratch import predict_proba, train
 
     manifest, classes = read_manifest()
     mean, std = read_stats(STATS, "the scratch baseline (which normalizes by dataset statistics)")
     targets = torch.tensor(manifest["target"].to_numpy(), dtype=torch.int64)
     # The baseline is small and trains for many epochs: all of its images stay in memory.
     images, ids = {}, {}
-    for name in ("train", "val", "test"):
+    for name in SPLITS:
         decoded = DecodedSplit(name)
         images[name], ids[name] = decoded.rows(0, len(decoded))
     dev = device()
-    model, run = scratch.train(images["train"], targets[ids["train"]], images["val"], targets[ids["val"]],
+    model, run = train(images["train"], targets[ids["train"]], images["val"], targets[ids["val"]],
                                len(classes), mean=mean, std=std, dev=dev, **settings)
-    proba = scratch.predict_proba(model, images["test"], mean, std, dev)
+    proba = predict_proba(model, images["test"], mean, std, dev)
     test = summary(targets[ids["test"]].numpy(), proba.numpy())
     # One "scratch" block, so `dvc exp show` has scratch.accuracy beside head.* and finetuned.*
     write_json(METRICS, {"scratch": {"trained": True, **test, "val_accuracy": round(run["val_accuracy"], 6),

@@ -1,14 +1,14 @@
 """stats: exact per-channel mean and std of the training split at the pipeline's input geometry.
 
 One streaming pass over the decode stage's uint8 shards, counting a per-channel histogram of the
-256 levels (tlpipe.moments): integers, so the result is exact whatever the batch size.
+256 levels (tlpipe.ingest.moments): integers, so the result is exact whatever the batch size.
 Values are on the 0..1 scale that models normalize.
 """
 
 
-from tlpipe.decoded import DecodedSplit
+from tlpipe.ingest.decoded import DecodedSplit
+from tlpipe.ingest.moments import ChannelMoments
 from tlpipe.io import write_json
-from tlpipe.moments import ChannelMoments
 from tlpipe.params import load_params
 from tlpipe.paths import STATS
 from tlpipe.runtime import progress, run_stage

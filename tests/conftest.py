@@ -15,7 +15,7 @@ import yaml
 from filelock import FileLock
 from PIL import Image
 
-from tlpipe.scaffold import GIT_IDENTITY, create_project, set_param
+from tlpipe.tools.scaffold import GIT_IDENTITY, create_project, set_param
 
 # ../shared/datasets beside the checkout; TLPIPE_SHARED_DATASETS overrides (a worktree elsewhere)
 SHARED = Path(os.environ.get("TLPIPE_SHARED_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")

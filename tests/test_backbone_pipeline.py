@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from conftest import dvc, read_json, tool_env
 from test_backbones import hf_cache
 from tlpipe.io import sha256_file
-from tlpipe.scaffold import GIT_IDENTITY
+from tlpipe.tools.scaffold import GIT_IDENTITY
 
 UPSTREAM = ["data", "decode", "stats"]
 BELOW_FEATURES = ["features", "head", "finetune", "infer", "export_head", "export_finetuned", "evaluate"]
@@ -119,7 +119,7 @@ def test_probe_only_sweep_ranks_backbones_and_going_back_restores_features_from_
         time.sleep(3)
     assert len(re.findall(r"\bSuccess\b", status)) == 2, status
 
-    md = subprocess.run([sys.executable, "-m", "tlpipe.cli", "compare", "--out", str(tmp_path / "c.html")],
+    md = subprocess.run([sys.executable, "-m", "tlpipe.tools.cli", "compare", "--out", str(tmp_path / "c.html")],
                         cwd=repo, env=tool_env(), text=True, capture_output=True, check=True).stdout
     board = md.split("## Backbones, ranked by linear-probe val accuracy")[1].split("\n## ")[0]
     rows = [line for line in board.splitlines() if line.startswith("| ") and "Experiment" not in line]
@@ -144,7 +144,7 @@ def test_probe_only_sweep_ranks_backbones_and_going_back_restores_features_from_
 
 
 def test_leaderboard_ranks_by_probe_val_then_test_and_only_on_the_same_data():
-    from tlpipe.compare import Experiment, leaderboard
+    from tlpipe.report.compare import Experiment, leaderboard
 
     def exp(name, backbone, val, test, ms, root="/data/a"):
         return Experiment(name, name, {"backbone.name": backbone, "image.img_size": 224, "data.root": root},

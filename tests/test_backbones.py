@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import HYMENOPTERA, needs_hymenoptera
-from tlpipe import backbones
-from tlpipe.images import eval_transform, load_rgb, normalize_batch
-from tlpipe.finetuning import set_trainable, trainable_blocks
-from tlpipe.models import Classifier
+from tlpipe.ingest.images import eval_transform, load_rgb, normalize_batch
+from tlpipe.nets import backbones
+from tlpipe.nets.models import Classifier
 from tlpipe.runtime import TlpipeError
+from tlpipe.train.finetuning import set_trainable, trainable_blocks
 
 IMAGENET_ANT, IMAGENET_BEE = 310, 309
 
@@ -156,7 +156,7 @@ def test_timm_families_unfreeze_by_timms_layer_groups(name):
         assert all(p.requires_grad for p in model.head.parameters())
     # layer-wise LR decay: one LR per group, the top group's the highest, every parameter once
     from types import SimpleNamespace
-    from tlpipe.finetuning import lr_multipliers
+    from tlpipe.train.finetuning import lr_multipliers
 
     parts = lr_multipliers(model, groups, SimpleNamespace(layer_decay=0.5, backbone_lr_mult=0.1))
     assert len(parts) == len(groups) + 1 and [m for _, m in parts[:-1]] == [0.1 * 0.5 ** d for d in range(len(groups))]
@@ -264,10 +264,10 @@ def test_missing_weights_name_the_model_every_place_looked_and_how_to_supply(tmp
 
 def test_scaffold_photos_writes_the_backbones_native_geometry(tmp_path):
     import yaml
-    from tlpipe.scaffold import PHOTO_SETTINGS, photo_settings
+    from tlpipe.tools.scaffold import PHOTO_SETTINGS, photo_settings
 
     assert photo_settings() == {**PHOTO_SETTINGS, "image.interpolation": "bicubic"}
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.scaffold", str(tmp_path / "p"), "--photos",
+    proc = subprocess.run([sys.executable, "-m", "tlpipe.tools.scaffold", str(tmp_path / "p"), "--photos",
                            "--set", "backbone.name=tf_efficientnet_lite2", "--set", "data.source=presplit"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -281,9 +281,9 @@ def test_scaffold_photos_writes_the_backbones_native_geometry(tmp_path):
 def test_scaffold_recipe_writes_valid_params(tmp_path, recipe):
     import yaml
     from tlpipe.params import load_params
-    from tlpipe.scaffold import RECIPES
+    from tlpipe.tools.scaffold import RECIPES
 
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.scaffold", str(tmp_path / "p"), "--recipe", recipe,
+    proc = subprocess.run([sys.executable, "-m", "tlpipe.tools.scaffold", str(tmp_path / "p"), "--recipe", recipe,
                            "--set", "finetune.epochs=3"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     params = yaml.safe_load((tmp_path / "p" / "params.yaml").read_text())

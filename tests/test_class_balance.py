@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import SIGN_DIGITS, dvc, needs_sign_digits, read_json
-from tlpipe.scaffold import create_project
+from tlpipe.tools.scaffold import create_project
 
 pytestmark = [pytest.mark.slow, needs_sign_digits()]
 

@@ -4,7 +4,7 @@ import argparse
 import subprocess
 import sys
 
-from tlpipe import cli
+from tlpipe.tools import cli
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -23,7 +23,7 @@ def test_every_argument_of_every_subcommand_has_a_help_text():
 
 
 def test_predict_help_describes_its_arguments():
-    out = subprocess.run([sys.executable, "-m", "tlpipe.cli", "predict", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "tlpipe.tools.cli", "predict", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for words in ("folders searched recursively", "the fine-tuned network", "most probable first",
                   "(default: preds.csv)"):

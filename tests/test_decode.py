@@ -10,12 +10,12 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from stages import data, decode
-from tlpipe import decoded
-from tlpipe.decoded import DecodedSplit
 from tlpipe import preprocessing
-from tlpipe.images import TrainImages, eval_images, eval_transform, load_rgb, load_rgb_drafted, train_transform
+from tlpipe.ingest import decoded
+from tlpipe.ingest.decoded import DecodedSplit
+from tlpipe.ingest.images import TrainImages, eval_images, eval_transform, load_rgb, load_rgb_drafted, train_transform
+from tlpipe.ingest.moments import ChannelMoments
 from tlpipe.manifest import image_paths, read_manifest
-from tlpipe.moments import ChannelMoments
 from tlpipe.runtime import TlpipeError
 
 ORIENTATION = 0x0112

@@ -17,8 +17,9 @@ def test_warmup_epochs_do_not_use_up_patience(cold_copy, monkeypatch):
     monkeypatch.setenv("TLPIPE_WORKERS", "0")
     monkeypatch.setenv("TLPIPE_PROGRESS", "0")
     from stages import finetune
-    from tlpipe import audit, finetuning
+    from tlpipe.ingest import audit
     from tlpipe.manifest import read_manifest
+    from tlpipe.train import finetuning
 
     def run(schedule: str, losses=(1.0, 1.5, 0.9, 1.0, 0.8)) -> tuple[int, int, float, str]:
         params = yaml.safe_load((repo / "params.yaml").read_text())

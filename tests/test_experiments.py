@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from conftest import copy_project, dvc, read_json, tool_env
-from tlpipe import compare, gallery
 from tlpipe.manifest import image_root
-from tlpipe.scaffold import GIT_IDENTITY
+from tlpipe.report import compare, gallery
+from tlpipe.tools.scaffold import GIT_IDENTITY
 
 CONFUSION = ["head confusion (test)", "fine-tuned confusion (test)",
              "head confusion normalized (test)", "fine-tuned confusion normalized (test)"]
@@ -42,7 +42,7 @@ def tlpipe(repo: Path, *args: str, check: bool = True, code: Path | None = None)
     # `python -m` from the project root: the project's own copy of the package, as a user runs it
     # (elsewhere, `code` names the project whose package to use).
     env = tool_env(PYTHONPATH=str(code)) if code else tool_env()
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.cli", *args], cwd=repo, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tlpipe.tools.cli", *args], cwd=repo, env=env,
                           text=True, capture_output=True)
     if check and proc.returncode:
         raise AssertionError(f"tlpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -409,7 +409,7 @@ class Refuse:
             raise ImportError(f"{name} is not part of the ONNX runtime install")
 
 sys.meta_path.insert(0, Refuse())
-from tlpipe.cli import main
+from tlpipe.tools.cli import main
 try:
     main(sys.argv[1:])
 finally:
@@ -493,7 +493,7 @@ def test_lr_find_finetune(repo, tmp_path):
 
 
 def test_lr_find_suggestion_rules():
-    from tlpipe import lrfind
+    from tlpipe.train import lrfind
     lrs = lrfind.lr_grid(1e-6, 1, 61)
     # a loss that falls fastest around 1e-3 and blows up past 1e-1
     loss = 2 - np.tanh(2 * (np.log10(lrs) + 3)) + np.where(lrs > 0.1, 100 * (lrs - 0.1), 0)
@@ -508,7 +508,7 @@ def test_lr_find_suggestion_rules():
 def test_lr_find_on_a_flat_then_diverging_curve_suggests_below_the_divergence():
     """The shape that once gave 3.49e-07: noisy and flat up to ~3e-3 (fine-tuning from a good probe),
     diverging near 1e-2, the first batch's loss above the rest; 1e-3 trained well on that set."""
-    from tlpipe import lrfind
+    from tlpipe.train import lrfind
     lrs = lrfind.lr_grid(1e-7, 10, 100)
     rng = np.random.default_rng(0)
     loss = 0.6 + 0.03 * rng.standard_normal(len(lrs)) + np.where(lrs > 3e-3, 40 * (lrs - 3e-3), 0)

@@ -15,11 +15,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from tlpipe import calibration, export
-from tlpipe.decoded import DecodedSplit, ShardWriter
-from tlpipe.models import Classifier
-from tlpipe.onnx_model import SEAL_KEY, UNSEALED, OnnxModel, seal
-from tlpipe.pixels import eval_pixels
+from tlpipe.deploy import export
+from tlpipe.deploy.onnx_model import SEAL_KEY, UNSEALED, OnnxModel, seal
+from tlpipe.ingest.decoded import DecodedSplit, ShardWriter
+from tlpipe.ingest.pixels import eval_pixels
+from tlpipe.nets import calibration
+from tlpipe.nets.models import Classifier
 from tlpipe.runtime import TlpipeError
 
 RECORD = {"img_size": 16, "resize_size": 20, "interpolation": "bicubic", "jpeg_draft": True,
@@ -79,7 +80,7 @@ class Trunk(nn.Module):
         return f
 
 
-TEMPERATURE = 1.7  # a fitted temperature (tlpipe.calibration) that the export bakes into the graph
+TEMPERATURE = 1.7  # a fitted temperature (tlpipe.nets.calibration) that the export bakes into the graph
 
 
 def export_tiny(tmp_path, branchy: bool = False, low: int = 0, high: int = 256, temperature: float = TEMPERATURE):

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import dvc, read_json, tiny_params, tool_env
-from tlpipe.features import load_split
 from tlpipe.io import sha256_file
-from tlpipe.scaffold import create_project
+from tlpipe.nets.features import load_split
+from tlpipe.tools.scaffold import create_project
 
 pytestmark = pytest.mark.slow  # three runs of the features stage through dvc
 

@@ -14,8 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from stages import evaluate, head
-from tlpipe.features import FEATURES, save_split
 from tlpipe.io import file_hashes, write_json
+from tlpipe.nets.features import FEATURES, save_split
 from tlpipe.runtime import TlpipeError
 
 CLASSES = ["a", "b", "c"]

@@ -1,4 +1,4 @@
-"""The pieces of the fine-tuning recipe (tlpipe.finetuning), each against a hand computation."""
+"""The pieces of the fine-tuning recipe (tlpipe.train.finetuning), each against a hand computation."""
 
 from types import SimpleNamespace
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 from scipy import stats
 
-from tlpipe import distributed, finetuning, inference
-from tlpipe.models import Classifier
+from tlpipe.nets import inference
+from tlpipe.nets.models import Classifier
 from tlpipe.params import FinetuneParams
+from tlpipe.train import distributed, finetuning
 
 
 def recipe(**changes):

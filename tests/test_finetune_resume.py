@@ -78,7 +78,7 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_epoch(cold
 
     # The fault: the training loss of epoch 2, step 1 comes out NaN (as an overflow would).
     from stages import finetune
-    from tlpipe import finetuning
+    from tlpipe.train import finetuning
     real_cross_entropy, training_calls = finetuning.F.cross_entropy, []
 
     def cross_entropy(logits, target, **kwargs):

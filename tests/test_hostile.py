@@ -35,9 +35,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import copy_project, dvc, tiny_params, tool_env
-from tlpipe import images, io as tio, runtime, sources
+from tlpipe import io as tio, runtime
+from tlpipe.ingest import images, sources
 from tlpipe.runtime import TlpipeError
-from tlpipe.scaffold import create_project
+from tlpipe.tools.scaffold import create_project
 
 BAD = b"\xff\xfe"  # not UTF-8
 BAD_SHOWN = "\\xff\\xfe"
@@ -61,7 +62,7 @@ def stage(project: Path, name: str, **kw) -> subprocess.CompletedProcess:
 
 
 def cli(project: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    return run(project, "-m", "tlpipe.cli", *args, **kw)
+    return run(project, "-m", "tlpipe.tools.cli", *args, **kw)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -702,7 +703,7 @@ def test_extreme_aspect_ratio_costs_what_its_pixels_cost(tmp_path, size):
     path = tmp_path / "strip.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     geometry = {"img_size": 224, "resize_size": 256, "interpolation": "bicubic", "jpeg_draft": True}
-    load = images.eval_check(geometry)
+    load = images.eval_tensor_loader(geometry)
     load(path)  # warm up torchvision
     start = time.perf_counter()
     out = load(path)
@@ -717,7 +718,7 @@ def test_band_crop_gives_the_pixels_of_the_full_resize(tmp_path, size):
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     geometry = {"img_size": 32, "resize_size": 36, "interpolation": "bicubic", "jpeg_draft": False}
     full = images.eval_transform(32, 36, "bicubic")(images.load_rgb(path))
-    banded = images.eval_check(geometry)(path)
+    banded = images.eval_tensor_loader(geometry)(path)
     assert torch.equal(full, banded)
 
 

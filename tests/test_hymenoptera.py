@@ -5,8 +5,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import HYMENOPTERA, dvc, needs_hymenoptera, read_json
-from tlpipe import layers, linear
-from tlpipe.scaffold import PHOTO_SETTINGS, create_project
+from tlpipe.nets import layers, linear
+from tlpipe.tools.scaffold import PHOTO_SETTINGS, create_project
 
 pytestmark = [pytest.mark.slow, needs_hymenoptera()]
 

@@ -1,4 +1,4 @@
-"""Unit tests for tlpipe.images: the decode check, RGB conversion and the evaluation geometry."""
+"""Unit tests for tlpipe.ingest.images: the decode check, RGB conversion and the evaluation geometry."""
 
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tlpipe.images import check_image, eval_transform, load_rgb, to_rgb
+from tlpipe.ingest.images import check_image, eval_transform, load_rgb, to_rgb
 
 
 def noisy_rgb(size=(64, 48), seed=0) -> Image.Image:

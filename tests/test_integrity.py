@@ -25,9 +25,10 @@ from PIL import Image
 from conftest import copy_project, dvc
 from test_hostile import (assert_error, assert_ok, class_folder, cli, dataset_members, exif_jpeg, flip,
                           make_zip, new_project, stage, tampered, temporaries, write_png)
-from tlpipe import gallery, io as tio
-from tlpipe.onnx_model import SEAL_KEY
-from tlpipe.pixels import check_image
+from tlpipe import io as tio
+from tlpipe.deploy.onnx_model import SEAL_KEY
+from tlpipe.ingest.pixels import check_image
+from tlpipe.report import gallery
 from tlpipe.runtime import TlpipeError
 
 SEAL_MESSAGE = ("{path}: sha256 {got} is not the {sealed} sealed in it at export: the file was altered after it "

@@ -1,4 +1,4 @@
-"""The probe on intermediate layers (head.layers, tlpipe.layers; issue 28).
+"""The probe on intermediate layers (head.layers, tlpipe.nets.layers; issue 28).
 
 Fast: the param's checks, the auto family, the clear errors. Slow (real dvc on the tiny digit
 project): the cached layers equal a direct forward of the backbone, a head.layers change reruns only
@@ -17,10 +17,10 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import copy_project, dvc, read_json, tool_env
-from tlpipe import backbones, layers
+from tlpipe.nets import backbones, layers
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError
-from tlpipe.scaffold import GIT_IDENTITY
+from tlpipe.tools.scaffold import GIT_IDENTITY
 
 
 # --- fast -------------------------------------------------------------------------------------------
@@ -116,8 +116,8 @@ def test_cached_layers_equal_a_direct_forward_of_the_backbone(project):
     file is exactly the trunk's output (the taps change nothing in it)."""
     import torch.nn.functional as F
 
-    from tlpipe.decoded import DecodedSplit
-    from tlpipe.images import normalize_batch
+    from tlpipe.ingest.decoded import DecodedSplit
+    from tlpipe.ingest.images import normalize_batch
 
     meta = read_json(project / "data" / "features" / "meta.json")
     b = backbones.build("tf_efficientnet_lite0")
@@ -172,7 +172,7 @@ def test_a_head_layers_change_reruns_head_export_and_evaluate_only(project):
     paths = [str(project / "data" / "prepared" / "images" / p) for p in evaluated["path"]]
     for model in ("head", "models/head.onnx"):
         out = project / f"predicted-{model.replace('/', '-')}.csv"
-        proc = subprocess.run([sys.executable, "-m", "tlpipe.cli", "predict", *paths, "--model", model,
+        proc = subprocess.run([sys.executable, "-m", "tlpipe.tools.cli", "predict", *paths, "--model", model,
                                "--out", str(out), "--top-k", "1"], cwd=project, env=tool_env(),
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""Unit tests for tlpipe.linear: the L-BFGS linear probe against scikit-learn's optimum."""
+"""Unit tests for tlpipe.nets.linear: the L-BFGS linear probe against scikit-learn's optimum."""
 
 import warnings
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from tlpipe import linear
+from tlpipe.nets import linear
 
 N_CLASSES = 3
 
@@ -95,7 +95,7 @@ def test_warm_start_converges_to_the_same_solution(problem):
 def test_fold_gives_same_logits_on_raw_features(problem):
     x_raw, scaler, x, y = problem
     w, b = linear.fit_logistic(x, y, N_CLASSES, 1e-2, max_iter=500)
-    w_raw, b_raw = linear.fold(w, b, scaler)
+    w_raw, b_raw = linear.raw_weights(w, b, scaler)
     assert w_raw.shape == w.shape and b_raw.shape == b.shape
 
     logits_std = x @ w.T + b
@@ -115,7 +115,7 @@ def test_fold_with_a_constant_column():
     scaler = linear.Standardizer.fit(x_raw)
     w = torch.from_numpy(rng.standard_normal((2, 3)))
     b = torch.from_numpy(rng.standard_normal(2))
-    w_raw, b_raw = linear.fold(w, b, scaler)
+    w_raw, b_raw = linear.raw_weights(w, b, scaler)
     assert torch.isfinite(w_raw).all() and torch.isfinite(b_raw).all()
     torch.testing.assert_close(x_raw @ w_raw.T + b_raw, scaler(x_raw) @ w.T + b, rtol=0, atol=1e-9)
 
@@ -149,7 +149,7 @@ def test_sweep_fits_in_float32_yet_reaches_the_float64_optimum(problem):
     assert rows[best]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
     # the same problem in float64 throughout, at the chosen L2
     scaler = linear.Standardizer.fit(x_raw[train])
-    w64, b64 = linear.fold(*linear.fit_logistic(scaler(x_raw[train]), y[train], N_CLASSES, grid[best], 5000),
+    w64, b64 = linear.raw_weights(*linear.fit_logistic(scaler(x_raw[train]), y[train], N_CLASSES, grid[best], 5000),
                            scaler)
     p32 = linear.predict_proba(x_raw[val], w_raw, b_raw)
     p64 = linear.predict_proba(x_raw[val], w64, b64)

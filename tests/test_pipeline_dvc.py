@@ -1,6 +1,5 @@
 """The pipeline through real `dvc` in a temporary git repo on real (tiny) images."""
 
-import ast
 import hashlib
 import json
 import subprocess
@@ -13,8 +12,9 @@ import pytest
 import yaml
 
 from conftest import STAGES, copy_project, dvc, read_json
-from tlpipe.linear import PROBE_MAX_ITER
-from tlpipe.scaffold import PROJECT
+from tlpipe.nets.linear import PROBE_MAX_ITER
+from tlpipe.tools import codedeps
+from tlpipe.tools.scaffold import PROJECT
 
 
 
@@ -235,29 +235,11 @@ def test_params_each_stage_reads_equal_params_it_declares(repo):
         assert read[stage] == declared[stage], stage
 
 
-def _imported_tlpipe_modules(path: Path, seen: set[str]) -> set[str]:
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tlpipe"):
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            file = PROJECT / (name.replace(".", "/") + ".py")
-            if name.startswith("tlpipe.") and file.is_file() and name not in seen:
-                seen.add(name)
-                _imported_tlpipe_modules(file, seen)
-    return seen
-
-
 def test_code_deps_are_the_stage_module_and_what_it_imports():
     """Editing one module reruns exactly the stages that import it, directly or not."""
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        module = PROJECT / "stages" / f"{name}.py"
-        expected = {f"stages/{name}.py"} | {
-            m.replace(".", "/") + ".py" for m in _imported_tlpipe_modules(module, set())}
+        expected = set(codedeps.code_deps(name, PROJECT))  # `make deps` writes them from the same code
         code_deps = {d for d in stage["deps"] if d.endswith(".py")}
         assert code_deps == expected, name
 

@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from stages import data
-from tlpipe import sources
+from tlpipe.ingest import sources
 from tlpipe.runtime import TlpipeError
 
 PROJECT = Path(__file__).resolve().parents[1]

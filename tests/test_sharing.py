@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import STAGES, copy_project, dvc, tool_env
-from tlpipe.scaffold import GIT_IDENTITY
+from tlpipe.tools.scaffold import GIT_IDENTITY
 
 pytestmark = pytest.mark.slow  # a cold repro, pushes and fresh clones
 

@@ -16,9 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY, dvc, read_json, tool_env
-from tlpipe import audit, calibration, summary
+from tlpipe.ingest import audit
 from tlpipe.manifest import image_root, read_manifest
-from tlpipe.scaffold import create_project
+from tlpipe.nets import calibration
+from tlpipe.report import summary
+from tlpipe.tools.scaffold import create_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +140,7 @@ def test_summary_without_warnings_and_without_a_run(tmp_path, monkeypatch):
     text = summary.render()
     assert "warning" not in text and "not calibrated" not in text
     monkeypatch.chdir(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.cli", "summary"], cwd=tmp_path, env=tool_env(PYTHONPATH=str(ROOT)),
+    proc = subprocess.run([sys.executable, "-m", "tlpipe.tools.cli", "summary"], cwd=tmp_path, env=tool_env(PYTHONPATH=str(ROOT)),
                           text=True, capture_output=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: metrics/test.json: missing; run `dvc repro` first"
 
@@ -240,7 +242,7 @@ def test_predict_and_the_onnx_file_apply_the_same_t_of_1(small_project, tmp_path
     as_trained = test["proba"].double().numpy()  # softmax of the logits: T = 1
     for model in ("finetuned", "models/finetuned.onnx"):
         out = tmp_path / f"{Path(model).stem}.csv"
-        proc = subprocess.run([sys.executable, "-m", "tlpipe.cli", "predict", "--model", model, *images, "--top-k", "2",
+        proc = subprocess.run([sys.executable, "-m", "tlpipe.tools.cli", "predict", "--model", model, *images, "--top-k", "2",
                                "--out", str(out)], cwd=repo, env=tool_env(), text=True, capture_output=True, check=True)
         assert (f"note: the {model} model's probabilities are not calibrated (T = 1: 12 val images, fewer than 50"
                 in proc.stderr), proc.stderr
@@ -256,7 +258,7 @@ def test_predict_and_the_onnx_file_apply_the_same_t_of_1(small_project, tmp_path
 @pytest.mark.slow
 def test_summary_of_the_small_project(small_project):
     repo, _ = small_project
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.cli", "summary"], cwd=repo, env=tool_env(), text=True,
+    proc = subprocess.run([sys.executable, "-m", "tlpipe.tools.cli", "summary"], cwd=repo, env=tool_env(), text=True,
                           capture_output=True, check=True)
     lines = proc.stdout.splitlines()
     assert 6 <= len(lines) <= 14 and max(len(line) for line in lines) < 120, proc.stdout

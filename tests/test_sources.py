@@ -1,4 +1,4 @@
-"""Unit tests for tlpipe.sources: listing, CSV, archives, download and the stratified split."""
+"""Unit tests for tlpipe.ingest.sources: listing, CSV, archives, download and the stratified split."""
 
 import hashlib
 import io
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe import sources
+from tlpipe.ingest import sources
+from tlpipe.ingest.sources import Item
 from tlpipe.runtime import TlpipeError
-from tlpipe.sources import Item
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 0), (0, 120, 120)]
 
@@ -248,7 +248,7 @@ def test_digits_equal_scikit_learns_without_importing_it():
     assert images.shape == (1797, 8, 8) and targets.dtype.kind == "i"
     np.testing.assert_array_equal(images, expected.images)
     np.testing.assert_array_equal(targets, expected.target)
-    code = "import sys; from tlpipe import sources; sources.digits(); print('sklearn' in sys.modules)"
+    code = "import sys; from tlpipe.ingest import sources; sources.digits(); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(sources.__file__).parent.parent,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

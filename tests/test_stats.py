@@ -1,10 +1,10 @@
-"""tlpipe.moments.ChannelMoments, what the stats stage streams over: per-channel mean and std."""
+"""tlpipe.ingest.moments.ChannelMoments, what the stats stage streams over: per-channel mean and std."""
 
 import numpy as np
 import pytest
 import torch
 
-from tlpipe import moments
+from tlpipe.ingest import moments
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import SIGN_DIGITS, TINY, dvc, needs_sign_digits, read_json
-from tlpipe import audit, calibration, linear
-from tlpipe.metrics import intervals, mcnemar, wilson
-from tlpipe.scaffold import create_project
+from tlpipe.ingest import audit
+from tlpipe.nets import calibration, linear
+from tlpipe.report.metrics import intervals, mcnemar, wilson
+from tlpipe.tools.scaffold import create_project
 
 
 # --- intervals ------------------------------------------------------------------------------------

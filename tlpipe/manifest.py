@@ -11,6 +11,7 @@ from tlpipe.paths import PREPARED
 from tlpipe.runtime import TlpipeError
 
 SOURCE_RECORD = "source.json"  # in data/prepared: {"root": the folder the manifest's paths are relative to}
+SPLITS = ("train", "val", "test")  # the manifest's `split` values, in the order stages go through them
 
 
 def read_manifest(prepared: Path = PREPARED) -> tuple[pd.DataFrame, list[str]]:
@@ -50,7 +51,7 @@ def image_root(prepared: Path = PREPARED) -> Path:
 
 
 def image_paths(manifest: pd.DataFrame, prepared: Path = PREPARED) -> list[Path]:
-    """Where each row's image file is. Read them with their `image_hashes` (tlpipe.pixels.read_verified)."""
+    """Where each row's image file is. Read them with their `image_hashes` (tlpipe.ingest.pixels.read_verified)."""
     root = image_root(prepared)
     return [root / p for p in manifest["path"]]
 

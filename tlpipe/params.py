@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    # The names live in tlpipe.sources' table, which checks them before the data stage does any
+    # The names live in tlpipe.ingest.sources' table, which checks them before the data stage does any
     # work; importing it here would make every stage depend on the sources module.
     source: str = "digits"
     # folder/presplit: the image root; csv: the root that CSV paths are relative to.
@@ -38,7 +38,7 @@ class DataParams(_Section):
     label_column: str = "label"
     url: str = ""
     sha256: str = ""
-    archive_layout: str = "folder"  # url: tlpipe.sources.ARCHIVE_LAYOUTS
+    archive_layout: str = "folder"  # url: tlpipe.ingest.sources.ARCHIVE_LAYOUTS
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     on_bad_file: Literal["skip", "fail"] = "skip"
@@ -88,10 +88,10 @@ class ImageParams(_Section):
 
 
 class BackboneParams(_Section):
-    # tlpipe.backbones' table or any timm model name, with or without a pretrained tag. Checked
+    # tlpipe.nets.backbones' table or any timm model name, with or without a pretrained tag. Checked
     # here only for its form: the full check (the table, then timm's catalogue) needs timm, whose
-    # import takes seconds, and importing tlpipe.backbones here would make every stage depend on
-    # it; the features stage makes it before any work (tlpipe.backbones.entry).
+    # import takes seconds, and importing tlpipe.nets.backbones here would make every stage depend on
+    # it; the features stage makes it before any work (tlpipe.nets.backbones.entry).
     name: str = "tf_efficientnet_lite0"
     normalize: Literal["backbone", "dataset"] = "backbone"
     # A local weights file (safetensors, or a .pth/.bin state dict); "" = the backbone's own
@@ -104,7 +104,7 @@ class BackboneParams(_Section):
     def _model_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)?", value):
             raise ValueError(f"{value!r} is not a model name (a timm name such as resnet50.a1_in1k, "
-                             "or one of tlpipe.backbones.TABLE)")
+                             "or one of tlpipe.nets.backbones.TABLE)")
         return value
 
 
@@ -116,7 +116,7 @@ class HeadParams(_Section):
     # Stratified k-fold CV on train + val chooses L2, then the head is fitted on both; 0: choose on
     # val, fit on train (the classic probe protocol)
     cv_folds: int = Field(5, ge=0, le=50)
-    # Which cached layers the probe reads (tlpipe.layers, docs/layers.md): last (the last pooled
+    # Which cached layers the probe reads (tlpipe.nets.layers, docs/layers.md): last (the last pooled
     # layer), auto (a small family of layer sets, chosen with L2 by the same CV), or a list of keys
     # such as [last, stage3@2, stage4@2]
     layers: str | list[str] = "auto"
@@ -196,7 +196,9 @@ class ScratchParams(_Section):
     hflip: bool = False  # random horizontal flips while training
 
 
-# Backbones whose downsampling needs a larger input than image.img_size's floor of 8 pixels.
+# Backbones whose downsampling needs a larger input than image.img_size's floor of 8 pixels: the one
+# backbone fact outside tlpipe.nets.backbones' table, so that a bad size fails at params load, before
+# any work and without torch (the core imports no wing).
 MIN_IMG_SIZE = {"vgg16": 32, "convnext_tiny": 32}
 
 

@@ -13,7 +13,7 @@ GPU box must not invalidate DVC's caches. All of them are checked when a stage o
                        are plain lines every 30 s)
     TLPIPE_ALLOW_DOWNLOAD  1 lets torchvision backbones download missing weights (default 0)
     TLPIPE_NPROC, TLPIPE_NNODES, TLPIPE_NODE_RANK, TLPIPE_MASTER_ADDR, TLPIPE_MASTER_PORT:
-                       several processes (tlpipe.distributed)
+                       several processes (tlpipe.train.distributed)
 
 A stage dies with the process that started it (`dvc`, or torchrun's agent): `kill -9` of dvc must
 not leave an orphan that later writes outputs dvc.lock knows nothing about. See `hold_run`.
@@ -28,7 +28,10 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from tlpipe.paths import FINETUNED_CONFIG, RESUME
 
 
 class TlpipeError(Exception):
@@ -79,24 +82,25 @@ def run_stage(main: Callable[[], None]) -> None:
     print(f"[{stage}] done in {time.perf_counter() - start:.2f}s", file=sys.stderr)
 
 
-def prune_finished_checkpoint(config: str = "models/finetuned.json", root: str = "models/.resume") -> None:
+def prune_finished_checkpoint(config: Path = FINETUNED_CONFIG, root: Path = RESUME) -> None:
     """Remove the fine-tuning checkpoint of the run whose outputs the workspace holds (its key is in
     models/finetuned.json): restored from DVC's run-cache after an interrupted attempt, that run
-    never executes again to remove it itself (see tlpipe.checkpoints)."""
+    never executes again to remove it itself (see tlpipe.train.checkpoints). Every stage and command
+    does this as it starts (`run_stage`), so it lives here, with no torch, rather than in the
+    training wing, which the core may not import."""
     import json
     import shutil
 
-    if not os.path.isdir(root):
+    if not root.is_dir():
         return
     try:
-        with open(config) as f:
-            key = json.load(f).get("resume_key")
+        key = json.loads(config.read_text()).get("resume_key")
     except (OSError, ValueError, AttributeError):
         return
-    if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{1,64}", key) and os.path.isdir(os.path.join(root, key)):
-        shutil.rmtree(os.path.join(root, key), ignore_errors=True)
-        if not os.listdir(root):
-            os.rmdir(root)
+    if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{1,64}", key) and (root / key).is_dir():
+        shutil.rmtree(root / key, ignore_errors=True)
+        if not any(root.iterdir()):
+            root.rmdir()
 
 
 # --- process lifetime -----------------------------------------------------------------------------
@@ -252,7 +256,7 @@ def workers(main_computes: bool = True) -> int:
 
 def training_workers(dev) -> int:
     """Loader workers for fine-tuning, which only copy decoded pixels out of the shards (the training
-    process augments them on its device: tlpipe.images.TrainImages). On a CPU that copy is too
+    process augments them on its device: tlpipe.ingest.images.TrainImages). On a CPU that copy is too
     cheap to be worth a process that takes cycles from the model (0 workers); on a GPU, workers keep
     the device fed."""
     return workers() if dev.type != "cpu" else _env_int("TLPIPE_WORKERS", 0, 0, 64)

@@ -1,7 +1,7 @@
 """A model exported by the export stages, run by onnxruntime: numpy in, numpy out, no torch.
 
-The file's contract (tlpipe.export writes it): input `pixels`, uint8 N x 3 x S x S at the record's
-img_size, decoded by tlpipe.pixels; outputs `probabilities`, float32 N x classes, calibrated
+The file's contract (tlpipe.deploy.export writes it): input `pixels`, uint8 N x 3 x S x S at the record's
+img_size, decoded by tlpipe.ingest.pixels; outputs `probabilities`, float32 N x classes, calibrated
 (softmax(logits / T), T the model's fitted temperature), and `logits`, float32 N x classes;
 metadata_props `classes` (JSON list), `preprocessing` (the JSON preprocessing record,
 tlpipe.preprocessing), `temperature` (T, already applied to `probabilities`), `source_sha256` (the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.pixels import not_regular
+from tlpipe.ingest.pixels import not_regular
 from tlpipe.preprocessing import KEYS
 from tlpipe.runtime import TlpipeError
 

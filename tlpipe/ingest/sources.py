@@ -22,13 +22,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from tlpipe.ingest.pixels import is_junk as _is_junk  # tlpipe.ingest.pixels: no torch in the data stage
+from tlpipe.ingest.pixels import list_files as _files_under
+from tlpipe.ingest.pixels import error_name, shown, utf8_name
 from tlpipe.io import atomic_dir, atomic_path, sha256_file
-from tlpipe.pixels import is_junk as _is_junk  # tlpipe.pixels: no torch in the data stage
-from tlpipe.pixels import list_files as _files_under
-from tlpipe.pixels import error_name, shown, utf8_name
+from tlpipe.manifest import SPLITS
 from tlpipe.runtime import TlpipeError
 
-SPLITS = ("train", "val", "test")
 # CSV labels that mean "no value" (what spreadsheets and pandas write for a missing cell).
 MISSING_LABELS = {"nan", "na", "n/a", "#n/a", "<na>", "none", "null"}
 

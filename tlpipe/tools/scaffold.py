@@ -1,6 +1,6 @@
 """Start a new tlpipe project: a git + DVC repository holding the pipeline, ready for `dvc repro`.
 
-    python -m tlpipe.scaffold DEST [--photos] [--recipe near|far] [--set data.source=presplit ...]
+    python -m tlpipe.tools.scaffold DEST [--photos] [--recipe near|far] [--set data.source=presplit ...]
 
 `--photos` writes the photo settings (PHOTO_SETTINGS) with the backbone's native input geometry
 (its pretraining input size, resize and interpolation: 260 px for tf_efficientnet_lite2).
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 # Hard links (one file, two names: ext4, XFS, btrfs, APFS, NTFS), else copies (a cache on another
 # filesystem, FAT): DVC takes the first that works. Not "reflink" first: DVC 3 then leaves directory
 # outputs (data/decoded, data/features) as copies, since a copy could be a reflink (measured: 25.6 MB
@@ -34,8 +34,9 @@ PIPELINE_DIRS = ("stages", "tlpipe")
 GIT_IDENTITY = ["-c", "user.name=tlpipe", "-c", "user.email=tlpipe@localhost"]
 
 # The settings for photos of docs/photos.md (its hymenoptera example); the defaults suit 8x8 digit scans.
-# PHOTO_GEOMETRY is the default backbone's (tf_efficientnet_lite0) native geometry; photo_settings
-# gives another backbone's.
+# PHOTO_GEOMETRY is the default backbone's (tf_efficientnet_lite0) native geometry, written out for the
+# benchmarks and tests that want it without building the model; photo_settings asks the backbone
+# table (native_geometry) for any backbone's, and tests/test_backbones.py checks the two agree.
 PHOTO_GEOMETRY = {"image.img_size": 224, "image.resize_size": 256}
 PHOTO_AUGMENTATION = {"finetune.hflip": True, "finetune.randaugment_magnitude": 9,
                       "finetune.crop_scale_min": 0.25, "finetune.label_smoothing": 0.0}
@@ -56,10 +57,10 @@ PHOTO_SETTINGS = {**PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **RECIPES["near"]}
 
 def photo_settings(backbone: str = "tf_efficientnet_lite0", recipe: str = "near") -> dict[str, Any]:
     """PHOTO_SETTINGS with `backbone`'s native geometry (and its name, when not the default) and `recipe`."""
-    from tlpipe.backbones import native_geometry
+    from tlpipe.nets.backbones import native_geometry
 
     name = {} if backbone == "tf_efficientnet_lite0" else {"backbone.name": backbone}
-    return {**RECIPES[recipe], **PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **native_geometry(backbone), **name}
+    return {**RECIPES[recipe], **PHOTO_AUGMENTATION, **native_geometry(backbone), **name}
 
 
 def set_param(params: dict, dotted: str, value: Any) -> None:

@@ -8,7 +8,7 @@ extension-less files included); whether a file is an image is the decoder's to s
 
 The evaluation geometry of a preprocessing record (tlpipe.preprocessing): EXIF transpose, RGB, resize
 the short side to resize_size, centre-crop img_size, uint8 CHW. The decode stage (through
-tlpipe.images.eval_images), `tlpipe predict` and the torch-free ONNX path all decode here, so a
+tlpipe.ingest.images.eval_images), `tlpipe predict` and the torch-free ONNX path all decode here, so a
 deployed model sees the pixels it was trained and checked on. The resize and crop are torchvision's
 `Resize(resize_size)` + `CenterCrop(img_size)` on a PIL image, to the byte (tests/test_export.py).
 

@@ -10,6 +10,9 @@ table need not repeat them. Any other name is a timm model, with or without a pr
 (`convnext_tiny.fb_in22k_ft_in1k`), and takes every one of those from timm: the classifier from
 `get_classifier()`, the blocks from `group_matcher(coarse=True)`, the statistics and input size
 from its pretrained config. Adding a backbone is one entry plus a test.
+One fact about a backbone lives outside the table: the smallest `image.img_size` it accepts
+(`tlpipe.params.MIN_IMG_SIZE`), because params.yaml is checked before any work, without torch, by
+the core, which imports no wing (tests/test_architecture.py).
 
 Weights are looked for in this order (`resolve_weights`), and nothing is downloaded unless
 TLPIPE_ALLOW_DOWNLOAD=1:
@@ -70,7 +73,7 @@ class Entry:
     classifier: str = ""                                  # torchvision: attribute path of the final Linear
     blocks: Callable[[nn.Module], list] | None = None     # trunk -> units of unfreezing, input to output
     # trunk -> names of the modules whose outputs are the intermediate layers the head may read
-    # (tlpipe.layers); None: timm's feature_info; a torchvision model gives none
+    # (tlpipe.nets.layers); None: timm's feature_info; a torchvision model gives none
     layers: Callable[[nn.Module], list[str]] | None = None
 
 
@@ -455,7 +458,7 @@ def check_input_size(b: Backbone, img_size: int) -> str:
     if img_size < b.input_size / 2:
         return (f"warning: image.img_size {img_size} is far below {b.name}'s native {b.input_size} px; "
                 f"fine for tiny images, but photos usually score better at {b.input_size} "
-                f"(image.resize_size {b.resize_size}; python -m tlpipe.scaffold --photos)")
+                f"(image.resize_size {b.resize_size}; python -m tlpipe.tools.scaffold --photos)")
     return ""
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlpipe.images import normalize_batch
+from tlpipe.ingest.images import normalize_batch
 from tlpipe.runtime import TlpipeError, progress
 
 

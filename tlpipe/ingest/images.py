@@ -1,7 +1,7 @@
-"""Images as torch tensors: the evaluation geometry (decoded by tlpipe.pixels), fine-tuning's augmentation.
+"""Images as torch tensors: the evaluation geometry (decoded by tlpipe.ingest.pixels), fine-tuning's augmentation.
 
 Decoding itself (untrusted bytes, `decode_error`, `list_files`, the evaluation resize and crop) is
-torch-free and lives in tlpipe.pixels, so that the ONNX path of `tlpipe predict` runs without torch;
+torch-free and lives in tlpipe.ingest.pixels, so that the ONNX path of `tlpipe predict` runs without torch;
 its names are re-exported here for the stages and tools that already work with tensors.
 """
 
@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from tlpipe.pixels import (JUNK_NAMES, MAX_ASPECT, BadImage, check_image, decode_error,  # noqa: F401
+from tlpipe.ingest.pixels import (JUNK_NAMES, MAX_ASPECT, BadImage, check_image, decode_error,  # noqa: F401
                            error_name, eval_load, eval_pixels, image_warnings, is_junk, list_files,
                            load_rgb, load_rgb_drafted, read_verified, shown, to_rgb, utf8_name)
 from tlpipe.runtime import TlpipeError
@@ -22,7 +22,7 @@ from tlpipe.runtime import TlpipeError
 
 def _transforms():
     # torchvision costs 1.6 s of import on top of torch; only fine-tuning's augmentation needs it
-    # (evaluation decodes with tlpipe.pixels), which keeps a head-only rerun short.
+    # (evaluation decodes with tlpipe.ingest.pixels), which keeps a head-only rerun short.
     from torchvision.transforms import v2
     return v2
 
@@ -37,7 +37,7 @@ def _eval_tensor(img: Image.Image, img_size: int, resize_size: int, interpolatio
 
 
 def eval_transform(img_size: int, resize_size: int, interpolation: str) -> Callable:
-    """Resize the short side, centre-crop, uint8 CHW (tlpipe.pixels.eval_pixels, torchvision's
+    """Resize the short side, centre-crop, uint8 CHW (tlpipe.ingest.pixels.eval_pixels, torchvision's
     Resize + CenterCrop to the byte). Normalization happens later, on the device."""
     return functools.partial(_eval_tensor, img_size=img_size, resize_size=resize_size,
                              interpolation=interpolation)
@@ -87,9 +87,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """Fine-tuning's training images: the decoded pixels of a split (a tlpipe.decoded.DecodedSplit,
+    """Fine-tuning's training images: the decoded pixels of a split (a tlpipe.ingest.decoded.DecodedSplit,
     the train split at the training geometry). Indexed by position or by (position, repeat)
-    (tlpipe.distributed.GlobalBatches), it yields (uint8 image, position, repeat); `augment` turns a
+    (tlpipe.train.distributed.GlobalBatches), it yields (uint8 image, position, repeat); `augment` turns a
     batch of those into training crops on whatever device the batch is on, so a GPU augments its
     own batches and the loader only copies pixels.
 
@@ -130,9 +130,9 @@ def eval_images(paths: Sequence[str | Path], geometry: dict, hashes: Sequence[st
     return ImageFiles(paths, transform, load=functools.partial(eval_load, geometry=geometry), hashes=hashes)
 
 
-def eval_check(geometry: dict) -> Callable[[Path], object]:
-    """A `load` for check_image that decodes exactly as eval_images will: tlpipe.pixels.eval_check,
-    as a tensor."""
+def eval_tensor_loader(geometry: dict) -> Callable[[Path], torch.Tensor]:
+    """path -> the image's tensor exactly as eval_images yields it (the check before `tlpipe predict`,
+    tlpipe.ingest.pixels.eval_check, decodes the same pixels without torch)."""
     transform = eval_transform(geometry["img_size"], geometry["resize_size"], geometry["interpolation"])
     return lambda path: transform(eval_load(path, geometry))
 

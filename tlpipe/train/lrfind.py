@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from tlpipe import finetuning
-from tlpipe.features import load_split
-from tlpipe.images import normalize_batch
+from tlpipe.ingest.images import normalize_batch
 from tlpipe.io import atomic_path
-from tlpipe.models import Classifier
+from tlpipe.nets.features import load_split
+from tlpipe.nets.models import Classifier
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError, device, progress, training_workers
+from tlpipe.train import finetuning
 
 BETA = 0.9  # loss smoothing: exponential moving average (bias-corrected) over ~10 steps
 

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tlpipe import backbones
 from tlpipe.io import atomic_path, load_tensors, read_json, sha256_file, write_json
+from tlpipe.nets import backbones
 from tlpipe.runtime import TlpipeError
 
 

@@ -24,13 +24,19 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from tlpipe import paths
 from tlpipe.runtime import TlpipeError
 
-CURVES = "metrics/finetune_curves/plots/metrics"
+# Files are named as `dvc exp show` and DVC's file system name them: their paths as dvc.yaml spells them.
+CURVES = paths.FINETUNE_CURVE_FILES.as_posix()
 CURVE_FILES = {"train loss": "train/loss.tsv", "val loss": "val/loss.tsv", "val accuracy": "val/accuracy.tsv"}
-PREDICTIONS = {"head": "metrics/predictions/head.csv", "finetuned": "metrics/predictions/finetuned.csv"}
-GALLERIES = {"head": "metrics/gallery/head.png", "finetuned": "metrics/gallery/finetuned.png"}
-MANIFEST = "data/prepared/manifest.csv"
+MODELS = ("head", "finetuned")
+PREDICTIONS = {m: (paths.TEST_PREDICTIONS / f"{m}.csv").as_posix() for m in MODELS}
+GALLERIES = {m: (paths.GALLERY / f"{m}.png").as_posix() for m in MODELS}
+MANIFEST = paths.MANIFEST.as_posix()
+DATA_JSON, FEATURES_JSON, HEAD_JSON, FINETUNE_JSON, TEST_JSON, SCRATCH_JSON = (p.as_posix() for p in (
+    paths.DATA_METRICS, paths.FEATURES_METRICS, paths.HEAD_METRICS, paths.FINETUNE_METRICS, paths.TEST_METRICS,
+    paths.SCRATCH_METRICS))
 
 
 @dataclass
@@ -125,16 +131,16 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
     """The columns to decide on: test accuracy, macro-F1 and log loss of every model, val accuracy."""
     rows = []
     for e in exps:
-        test = e.metrics.get("metrics/test.json", {})
+        test = e.metrics.get(TEST_JSON, {})
         row = {k: v for k, v in test.items() if k.split(".")[-1] in ("accuracy", "macro_f1", "log_loss")
-               and k.split(".")[0] in ("head", "finetuned")}
-        scratch = e.metrics.get("metrics/scratch.json", {})
+               and k.split(".")[0] in MODELS}
+        scratch = e.metrics.get(SCRATCH_JSON, {})
         row.update({k: v for k, v in scratch.items() if k in ("scratch.accuracy", "scratch.macro_f1",
                                                                "scratch.log_loss")})
-        if "val_accuracy" in e.metrics.get("metrics/head.json", {}):
-            row["head.val_accuracy"] = e.metrics["metrics/head.json"]["val_accuracy"]
-        if "val_accuracy" in e.metrics.get("metrics/finetune.json", {}):
-            row["finetuned.val_accuracy"] = e.metrics["metrics/finetune.json"]["val_accuracy"]
+        if "val_accuracy" in e.metrics.get(HEAD_JSON, {}):
+            row["head.val_accuracy"] = e.metrics[HEAD_JSON]["val_accuracy"]
+        if "val_accuracy" in e.metrics.get(FINETUNE_JSON, {}):
+            row["finetuned.val_accuracy"] = e.metrics[FINETUNE_JSON]["val_accuracy"]
         rows.append(row)
     return pd.DataFrame(rows, index=[e.name for e in exps])
 
@@ -148,18 +154,18 @@ def leaderboard(exps: list[Experiment]) -> tuple[pd.DataFrame, str]:
         return pd.DataFrame(), ""
     rows, data_of = [], {}
     for e in exps:
-        test = e.metrics.get("metrics/test.json", {})
-        features = e.metrics.get("metrics/features.json", {})
+        test = e.metrics.get(TEST_JSON, {})
+        features = e.metrics.get(FEATURES_JSON, {})
         rows.append({"backbone": e.params.get("backbone.name"),
                      "img_size": e.params.get("image.img_size"),
                      # with head.cv_folds the probe is chosen by cross-validation: its held-out accuracy
-                     "probe val accuracy": e.metrics.get("metrics/head.json", {}).get(
-                         "val_accuracy", e.metrics.get("metrics/head.json", {}).get("cv_accuracy")),
+                     "probe val accuracy": e.metrics.get(HEAD_JSON, {}).get(
+                         "val_accuracy", e.metrics.get(HEAD_JSON, {}).get("cv_accuracy")),
                      "probe test accuracy": test.get("head.accuracy"),
-                     # the layers the probe reads (head.layers; tlpipe.layers): the ranking is by that probe
-                     "probe layers": e.metrics.get("metrics/head.json", {}).get("layers", "last"),
+                     # the layers the probe reads (head.layers; tlpipe.nets.layers): the ranking is by that probe
+                     "probe layers": e.metrics.get(HEAD_JSON, {}).get("layers", "last"),
                      "fine-tuned test accuracy": test.get("finetuned.accuracy"),
-                     "fine-tuning epochs": e.metrics.get("metrics/finetune.json", {}).get("epochs_run"),
+                     "fine-tuning epochs": e.metrics.get(FINETUNE_JSON, {}).get("epochs_run"),
                      "features ms/image": features.get("ms_per_image"),
                      "features device": features.get("device")})
         data_of[e.name] = json.dumps({k: v for k, v in e.params.items() if k.startswith("data.")}, sort_keys=True)
@@ -184,13 +190,13 @@ def trust_table(exps: list[Experiment]) -> pd.DataFrame:
     """How sure each experiment's numbers are: 95 % intervals, the paired verdict, calibration."""
     rows = []
     for e in exps:
-        test = e.metrics.get("metrics/test.json", {})
-        row = {f"{m} {k}": _interval(test, f"{m}.{k}") for m in ("head", "finetuned") for k in ("accuracy", "log_loss")}
+        test = e.metrics.get(TEST_JSON, {})
+        row = {f"{m} {k}": _interval(test, f"{m}.{k}") for m in MODELS for k in ("accuracy", "log_loss")}
         if "paired.verdict" in test:
             row["head vs fine-tuned (exact McNemar)"] = (
                 f"{test['paired.verdict']} (p = {_fmt(test['paired.p_value'])}; right by one model only: "
                 f"head {test['paired.head_only_right']}, fine-tuned {test['paired.finetuned_only_right']})")
-        for m in ("head", "finetuned"):
+        for m in MODELS:
             if f"{m}.ece" in test and test.get(f"{m}.calibrated") in (False, "false"):  # T = 1 (docs/trust.md)
                 row[f"{m} ECE, calibrated"] = f"{_fmt(test[f'{m}.ece'])}, not calibrated (T = 1)"
             elif f"{m}.ece" in test:
@@ -221,7 +227,7 @@ def data_groups(exps: list[Experiment]) -> list[list[str]]:
 
 
 def describe_data(exp: Experiment) -> str:
-    counts = exp.metrics.get("metrics/data.json", {})
+    counts = exp.metrics.get(DATA_JSON, {})
     parts = [str(exp.params.get("data.source", "?"))]
     if exp.params.get("data.source") not in (None, "digits"):
         parts.append(str(exp.params.get(f"data.{'url' if exp.params.get('data.source') == 'url' else 'root'}")))
@@ -421,7 +427,7 @@ def report(exps: list[Experiment], repo: Path = Path("."), out: Path = Path("com
               "<h2>All metrics</h2>"]
     board, board_note = leaderboard(exps)
     board_title = ("Backbones, ranked by linear-probe val accuracy (then test); features time per image "
-                   "as measured on the machine that ran each (metrics/features.json)")
+                   f"as measured on the machine that ran each ({FEATURES_JSON})")
     if len(board):
         md += [f"## {board_title}", "", markdown_table(board, mark_best=not board_note), ""]
         md += [f"> {board_note}", ""] if board_note else []

@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from tlpipe.ingest.pixels import image_warnings, load_rgb
 from tlpipe.io import atomic_path
 from tlpipe.manifest import image_root
-from tlpipe.pixels import image_warnings, load_rgb
 
 MAX_IMAGES = 40  # a bounded PNG: the gallery is git-tracked, one per model and experiment
 COLUMNS = 8

@@ -54,7 +54,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, ma
     return w.detach(), b.detach()
 
 
-def fold(w: torch.Tensor, b: torch.Tensor, scaler: Standardizer) -> tuple[torch.Tensor, torch.Tensor]:
+def raw_weights(w: torch.Tensor, b: torch.Tensor, scaler: Standardizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights of the same classifier acting on raw (unstandardized) features."""
     w_raw = w / scaler.std
     return w_raw, b - w_raw @ scaler.mean
@@ -92,7 +92,7 @@ def sweep(train_features: torch.Tensor, train_labels: torch.Tensor, val_features
         })
     best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], rows[i]["val_log_loss"]))
     w, b = fits[best]
-    return rows, best, fold(w.double(), b.double(), scaler)
+    return rows, best, raw_weights(w.double(), b.double(), scaler)
 
 
 PROBE_MAX_ITER = 1000  # L-BFGS stops on its tolerances long before this; a cap, not a knob
@@ -100,7 +100,7 @@ PROBE_MAX_ITER = 1000  # L-BFGS stops on its tolerances long before this; a cap,
 
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, n_classes: int, l2: float,
               max_iter: int = PROBE_MAX_ITER) -> tuple[torch.Tensor, torch.Tensor]:
-    """One linear probe at a given L2 strength: standardize, fit, fold. Returns raw-feature weights.
+    """One linear probe at a given L2 strength: standardize, fit, back to raw features. Returns raw-feature weights.
 
     The head stage's grid fit at a single L2 point, cold-started, gives the same weights (to float32
     precision: the sweep fits in float32).
@@ -109,7 +109,7 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, n_classes: int, l2: 
     # every epoch with it, so it is kept at full precision.
     x = features.double()
     scaler = Standardizer.fit(x)
-    return fold(*fit_logistic(scaler(x), labels, n_classes, l2, max_iter), scaler)
+    return raw_weights(*fit_logistic(scaler(x), labels, n_classes, l2, max_iter), scaler)
 
 
 # --- choosing L2 by stratified k-fold cross-validation -----------------------------------------
@@ -282,5 +282,5 @@ def _cv_sweep(features, labels, n_classes, grid, max_iter, folds, seed):
         w_fin, b_fin = w_fin[0], b_fin[0]
         if basis is not None:
             w_fin = w_fin @ basis
-        return fold(w_fin, b_fin, scaler)
+        return raw_weights(w_fin, b_fin, scaler)
     return rows, best, oof_logits[best].double(), finish

@@ -52,14 +52,14 @@ def check_args(args) -> None:
 
 
 def _compare(args) -> None:
-    from tlpipe import compare
+    from tlpipe.report import compare
 
     exps = compare.load_experiments(args.experiments)
     print(compare.report(exps, Path("."), Path(args.out)))
 
 
 def _lr_find(args) -> None:
-    from tlpipe import lrfind
+    from tlpipe.train import lrfind
 
     lr, rule, curve = lrfind.run(args.target, args.steps, args.start_lr, args.end_lr, args.stop_factor,
                                  Path(args.out_dir))
@@ -72,13 +72,13 @@ def _lr_find(args) -> None:
 
 
 def _predict(args) -> None:
-    from tlpipe import predict
+    from tlpipe.deploy import predict
 
     predict.predict(args.inputs, args.model, args.top_k, Path(args.out), tta="flip" if args.tta else "none")
 
 
 def _summary(args) -> None:
-    from tlpipe import summary
+    from tlpipe.report import summary
 
     print(summary.render())
 

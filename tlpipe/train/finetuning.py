@@ -32,14 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlpipe import audit, backbones, checkpoints, distributed, linear
-from tlpipe.decoded import TRAIN_SOURCE, DecodedSplit
-from tlpipe.features import load_split
-from tlpipe.images import TrainImages, normalize_batch, train_transform
+from tlpipe.ingest import audit
+from tlpipe.ingest.decoded import TRAIN_SOURCE, DecodedSplit
+from tlpipe.ingest.images import TrainImages, normalize_batch, train_transform
 from tlpipe.manifest import read_manifest
-from tlpipe.models import Classifier, linear_from
+from tlpipe.nets import backbones, linear
+from tlpipe.nets.features import load_split
+from tlpipe.nets.models import Classifier, linear_from
 from tlpipe.paths import CLASSES, FEATURES
 from tlpipe.runtime import TlpipeError, progress
+from tlpipe.train import checkpoints, distributed
 
 
 @dataclass
@@ -257,7 +259,7 @@ def train_one_epoch(net: nn.Module, optimizer, scheduler, loader, targets: torch
     loss_sum, seen = 0.0, 0
     bar = progress(loader, desc=f"epoch {epoch}/{f.epochs}", enabled=group.is_main)
     for step, (images, idx, repeats) in enumerate(bar, start=1):
-        images = loader.dataset.augment(images.to(dev, non_blocking=True), idx, repeats)  # tlpipe.images.TrainImages
+        images = loader.dataset.augment(images.to(dev, non_blocking=True), idx, repeats)  # tlpipe.ingest.images.TrainImages
         x = normalize_batch(images, record["mean"], record["std"])
         y = targets[idx].to(dev, non_blocking=True)
         if mixing is not None:

@@ -2,7 +2,7 @@
 
 The last pooled layer of an ImageNet backbone is what ImageNet's classes needed; on images far from
 ImageNet (hand signs, scans) an earlier stage often separates the classes better. The features
-stage therefore also caches, in the same forward pass, every stage's output (tlpipe.backbones.
+stage therefore also caches, in the same forward pass, every stage's output (tlpipe.nets.backbones.
 layer_modules) average-pooled to 1x1 and to 2x2 cells (POOLS), one tensor per layer key
 ("stage3@2": stage 3, pooled to 2x2, flattened channel-major), in `layers-{split}.safetensors`
 beside the last-layer files, which stay as they were. The head (head.layers) reads any subset by

@@ -1,12 +1,12 @@
 """`tlpipe predict`: top-k classes of new images with the head, the fine-tuned model or an ONNX export.
 
-Exactly the evaluation path: the model's preprocessing record (decoding by tlpipe.pixels, as the
+Exactly the evaluation path: the model's preprocessing record (decoding by tlpipe.ingest.pixels, as the
 decode stage, then its mean/std); for the head, the backbone's features computed by
 `inference.outputs` (what the features stage caches) and then the head's linear layer (what evaluate
-applies to the cached test features), on the layers the head reads (tlpipe.layers). With a `.onnx`
+applies to the cached test features), on the layers the head reads (tlpipe.nets.layers). With a `.onnx`
 file (the export stages' models/*.onnx), the record comes from the file's metadata and onnxruntime
 runs it: torch is never imported on that path, nor pandas, so Pillow, numpy and onnxruntime suffice (docs/deploy.md).
-Folders are searched like the data stage's class folders (`tlpipe.pixels.list_files`: every file
+Folders are searched like the data stage's class folders (`tlpipe.ingest.pixels.list_files`: every file
 but hidden and junk ones, whatever its extension), so predict takes exactly the files training
 takes. Each file is decoded once up front as the model's loader will decode it; a file that fails
 (not an image, malformed EXIF, a name that is not UTF-8...) is reported, on stderr and as a CSV
@@ -15,7 +15,7 @@ any image is decoded.
 Probabilities are calibrated: the model's logits divided by its temperature (head.json's, from
 out-of-fold logits; finetuned_calibration.json's, from val), as evaluate scores them; an ONNX file
 has its temperature inside, and gives the same probabilities. Where no temperature could be fitted
-(tlpipe.calibration: too few held-out images or errors) T is 1, and a note on stderr says why.
+(tlpipe.nets.calibration: too few held-out images or errors) T is 1, and a note on stderr says why.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.ingest.pixels import check_image, eval_check, image_warnings, list_files, load_eval_pixels, shown
 from tlpipe.io import atomic_path, check_writable, read_json
 from tlpipe.paths import MODELS
-from tlpipe.pixels import check_image, eval_check, image_warnings, list_files, load_eval_pixels, shown
 from tlpipe.runtime import TlpipeError, inference_batch_size, workers
 
 
@@ -50,7 +50,7 @@ def check_output(out: Path) -> None:
 
 
 def calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log(raw) / T): the temperature applied to probabilities (tlpipe.calibration, in numpy)."""
+    """softmax(log(raw) / T): the temperature applied to probabilities (tlpipe.nets.calibration, in numpy)."""
     z = np.log(np.clip(raw.astype(np.float64), 1e-300, None)) / temperature
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -67,8 +67,8 @@ class TorchModel:
         except ImportError:
             raise TlpipeError(f"--model {kind} needs torch (pip install tlpipe); a runtime without it "
                               "takes an exported .onnx file (docs/deploy.md)") from None
-        from tlpipe import backbones, layers
-        from tlpipe.models import load_classifier, load_head
+        from tlpipe.nets import backbones, layers
+        from tlpipe.nets.models import load_classifier, load_head
 
         self.kind = kind
         if kind == "head":
@@ -91,7 +91,7 @@ class TorchModel:
 
     def proba(self, paths: list[Path], tta: str) -> np.ndarray:
         """Calibrated class probabilities (with tta "flip": of the averaged probabilities)."""
-        from tlpipe import calibration
+        from tlpipe.nets import calibration
 
         raw = self.raw_proba(paths, tta)
         return calibration.scaled_proba(calibration.logits_of(raw), self.temperature).float().numpy()
@@ -99,8 +99,8 @@ class TorchModel:
     def raw_proba(self, paths: list[Path], tta: str):
         import torch
 
-        from tlpipe import inference, linear
-        from tlpipe.images import eval_images
+        from tlpipe.ingest.images import eval_images
+        from tlpipe.nets import inference, linear
         from tlpipe.runtime import device
 
         record, dev, n_workers = self.record, device(), workers()
@@ -111,7 +111,7 @@ class TorchModel:
                 return inference.class_probabilities(self.model, loader, record["mean"], record["std"], dev, tta,
                                                      desc="fine-tuned")
             weight, bias = self.head.weight.detach(), self.head.bias.detach()
-            trunk = self.trunk  # the layers the head reads (tlpipe.layers.for_head)
+            trunk = self.trunk  # the layers the head reads (tlpipe.nets.layers.for_head)
             views = [trunk] + ([inference.Mirrored(trunk)] if tta == "flip" else [])
             proba = [linear.predict_proba(inference.outputs(view, loader, record["mean"], record["std"], dev,
                                                             desc="features"), weight, bias) for view in views]
@@ -119,10 +119,10 @@ class TorchModel:
 
 
 class ExportedModel:
-    """A .onnx file of the export stages (tlpipe.onnx_model), run by onnxruntime without torch."""
+    """A .onnx file of the export stages (tlpipe.deploy.onnx_model), run by onnxruntime without torch."""
 
     def __init__(self, path: str):
-        from tlpipe.onnx_model import OnnxModel
+        from tlpipe.deploy.onnx_model import OnnxModel
 
         self.onnx = OnnxModel(path)  # a bad model file fails before any image is read
         self.record, self.classes = self.onnx.preprocessing, self.onnx.classes

@@ -1,16 +1,16 @@
 """ONNX export of a trained classifier, checked against PyTorch before it is kept.
 
-The exported graph takes uint8 N x 3 x S x S pixels (what tlpipe.pixels decodes, and what the decode
+The exported graph takes uint8 N x 3 x S x S pixels (what tlpipe.ingest.pixels decodes, and what the decode
 stage stores) and returns calibrated class probabilities, softmax(logits / T) with the model's
-temperature T (tlpipe.calibration; T = 1 where none could be fitted, with `calibrated` "false" and
+temperature T (tlpipe.nets.calibration; T = 1 where none could be fitted, with `calibrated` "false" and
 the reason in the metadata), and the raw logits: normalization, temperature and softmax are
-inside, so a runtime needs only Pillow, numpy and onnxruntime (tlpipe.onnx_model, docs/deploy.md) and
+inside, so a runtime needs only Pillow, numpy and onnxruntime (tlpipe.deploy.onnx_model, docs/deploy.md) and
 gets the probabilities `tlpipe predict` and evaluate report. Batch size is dynamic.
 
-Parity: onnxruntime (CPU) against the PyTorch path of `tlpipe predict` (tlpipe.inference.outputs on
-the CPU, then tlpipe.calibration) on the decoded test images; the file is renamed into place only
+Parity: onnxruntime (CPU) against the PyTorch path of `tlpipe predict` (tlpipe.nets.inference.outputs on
+the CPU, then tlpipe.nets.calibration) on the decoded test images; the file is renamed into place only
 when the model's largest probability difference (softmax of the logits) is at most TOLERANCE and
-every argmax agrees. The file is sealed (tlpipe.onnx_model.seal: its own sha256 in its metadata),
+every argmax agrees. The file is sealed (tlpipe.deploy.onnx_model.seal: its own sha256 in its metadata),
 so every reader refuses it once altered; metrics/export_*.json keeps the sha256 of the file as
 written beside the parity numbers. The calibrated difference is reported beside it, not gated: a
 temperature T < 1 multiplies the same float32 logit noise by 1/T (up to 4x at calibration.T_RANGE's
@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlpipe import calibration, inference, preprocessing
-from tlpipe.decoded import DecodedSplit
+from tlpipe import preprocessing
+from tlpipe.deploy.onnx_model import INPUT, LOGITS, OUTPUT, SEAL_KEY, UNSEALED, OnnxModel, seal
+from tlpipe.ingest.decoded import DecodedSplit
 from tlpipe.io import atomic_path, sha256_file, write_json
-from tlpipe.onnx_model import INPUT, LOGITS, OUTPUT, SEAL_KEY, UNSEALED, OnnxModel, seal
+from tlpipe.nets import calibration, inference
 from tlpipe.runtime import TlpipeError, inference_batch_size
 
 OPSET = 17
@@ -51,7 +52,7 @@ class Deployable(nn.Module):
         self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (pixels.float() / 255.0 - self.mean) / self.std  # as tlpipe.images.normalize_batch
+        x = (pixels.float() / 255.0 - self.mean) / self.std  # as tlpipe.ingest.images.normalize_batch
         logits = self.model(x)
         return torch.softmax(logits / self.temperature, dim=1), logits
 
@@ -101,10 +102,10 @@ def parity(model: nn.Module, onnx_file: Path, test: DecodedSplit, record: dict, 
             "argmax_mismatches": mismatches, "tolerance": TOLERANCE, SEAL_KEY: runtime.sha256}
 
 
-def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, metrics: Path,
+def export(model: nn.Module, cfg: dict, weights: Path, config: Path, out: Path, metrics: Path,
            test: DecodedSplit, temperature: float, temperature_from: str, calibrated: bool | None = None,
            calibration_reason: str = "") -> dict:
-    """Export `model` (loaded from `source` + `config`, eval mode, CPU) with its `temperature` (read
+    """Export `model` (loaded from its `weights` file + `config`, eval mode, CPU) with its `temperature` (read
     from `temperature_from`, which also says whether it was fitted and why: `calibrated`,
     `calibration_reason`) to `out`, checked on the decoded `test` split; parity numbers to `metrics`.
     Nothing is written when parity fails."""
@@ -116,7 +117,7 @@ def export(model: nn.Module, cfg: dict, source: Path, config: Path, out: Path, m
     if len(test) == 0:
         raise TlpipeError(f"{out}: no test images to check the export on (data.test_fraction is 0)")
     metadata = {"classes": json.dumps(cfg["classes"]), "preprocessing": json.dumps(record),
-                "source_model": str(source), "source_sha256": sha256_file(source),
+                "source_model": str(weights), "source_sha256": sha256_file(weights),
                 "backbone": cfg["backbone"], "backbone_weights_sha256": cfg["weights_sha256"],
                 "temperature": repr(float(temperature)), "temperature_from": temperature_from}
     if calibrated is not None:  # a model recorded before tlpipe said why has only its temperature

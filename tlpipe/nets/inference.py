@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from tlpipe.images import normalize_batch
+from tlpipe.ingest.images import normalize_batch
 from tlpipe.runtime import progress as progress_bar
 
 

@@ -62,7 +62,7 @@ def lines() -> list[str]:
                    f"({finetune['kept_weights']} weights), kept by {how}")
     v = test["val"]
     if v["val_too_small"]:
-        from tlpipe.audit import val_warning
+        from tlpipe.ingest.audit import val_warning
         out.append(val_warning(v))
     d = test["duplicates"]
     copies = d.get("exact_across_splits", 0) + d.get("near_across_splits", 0)
