@@ -16,11 +16,8 @@ torchrun (tlpipe.distributed), as DistributedDataParallel. `batch_size` stays th
 each optimizer step sees the same images however many processes share it; rank 0 alone writes.
 """
 
-import random
 from pathlib import Path
 
-import numpy as np
-import torch
 from dvclive import Live
 
 from tlpipe import checkpoints, distributed, finetuning, preprocessing
@@ -31,7 +28,7 @@ from tlpipe.models import save_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNED, FINETUNED_CONFIG,
                           MANIFEST)
-from tlpipe.runtime import inference_batch_size, run_stage, training_workers
+from tlpipe.runtime import inference_batch_size, run_stage
 
 
 def main() -> None:
@@ -42,17 +39,11 @@ def main() -> None:
     group, f, seed = distributed.join(), params.finetune, params.seed
     settings = {"seed": seed, "finetune": f.dump()}
     finetuning.check_batch_size(f, group.world)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = False
-
-    start = finetuning.start_model(f, seed)
+    start = finetuning.begin(f, seed)
     model, record, dev = start.model, start.source["preprocessing"], group.device
     val = DecodedSplit("val")
     preprocessing.check(record, val.geometry, FEATURES / "meta.json", "rerun the features stage")
     val_batches = val.batches(inference_batch_size(dev), group.rank, group.world)
-    batches, optimizer, scheduler, loss_fn, mixing, ema = finetuning.make_training(start, f, group, seed)
 
     # Resume only a run with exactly these inputs, code and device (its results would differ else).
     code = [Path("stages/finetune.py"), *sorted(Path("tlpipe").glob("*.py"))]
@@ -62,9 +53,11 @@ def main() -> None:
     if group.is_main:
         checkpoint.remove_others()
     say = print if group.is_main else (lambda *_: None)
-    kept_by, why = finetuning.kept_by(start.source["classes"], ema is not None)
+    run = finetuning.make_run(start, f, group, seed)
+    run.checkpoint_folder = checkpoint.folder
+    kept_by, why = finetuning.kept_by(start.source["classes"], run.ema is not None)
     say(f"kept by {kept_by.replace('_', ' ')}: {why}")
-    progress = finetuning.Progress.resume(checkpoint, model, optimizer, scheduler, ema, kept_by)
+    progress = finetuning.Progress.resume(checkpoint, run, kept_by)
     if progress is None:
         progress = finetuning.Progress.from_probe(model, *finetuning.evaluate(model, val_batches, start.targets,
                                                                               record, group), kept_by)
@@ -76,29 +69,15 @@ def main() -> None:
     for epoch in range(progress.epoch + 1, f.epochs + 1):
         if progress.stopped:
             break
-        finetuning.set_trainable(model, start.blocks, finetuning.trainable_blocks(
-            f.unfreeze, f.unfreeze_last_n, epoch, len(start.blocks)), f.train_bn_stats)
-        # DDP registers the parameters that train when it is built, and that set changes with the
-        # unfreeze strategy, so it wraps the model afresh each epoch (its weights stay in sync).
-        net = model if group.world == 1 else torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        start.train_set.epoch = batches.epoch = epoch
-        loader = torch.utils.data.DataLoader(start.train_set, batch_sampler=batches,
-                                             num_workers=training_workers(dev), pin_memory=dev.type == "cuda")
-        kept = f"the checkpoint of epoch {epoch - 1} stays in {checkpoint.folder}" if epoch > 1 else "no epoch had finished"
-        train_loss = finetuning.train_one_epoch(net, optimizer, scheduler, loader, start.train_targets, record, group,
-                                                f, epoch, [len(b) for b in batches.global_batches()], kept,
-                                                loss_fn, mixing, ema)
-        scores = finetuning.score_on_val(model, ema, val_batches, start.targets, record, group)
-        if f.schedule == "plateau":
-            scheduler.step(scores["val/loss"])
+        train_loss = finetuning.train_one_epoch(run, epoch)
+        scores = finetuning.score_on_val(model, run.ema, val_batches, start.targets, record, group)
+        run.step_scheduler(scores["val/loss"])
         say(f"epoch {epoch}: train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, "lr/head": optimizer.param_groups[-1]["lr"],
-                                   "lr/backbone": optimizer.param_groups[0]["lr"]}, model, f, ema)
+        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, **run.lrs()}, model, f, run.ema)
         if progress.stopped:
             say(f"early stop: val loss has not improved for {f.patience} epochs")
         if group.is_main:
-            progress.save(checkpoint, model, optimizer, scheduler, ema)
+            progress.save(checkpoint, run)
     distributed.barrier(group)  # every rank finished cleanly before anything is written
     if group.is_main:
         write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name, why)
