@@ -11,23 +11,28 @@ in some class chooses nothing: the schedule's last epoch is kept, with no early 
 goes to models/.resume/ (tlpipe.checkpoints), so a killed run continues from its last finished
 epoch with the result of an uninterrupted one.
 
+`recipe: auto` first runs a budgeted search on val (tlpipe.recipe_search) for how much of the
+backbone to train and how hard; its winner's settings drive the run, and its report goes into
+metrics/finetune.json and the plot metrics/finetune_search.csv.
+
 Several processes (GPUs or nodes): TLPIPE_NPROC / TLPIPE_NNODES relaunch this module under
 torchrun (tlpipe.distributed), as DistributedDataParallel. `batch_size` stays the global batch and
 each optimizer step sees the same images however many processes share it; rank 0 alone writes.
 """
 
+import time
 from pathlib import Path
 
 from dvclive import Live
 
-from tlpipe import checkpoints, distributed, finetuning, preprocessing
+from tlpipe import checkpoints, distributed, finetuning, preprocessing, recipe_search
 from tlpipe.decoded import DecodedSplit
 from tlpipe.features import source_of
 from tlpipe.io import sha256_file, write_json, writing
 from tlpipe.models import save_classifier
 from tlpipe.params import load_params
-from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNED, FINETUNED_CONFIG,
-                          MANIFEST)
+from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNE_SEARCH_PLOT, FINETUNED,
+                          FINETUNED_CONFIG, MANIFEST)
 from tlpipe.runtime import inference_batch_size, run_stage
 
 
@@ -53,6 +58,11 @@ def main() -> None:
     if group.is_main:
         checkpoint.remove_others()
     say = print if group.is_main else (lambda *_: None)
+    search = None
+    if f.recipe == "auto":  # the family's knobs from a budgeted search on val (tlpipe.recipe_search)
+        f, search = recipe_search.search(start, f, group, seed, val_batches, checkpoint.folder.name, say)
+        say(f"recipe auto: {search['chosen']} ({search['reason']})")
+    began = time.perf_counter()
     run = finetuning.make_run(start, f, group, seed)
     run.checkpoint_folder = checkpoint.folder
     kept_by, why = finetuning.kept_by(start.source["classes"], run.ema is not None)
@@ -80,13 +90,16 @@ def main() -> None:
             progress.save(checkpoint, run)
     distributed.barrier(group)  # every rank finished cleanly before anything is written
     if group.is_main:
-        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name, why)
+        if search is not None:  # the search's cost against the run it chose (this process's share)
+            search["final_run_seconds"] = round(time.perf_counter() - began, 1)
+        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name, why, search)
+        recipe_search.search_checkpoint(checkpoint.folder.name).remove()
         checkpoint.remove()
     distributed.leave(group)
 
 
 def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: float, resume_key: str,
-                  why: str) -> None:
+                  why: str, search: dict | None) -> None:
     with writing(FINETUNE_CURVES), Live(str(FINETUNE_CURVES), dvcyaml=False, save_dvc_exp=False) as live:
         for step, record in enumerate(progress.history):
             live.step = step
@@ -100,13 +113,20 @@ def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: 
                                                           # its checkpoint is stale once these outputs exist
                                                           "resume_key": resume_key})
     first = progress.history[0]
+    beats = best["epoch"] > 0 and best["val_loss"] < first["val/loss"]
+    recipe_search.write_plot(FINETUNE_SEARCH_PLOT, first["val/loss"], search)
     write_json(FINETUNE_METRICS, {
         "initial_val_accuracy": round(first["val/accuracy"], 6), "initial_val_loss": round(first["val/loss"], 6),
         "best_epoch": best["epoch"], "kept_weights": best["weights"], "kept_by": progress.kept_by, "kept_reason": why,
         "epochs_run": len(progress.history) - 1,
-        "val_loss": round(best["val_loss"], 6), "val_accuracy": round(best["val_accuracy"], 6)})
+        "val_loss": round(best["val_loss"], 6), "val_accuracy": round(best["val_accuracy"], 6),
+        "beats_probe_on_val": beats if progress.kept_by == "val_loss" else None,
+        **({"search": search} if search is not None else {})})
     print(f"kept epoch {best['epoch']} ({best['weights']} weights) by {progress.kept_by.replace('_', ' ')}: "
           f"val loss {best['val_loss']:.4f} acc {best['val_accuracy']:.4f}")
+    if progress.kept_by == "val_loss" and not beats:
+        print(f"fine-tuning did not beat the probe on val (val loss {first['val/loss']:.4f}): the probe is kept; "
+              "ship the head (models/head.*) and save the training")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ SUSPECTS = METRICS / "suspect_labels.csv"   # head: train/val images whose label
 SUSPECTS_GALLERY = METRICS / "suspect_labels.png"
 FINETUNE_METRICS = METRICS / "finetune.json"
 FINETUNE_CURVES = METRICS / "finetune_curves"
+FINETUNE_SEARCH_PLOT = METRICS / "finetune_search.csv"  # recipe auto: val loss per candidate and round
 TEST_METRICS = METRICS / "test.json"
 TEST_PER_CLASS = METRICS / "test_per_class.json"
 TEST_PREDICTIONS = METRICS / "predictions"

@@ -93,10 +93,13 @@ def prune_finished_checkpoint(config: str = "models/finetuned.json", root: str =
             key = json.load(f).get("resume_key")
     except (OSError, ValueError, AttributeError):
         return
-    if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{1,64}", key) and os.path.isdir(os.path.join(root, key)):
-        shutil.rmtree(os.path.join(root, key), ignore_errors=True)
-        if not os.listdir(root):
-            os.rmdir(root)
+    if not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{1,64}", key)):
+        return
+    for folder in (key, f"{key}-search"):  # the run's, and its recipe search's (tlpipe.recipe_search)
+        if os.path.isdir(os.path.join(root, folder)):
+            shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
+    if not os.listdir(root):
+        os.rmdir(root)
 
 
 # --- process lifetime -----------------------------------------------------------------------------
