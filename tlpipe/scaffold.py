@@ -51,7 +51,7 @@ RECIPES = {
     "auto": {"finetune.recipe": "auto", "finetune.probe_l2": 0.1, "finetune.crop_scale_min": 0.35,
              "finetune.epochs": 12, "finetune.patience": 5, "finetune.search_budget": 6.0},
 }
-PHOTO_SETTINGS = {**PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **RECIPES["auto"]}
+PHOTO_SETTINGS = {**RECIPES["auto"], **PHOTO_GEOMETRY, **PHOTO_AUGMENTATION}  # the photo augmentation wins
 
 
 def photo_settings(backbone: str = "tf_efficientnet_lite0", recipe: str = "auto") -> dict[str, Any]:
