@@ -11,15 +11,14 @@ layer trained (unfreeze all), AdamW with the project's LRs (backbone = lr x back
 label-smoothed cross-entropy, batch 32, fp32 on the CPU.
 
 The images: a class-folder dataset (default hymenoptera's train/; sign-digits' images/ works too),
-made into a project by `tlpipe.scaffold` (source `folder`, split 70/15/15 per class) whose data,
+made into a project by `tlpipe.tools.scaffold` (source `folder`, split 70/15/15 per class) whose data,
 decode and features stages run first (stats too when backbone.normalize is `dataset`). All three
 loops train on its train split. Each loop runs in its own process (`--measure`, a fresh
 interpreter, watched with psutil for peak RSS):
 
 - tlpipe: the finetune stage's training loop, in-process as stages/finetune.py runs it
-  (tlpipe.finetuning.start_model, GlobalBatches, make_optimizer / make_scheduler / make_loss,
-  set_trainable, a DataLoader over the stage's training dataset with the stage's workers (training_workers),
-  train_one_epoch), without the stage's val pass and checkpoint after each epoch.
+  (tlpipe.finetuning.begin, make_run: the stage's batches, optimizer, scheduler and loss; the
+  run's DataLoader with the stage's workers; train_one_epoch(run, epoch)), without the stage's val pass and checkpoint after each epoch.
 - plain: torchvision ImageFolder (symlinks to the same train images) + RandomResizedCrop + flip +
   ToTensor + Normalize, DataLoader(batch_size=32, num_workers=2, shuffle=True), model.train(),
   NCHW, a fresh linear head, AdamW over two groups (backbone, head) at the same LRs.
@@ -62,11 +61,6 @@ RESULT = "RESULT "  # the line a --measure process prints its numbers on
 
 def tlpipe_loop(args) -> dict:
     """The finetune stage's training loop, set up as stages/finetune.py does (run in the project)."""
-    import random
-
-    import numpy as np
-    import torch
-
     from tlpipe.params import load_params
     from tlpipe.runtime import training_workers
     from tlpipe.train import distributed, finetuning
@@ -74,28 +68,19 @@ def tlpipe_loop(args) -> dict:
     params = load_params("finetune")
     group, f, seed = distributed.join(), params.finetune, params.seed
     finetuning.check_batch_size(f, group.world)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    start = finetuning.start_model(f, seed)
-    model, record, dev = start.model, start.source["preprocessing"], group.device
-    batches, optimizer, scheduler, loss_fn, mixing, ema = finetuning.make_training(start, f, group, seed)
-    seen = common.watch_first_conv(model)
+    start = finetuning.begin(f, seed)
+    run = finetuning.make_run(start, f, group, seed)
+    dev = group.device
+    seen = common.watch_first_conv(start.model)
 
     seconds, images, pinned = [], [], set()
     for epoch in range(1, args.warmup_epochs + args.epochs + 1):
         began = time.perf_counter()
-        finetuning.set_trainable(model, start.blocks, finetuning.trainable_blocks(
-            f.unfreeze, f.unfreeze_last_n, epoch, len(start.blocks)), f.train_bn_stats)
-        start.train_set.epoch = batches.epoch = epoch
-        loader = common.WatchedLoader(torch.utils.data.DataLoader(
-            start.train_set, batch_sampler=batches, num_workers=training_workers(dev), pin_memory=dev.type == "cuda"))
-        sizes = [len(b) for b in batches.global_batches()]
-        finetuning.train_one_epoch(model, optimizer, scheduler, loader, start.train_targets, record, group, f,
-                                   epoch, sizes, "benchmark", loss_fn, mixing, ema)
+        loader = common.WatchedLoader(run.loader(epoch))
+        finetuning.train_one_epoch(run, epoch, loader)
         common.synchronize(dev)
         seconds.append(time.perf_counter() - began)
-        images.append(sum(sizes))
+        images.append(sum(len(b) for b in run.batches.global_batches()))
         pinned |= loader.pinned
     return {"train_images": len(start.train_set), "images": images[args.warmup_epochs:],
             "seconds": seconds[args.warmup_epochs:], "workers": training_workers(dev), "batch": f.batch_size,
@@ -149,30 +134,22 @@ def plain_loop(args) -> dict:
 def compute_limit(args) -> dict:
     """Forward + backward + step of tlpipe's model, optimizer and loss on train images already on the
     device (TLPIPE_DEVICE), channels_last; under bf16 autocast on CUDA, as train_one_epoch."""
-    import random
-
-    import numpy as np
     import torch
 
     from tlpipe.ingest.decoded import DecodedSplit
     from tlpipe.ingest.images import normalize_batch
     from tlpipe.params import load_params
     from tlpipe.runtime import device
-    from tlpipe.train import finetuning
+    from tlpipe.train import distributed, finetuning
 
     params = load_params("finetune")
     f, seed, dev = params.finetune, params.seed, device()
     amp = dev.type == "cuda"
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    start = finetuning.start_model(f, seed)
-    model, record = start.model, start.source["preprocessing"]
-    model.to(dev, memory_format=torch.channels_last)
+    start = finetuning.begin(f, seed)
+    run = finetuning.make_run(start, f, distributed.Group(0, 1, dev), seed)
+    model, record, optimizer, loss_fn = start.model, start.source["preprocessing"], run.optimizer, run.loss_fn
     seen = common.watch_first_conv(model)
     finetuning.set_trainable(model, start.blocks, len(start.blocks), f.train_bn_stats)
-    optimizer = finetuning.make_optimizer(model, f, start.blocks)
-    loss_fn = finetuning.make_loss(f, start.train_targets, len(start.source["classes"]))
 
     train = DecodedSplit("train")
     n = min(len(train), args.limit_images)

@@ -11,16 +11,18 @@ in some class chooses nothing: the schedule's last epoch is kept, with no early 
 goes to models/.resume/ (tlpipe.checkpoints), so a killed run continues from its last finished
 epoch with the result of an uninterrupted one.
 
+`recipe: auto` first runs a budgeted search on val (tlpipe.train.recipe_search) for how much of the
+backbone to train and how hard; its winner's settings drive the run, and its report goes into
+metrics/finetune.json and the plot metrics/finetune_search.csv.
+
 Several processes (GPUs or nodes): TLPIPE_NPROC / TLPIPE_NNODES relaunch this module under
 torchrun (tlpipe.distributed), as DistributedDataParallel. `batch_size` stays the global batch and
 each optimizer step sees the same images however many processes share it; rank 0 alone writes.
 """
 
-import random
+import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from dvclive import Live
 
 from tlpipe import preprocessing
@@ -29,10 +31,10 @@ from tlpipe.io import sha256_file, write_json, writing
 from tlpipe.nets.features import source_of
 from tlpipe.nets.models import save_classifier
 from tlpipe.params import load_params
-from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNED, FINETUNED_CONFIG,
-                          MANIFEST)
-from tlpipe.train import checkpoints, distributed, finetuning
-from tlpipe.runtime import inference_batch_size, run_stage, training_workers
+from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNE_SEARCH_PLOT, FINETUNED,
+                          FINETUNED_CONFIG, MANIFEST)
+from tlpipe.runtime import inference_batch_size, run_stage
+from tlpipe.train import checkpoints, distributed, finetuning, recipe_search
 
 
 def main() -> None:
@@ -43,29 +45,30 @@ def main() -> None:
     group, f, seed = distributed.join(), params.finetune, params.seed
     settings = {"seed": seed, "finetune": f.dump()}
     finetuning.check_batch_size(f, group.world)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = False
-
-    start = finetuning.start_model(f, seed)
+    start = finetuning.begin(f, seed)
     model, record, dev = start.model, start.source["preprocessing"], group.device
     val = DecodedSplit("val")
     preprocessing.check(record, val.geometry, FEATURES / "meta.json", "rerun the features stage")
     val_batches = val.batches(inference_batch_size(dev), group.rank, group.world)
-    batches, optimizer, scheduler, loss_fn, mixing, ema = finetuning.make_training(start, f, group, seed)
 
     # Resume only a run with exactly these inputs, code and device (its results would differ else).
-    code = [Path("stages/finetune.py"), *sorted(Path("tlpipe").glob("*.py"))]
+    code = [Path("stages/finetune.py"), *sorted(Path("tlpipe").rglob("*.py"))]
     checkpoint = checkpoints.EpochCheckpoint(checkpoints.run_key({
         "params": settings, "device": dev.type, "inputs": {str(p): sha256_file(p) for p in [
             *code, MANIFEST, DECODED / "meta.json", FEATURES / "train.safetensors"]}}))
     if group.is_main:
         checkpoint.remove_others()
     say = print if group.is_main else (lambda *_: None)
-    kept_by, why = finetuning.kept_by(start.source["classes"], ema is not None)
+    search = None
+    if f.recipe == "auto":  # the family's knobs from a budgeted search on val (tlpipe.train.recipe_search)
+        f, search = recipe_search.search(start, f, group, seed, val_batches, checkpoint.folder.name, say)
+        say(f"recipe auto: {search['chosen']} ({search['reason']})")
+    began = time.perf_counter()
+    run = finetuning.make_run(start, f, group, seed)
+    run.checkpoint_folder = checkpoint.folder
+    kept_by, why = finetuning.kept_by(start.source["classes"], run.ema is not None)
     say(f"kept by {kept_by.replace('_', ' ')}: {why}")
-    progress = finetuning.Progress.resume(checkpoint, model, optimizer, scheduler, ema, kept_by)
+    progress = finetuning.Progress.resume(checkpoint, run, kept_by)
     if progress is None:
         progress = finetuning.Progress.from_probe(model, *finetuning.evaluate(model, val_batches, start.targets,
                                                                               record, group), kept_by)
@@ -77,38 +80,27 @@ def main() -> None:
     for epoch in range(progress.epoch + 1, f.epochs + 1):
         if progress.stopped:
             break
-        finetuning.set_trainable(model, start.blocks, finetuning.trainable_blocks(
-            f.unfreeze, f.unfreeze_last_n, epoch, len(start.blocks)), f.train_bn_stats)
-        # DDP registers the parameters that train when it is built, and that set changes with the
-        # unfreeze strategy, so it wraps the model afresh each epoch (its weights stay in sync).
-        net = model if group.world == 1 else torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        start.train_set.epoch = batches.epoch = epoch
-        loader = torch.utils.data.DataLoader(start.train_set, batch_sampler=batches,
-                                             num_workers=training_workers(dev), pin_memory=dev.type == "cuda")
-        kept = f"the checkpoint of epoch {epoch - 1} stays in {checkpoint.folder}" if epoch > 1 else "no epoch had finished"
-        train_loss = finetuning.train_one_epoch(net, optimizer, scheduler, loader, start.train_targets, record, group,
-                                                f, epoch, [len(b) for b in batches.global_batches()], kept,
-                                                loss_fn, mixing, ema)
-        scores = finetuning.score_on_val(model, ema, val_batches, start.targets, record, group)
-        if f.schedule == "plateau":
-            scheduler.step(scores["val/loss"])
+        train_loss = finetuning.train_one_epoch(run, epoch)
+        scores = finetuning.score_on_val(model, run.ema, val_batches, start.targets, record, group)
+        run.step_scheduler(scores["val/loss"])
         say(f"epoch {epoch}: train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, "lr/head": optimizer.param_groups[-1]["lr"],
-                                   "lr/backbone": optimizer.param_groups[0]["lr"]}, model, f, ema)
+        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, **run.lrs()}, model, f, run.ema)
         if progress.stopped:
             say(f"early stop: val loss has not improved for {f.patience} epochs")
         if group.is_main:
-            progress.save(checkpoint, model, optimizer, scheduler, ema)
+            progress.save(checkpoint, run)
     distributed.barrier(group)  # every rank finished cleanly before anything is written
     if group.is_main:
-        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name, why)
+        if search is not None:  # the search's cost against the run it chose (this process's share)
+            search["final_run_seconds"] = round(time.perf_counter() - began, 1)
+        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name, why, search)
+        recipe_search.search_checkpoint(checkpoint.folder.name).remove()
         checkpoint.remove()
     distributed.leave(group)
 
 
 def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: float, resume_key: str,
-                  why: str) -> None:
+                  why: str, search: dict | None) -> None:
     with writing(FINETUNE_CURVES), Live(str(FINETUNE_CURVES), dvcyaml=False, save_dvc_exp=False) as live:
         for step, record in enumerate(progress.history):
             live.step = step
@@ -122,13 +114,20 @@ def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: 
                                                           # its checkpoint is stale once these outputs exist
                                                           "resume_key": resume_key})
     first = progress.history[0]
+    beats = best["epoch"] > 0 and best["val_loss"] < first["val/loss"]
+    recipe_search.write_plot(FINETUNE_SEARCH_PLOT, first["val/loss"], search)
     write_json(FINETUNE_METRICS, {
         "initial_val_accuracy": round(first["val/accuracy"], 6), "initial_val_loss": round(first["val/loss"], 6),
         "best_epoch": best["epoch"], "kept_weights": best["weights"], "kept_by": progress.kept_by, "kept_reason": why,
         "epochs_run": len(progress.history) - 1,
-        "val_loss": round(best["val_loss"], 6), "val_accuracy": round(best["val_accuracy"], 6)})
+        "val_loss": round(best["val_loss"], 6), "val_accuracy": round(best["val_accuracy"], 6),
+        "beats_probe_on_val": beats if progress.kept_by == "val_loss" else None,
+        **({"search": search} if search is not None else {})})
     print(f"kept epoch {best['epoch']} ({best['weights']} weights) by {progress.kept_by.replace('_', ' ')}: "
           f"val loss {best['val_loss']:.4f} acc {best['val_accuracy']:.4f}")
+    if progress.kept_by == "val_loss" and not beats:
+        print(f"fine-tuning did not beat the probe on val (val loss {first['val/loss']:.4f}): the probe is kept; "
+              "ship the head (models/head.*) and save the training")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,21 @@ class FinetuneParams(_Section):
     cutmix_alpha: float = Field(0.0, ge=0, le=10)  # Beta(alpha, alpha) CutMix; 0 = off
     mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed (MixUp or CutMix, 50/50 when both)
     class_balance: Literal["none", "loss_weights", "sampler"] = "none"
+    # auto: before the run, a successive-halving search on val over `search_family` chooses unfreeze,
+    # unfreeze_last_n, lr, backbone_lr_mult and layer_decay (tlpipe.train.recipe_search, docs/finetuning.md)
+    recipe: Literal["manual", "auto"] = "manual"
+    search_budget: float = Field(6.0, ge=0, le=1000)  # epochs of the train split, summed over candidates
+    # names from tlpipe.train.recipe_search.FAMILY (checked there, before any training)
+    search_family: list[str] = ["last_block", "top_third", "all", "all_decay"]
+
+    @field_validator("search_family")
+    @classmethod
+    def _family(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("an empty family: name at least one candidate (last_block, top_third, all, all_decay)")
+        if len(set(value)) < len(value):
+            raise ValueError("names a candidate twice")
+        return value
 
     @model_validator(mode="after")
     def _batch_norm(self):

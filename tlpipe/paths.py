@@ -42,6 +42,7 @@ SUSPECTS_GALLERY = METRICS / "suspect_labels.png"
 FINETUNE_METRICS = METRICS / "finetune.json"
 FINETUNE_CURVES = METRICS / "finetune_curves"
 FINETUNE_CURVE_FILES = FINETUNE_CURVES / "plots" / "metrics"  # dvclive's per-epoch TSVs (train/loss.tsv, ...)
+FINETUNE_SEARCH_PLOT = METRICS / "finetune_search.csv"  # recipe auto: val loss per candidate and round
 TEST_METRICS = METRICS / "test.json"
 TEST_PER_CLASS = METRICS / "test_per_class.json"
 TEST_PREDICTIONS = METRICS / "predictions"  # evaluate: {head,finetuned}.csv, per test image

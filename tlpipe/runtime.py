@@ -97,10 +97,13 @@ def prune_finished_checkpoint(config: Path = FINETUNED_CONFIG, root: Path = RESU
         key = json.loads(config.read_text()).get("resume_key")
     except (OSError, ValueError, AttributeError):
         return
-    if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{1,64}", key) and (root / key).is_dir():
-        shutil.rmtree(root / key, ignore_errors=True)
-        if not any(root.iterdir()):
-            root.rmdir()
+    if not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{1,64}", key)):
+        return
+    for folder in (root / key, root / f"{key}-search"):  # the run's, and its recipe search's
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+    if not any(root.iterdir()):
+        root.rmdir()
 
 
 # --- process lifetime -----------------------------------------------------------------------------

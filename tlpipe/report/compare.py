@@ -139,8 +139,14 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
                                                                "scratch.log_loss")})
         if "val_accuracy" in e.metrics.get(HEAD_JSON, {}):
             row["head.val_accuracy"] = e.metrics[HEAD_JSON]["val_accuracy"]
-        if "val_accuracy" in e.metrics.get(FINETUNE_JSON, {}):
-            row["finetuned.val_accuracy"] = e.metrics[FINETUNE_JSON]["val_accuracy"]
+        finetune = e.metrics.get(FINETUNE_JSON, {})
+        if "val_accuracy" in finetune:
+            row["finetuned.val_accuracy"] = finetune["val_accuracy"]
+        if finetune.get("beats_probe_on_val") is not None:  # kept by val loss: did any epoch beat the probe
+            row["finetuned.beats_probe_on_val"] = finetune["beats_probe_on_val"]
+        if "search" in finetune:  # finetune.recipe auto: the candidate chosen, and what the search cost
+            row["finetuned.recipe"] = finetune["search"].get("chosen")
+            row["finetuned.search_seconds"] = finetune["search"].get("seconds")
         rows.append(row)
     return pd.DataFrame(rows, index=[e.name for e in exps])
 

@@ -60,6 +60,12 @@ def lines() -> list[str]:
         how = finetune.get("kept_by", "val_loss").replace("_", " ")
         out.append(f"fine-tuned model: epoch {finetune['best_epoch']} of {finetune['epochs_run']} "
                    f"({finetune['kept_weights']} weights), kept by {how}")
+        if finetune.get("beats_probe_on_val") is False:
+            out.append("fine-tuning did not beat the probe on val: the probe is kept; ship the head")
+    if "search" in finetune:
+        search = finetune["search"]
+        out.append(f"recipe auto chose {search['chosen']}: {search['reason']}"
+                   + (f" (search: {search['epochs_spent']} epochs, {search['seconds']:.0f} s)" if search["searched"] else ""))
     v = test["val"]
     if v["val_too_small"]:
         from tlpipe.ingest.audit import val_warning

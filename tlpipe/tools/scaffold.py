@@ -1,12 +1,13 @@
 """Start a new tlpipe project: a git + DVC repository holding the pipeline, ready for `dvc repro`.
 
-    python -m tlpipe.tools.scaffold DEST [--photos] [--recipe near|far] [--set data.source=presplit ...]
+    python -m tlpipe.tools.scaffold DEST [--photos] [--recipe auto|near|far] [--set data.source=presplit ...]
 
 `--photos` writes the photo settings (PHOTO_SETTINGS) with the backbone's native input geometry
 (its pretraining input size, resize and interpolation: 260 px for tf_efficientnet_lite2).
-`--recipe` writes a measured fine-tuning recipe (RECIPES; docs/finetuning.md#recommended-settings):
-`near` for images like ImageNet's photos, `far` for images far from them (the default with --photos
-is `near`).
+`--recipe` writes a fine-tuning recipe (RECIPES; docs/finetuning.md#recommended-settings): `auto`
+(the default with --photos) searches the project's own val for how much of the backbone to train
+and how hard (finetune.recipe: auto); `near` (photos like ImageNet's) and `far` (images far from
+them) are the two measured fixed recipes. `--set` overrides win over both.
 
 Tests and benchmarks use it too, so they exercise exactly the pipeline a user gets.
 """
@@ -51,11 +52,16 @@ RECIPES = {
     "far": {"finetune.unfreeze": "all", "finetune.lr": 1e-3, "finetune.backbone_lr_mult": 0.3,
             "finetune.layer_decay": 0.8, "finetune.probe_l2": 0.1, "finetune.crop_scale_min": 0.35,
             "finetune.epochs": 10, "finetune.patience": 4},
+    # Chosen on the project's own val (tlpipe.train.recipe_search): a budgeted search over the family
+    # (last block .. every block with layer decay) sets unfreeze, lr, backbone_lr_mult, layer_decay;
+    # the rest is far's, with room for a slower winner (12 epochs, patience 5).
+    "auto": {"finetune.recipe": "auto", "finetune.probe_l2": 0.1, "finetune.crop_scale_min": 0.35,
+             "finetune.epochs": 12, "finetune.patience": 5, "finetune.search_budget": 6.0},
 }
-PHOTO_SETTINGS = {**PHOTO_GEOMETRY, **PHOTO_AUGMENTATION, **RECIPES["near"]}
+PHOTO_SETTINGS = {**RECIPES["auto"], **PHOTO_GEOMETRY, **PHOTO_AUGMENTATION}  # the photo augmentation wins
 
 
-def photo_settings(backbone: str = "tf_efficientnet_lite0", recipe: str = "near") -> dict[str, Any]:
+def photo_settings(backbone: str = "tf_efficientnet_lite0", recipe: str = "auto") -> dict[str, Any]:
     """PHOTO_SETTINGS with `backbone`'s native geometry (and its name, when not the default) and `recipe`."""
     from tlpipe.nets.backbones import native_geometry
 
@@ -105,8 +111,9 @@ def main() -> None:
     parser.add_argument("--photos", action="store_true",
                         help="settings for photos, at the backbone's native input geometry")
     parser.add_argument("--recipe", choices=sorted(RECIPES),
-                        help="a measured fine-tuning recipe: near (photos like ImageNet's; the default with "
-                             "--photos) or far (images far from ImageNet: every block, layer-wise LR decay)")
+                        help="a fine-tuning recipe: auto (a budgeted search on val; the default with --photos), "
+                             "near (photos like ImageNet's: the last block) or far (images far from ImageNet: "
+                             "every block, layer-wise LR decay)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param (value parsed as YAML); applied after --photos and --recipe")
     args = parser.parse_args()
@@ -118,7 +125,7 @@ def main() -> None:
         from tlpipe.runtime import report_errors
 
         report_errors(lambda: overrides.update({**photo_settings(overrides.get(
-            "backbone.name", "tf_efficientnet_lite0"), args.recipe or "near"), **overrides}))
+            "backbone.name", "tf_efficientnet_lite0"), args.recipe or "auto"), **overrides}))
     elif args.recipe:
         overrides = {**RECIPES[args.recipe], **overrides}
     print(create_project(args.dest, overrides))

@@ -90,10 +90,11 @@ class EpochCheckpoint:
         return groups, record
 
     def remove_others(self) -> None:
-        """Checkpoints of other runs (other params or inputs) can never be resumed by this one."""
+        """Checkpoints of other runs (other params or inputs) can never be resumed by this one. A
+        folder whose name extends this one's key (a recipe search's) belongs to this run."""
         if self.root.is_dir():
             for other in self.root.iterdir():
-                if other != self.folder:
+                if not other.name.startswith(self.folder.name):
                     shutil.rmtree(other, ignore_errors=True)
 
     def remove(self) -> None:

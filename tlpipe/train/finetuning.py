@@ -10,7 +10,10 @@
 - `make_loss`, `make_mixing`, `make_ema`: label smoothing and class weights, MixUp/CutMix, an
   exponential moving average of the weights.
 - `set_trainable`: which backbone blocks train in an epoch (`unfreeze`: all, last_n, gradual).
-- `train_one_epoch`, `evaluate`: one pass over the training batches, one over val.
+- `begin`, `Run`, `make_run`: the seeded start, and one training run from it (batches, optimizer,
+  scheduler, loss, mixing, EMA) built in one place; the stage, the recipe search
+  (tlpipe.train.recipe_search), `tlpipe lr-find finetune` and bench/finetune.py all use them.
+- `train_one_epoch(run, epoch)`, `evaluate`: one pass over the training batches, one over val.
 - `kept_by`: which weights a run keeps. With a val of at least `audit.MIN_VAL_PER_CLASS` images in
   every class, the epoch with the lowest val loss, and early stopping; below it, the last epoch of
   the schedule (its EMA when there is one), and no early stopping: a dozen val images cannot
@@ -26,8 +29,12 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +47,7 @@ from tlpipe.nets import backbones, linear
 from tlpipe.nets.features import load_split
 from tlpipe.nets.models import Classifier, linear_from
 from tlpipe.paths import CLASSES, FEATURES
-from tlpipe.runtime import TlpipeError, progress
+from tlpipe.runtime import TlpipeError, progress, training_workers
 from tlpipe.train import checkpoints, distributed
 
 
@@ -235,10 +242,58 @@ def make_ema(model: nn.Module, f):
 
 
 
-def make_training(start, f, group, seed: int):
-    """The batches (class-balanced draws when `class_balance: sampler`), optimizer, scheduler, loss,
-    MixUp/CutMix and EMA that `start` trains with; the model moves to the device, channels_last.
-    The finetune stage and bench/finetune.py build them here, so the benchmark times the stage's set-up."""
+def begin(f, seed: int) -> Start:
+    """Seed every RNG from `seed` (Python, numpy, torch; cuDNN's autotuner off) and build LP-FT's
+    start: the one opening of the finetune stage, `tlpipe lr-find finetune` and bench/finetune.py."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    return start_model(f, seed)
+
+
+@dataclass
+class Run:
+    """One training run from a `Start` with one set of `finetune` params `f`: the batches
+    (class-balanced draws when `class_balance: sampler`), optimizer, scheduler, loss, MixUp/CutMix
+    and EMA. Built by `make_run`; `train_one_epoch(run, epoch)` trains it for an epoch."""
+    start: Start
+    f: Any                                   # the finetune params (tlpipe.params' section, or the same fields)
+    group: distributed.Group
+    batches: distributed.GlobalBatches
+    optimizer: torch.optim.Optimizer
+    scheduler: Any                           # LambdaLR (cosine) or ReduceLROnPlateau
+    loss_fn: Callable
+    mixing: Callable | None = None
+    ema: Any = None                          # AveragedModel, or None
+    checkpoint_folder: Path | None = None    # named in the error a diverging loss raises
+
+    @property
+    def model(self) -> Classifier:
+        return self.start.model
+
+    def step_scheduler(self, val_loss: float | None = None) -> None:
+        """The one place the LR schedule moves: cosine after every optimizer step (`val_loss` None),
+        plateau after every epoch, on its val loss."""
+        if self.f.schedule == "cosine" and val_loss is None:
+            self.scheduler.step()
+        elif self.f.schedule == "plateau" and val_loss is not None:
+            self.scheduler.step(val_loss)
+
+    def loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        """The DataLoader of `epoch`'s batches, its augmentation seeded by (seed, epoch, image)."""
+        dev = self.group.device
+        self.start.train_set.epoch = self.batches.epoch = epoch
+        return torch.utils.data.DataLoader(self.start.train_set, batch_sampler=self.batches,
+                                           num_workers=training_workers(dev), pin_memory=dev.type == "cuda")
+
+    def lrs(self) -> dict[str, float]:
+        return {"lr/head": self.optimizer.param_groups[-1]["lr"], "lr/backbone": self.optimizer.param_groups[0]["lr"]}
+
+
+def make_run(start: Start, f, group: distributed.Group, seed: int) -> Run:
+    """The training run `start` trains with params `f`; the model moves to the device, channels_last.
+    The finetune stage, the recipe search, lr-find and bench/finetune.py all build it here."""
     n_classes = len(start.source["classes"])
     balance = class_weights(start.train_targets, n_classes)[start.train_targets]
     batches = distributed.GlobalBatches(len(start.train_set), f.batch_size, group, seed,
@@ -246,39 +301,49 @@ def make_training(start, f, group, seed: int):
     start.model.to(group.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(start.model, f, start.blocks)
     scheduler = make_scheduler(optimizer, f, len(batches))
-    loss_fn, mixing = make_loss(f, start.train_targets, n_classes), make_mixing(f, n_classes)
-    return batches, optimizer, scheduler, loss_fn, mixing, make_ema(start.model, f)
+    return Run(start, f, group, batches, optimizer, scheduler, make_loss(f, start.train_targets, n_classes),
+               make_mixing(f, n_classes), make_ema(start.model, f))
 
-def train_one_epoch(net: nn.Module, optimizer, scheduler, loader, targets: torch.Tensor, record: dict,
-                    group: distributed.Group, f, epoch: int, global_sizes: list[int], kept: str,
-                    loss_fn, mixing=None, ema=None) -> float:
-    """One pass over the training batches; the mean training loss over all ranks' images.
 
-    `kept` says, in the error a diverging loss raises, what a rerun would resume from."""
-    dev, amp = group.device, group.device.type == "cuda"
+def train_one_epoch(run: Run, epoch: int, loader=None) -> float:
+    """One pass over the training batches of `epoch` (1-based) with the blocks it trains; the mean
+    training loss over all ranks' images. `loader`: `run.loader(epoch)` unless given (a benchmark
+    wraps it)."""
+    start, f, group = run.start, run.f, run.group
+    model, dev, amp = start.model, group.device, group.device.type == "cuda"
+    record = start.source["preprocessing"]
+    set_trainable(model, start.blocks, trainable_blocks(f.unfreeze, f.unfreeze_last_n, epoch, len(start.blocks)),
+                  f.train_bn_stats)
+    # DDP registers the parameters that train when it is built, and that set changes with the
+    # unfreeze strategy, so it wraps the model afresh each epoch (its weights stay in sync).
+    net = model if group.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    loader = loader if loader is not None else run.loader(epoch)
+    global_sizes = [len(b) for b in run.batches.global_batches()]
+    kept = (f"the checkpoint of epoch {epoch - 1} stays in {run.checkpoint_folder}"
+            if epoch > 1 and run.checkpoint_folder is not None else "no epoch had finished")
     loss_sum, seen = 0.0, 0
     bar = progress(loader, desc=f"epoch {epoch}/{f.epochs}", enabled=group.is_main)
     for step, (images, idx, repeats) in enumerate(bar, start=1):
         images = loader.dataset.augment(images.to(dev, non_blocking=True), idx, repeats)  # tlpipe.ingest.images.TrainImages
         x = normalize_batch(images, record["mean"], record["std"])
-        y = targets[idx].to(dev, non_blocking=True)
-        if mixing is not None:
-            x, y = mixing(x, y)
+        y = start.train_targets[idx].to(dev, non_blocking=True)
+        if run.mixing is not None:
+            x, y = run.mixing(x, y)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x.contiguous(memory_format=torch.channels_last))
             # Sum over this rank's images / the global batch, x world because DDP averages the
             # ranks' gradients: the step is the global batch's mean gradient for any world size.
-            loss = loss_fn(logits.float(), y) * (group.world / global_sizes[step - 1])
+            loss = run.loss_fn(logits.float(), y) * (group.world / global_sizes[step - 1])
         if not torch.isfinite(loss):
             raise TlpipeError(f"finetune: loss is {loss.item()} at epoch {epoch} step {step}; "
                               f"{kept}; lower finetune.lr")
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if ema is not None:
-            ema.update_parameters(net.module if hasattr(net, "module") else net)
-        if f.schedule == "cosine":
-            scheduler.step()
+        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update_parameters(model)
+        run.step_scheduler()
         loss_sum += loss.item() * global_sizes[step - 1] / group.world
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
@@ -370,31 +435,36 @@ class Progress:
             self.stale += 1
             self.stopped = self.stale >= f.patience
 
-    def save(self, checkpoint: checkpoints.EpochCheckpoint, model, optimizer, scheduler, ema=None) -> None:
-        opt_tensors, opt_rest = checkpoints.optimizer_to_flat(optimizer.state_dict())
-        checkpoint.save(
-            {"model": model.state_dict(), "best": self.best["state"], "optimizer": opt_tensors,
-             "rng": {"torch": torch.get_rng_state()}, **({"ema": ema.state_dict()} if ema is not None else {})},
-            {"epoch": self.epoch, "stale": self.stale, "stopped": self.stopped, "history": self.history,
-             "kept_by": self.kept_by,
-             "best": {k: v for k, v in self.best.items() if k != "state"},
-             "optimizer": opt_rest, "scheduler": scheduler.state_dict()})
+    def save(self, checkpoint: checkpoints.EpochCheckpoint, run: Run) -> None:
+        checkpoint.save(*self.state(run))
+
+    def state(self, run: Run) -> tuple[dict, dict]:
+        """(tensor groups, JSON record): this progress and the run's live state, as a checkpoint holds them."""
+        opt_tensors, opt_rest = checkpoints.optimizer_to_flat(run.optimizer.state_dict())
+        return ({"model": run.model.state_dict(), "best": self.best["state"], "optimizer": opt_tensors,
+                 "rng": {"torch": torch.get_rng_state()},
+                 **({"ema": run.ema.state_dict()} if run.ema is not None else {})},
+                {"epoch": self.epoch, "stale": self.stale, "stopped": self.stopped, "history": self.history,
+                 "kept_by": self.kept_by,
+                 "best": {k: v for k, v in self.best.items() if k != "state"},
+                 "optimizer": opt_rest, "scheduler": run.scheduler.state_dict()})
 
     @classmethod
-    def resume(cls, checkpoint: checkpoints.EpochCheckpoint, model, optimizer, scheduler,
-               ema=None, kept_by: str = "val_loss") -> "Progress | None":
-        """The run's state after its last finished epoch, loaded into model, optimizer, scheduler, the
+    def resume(cls, checkpoint: checkpoints.EpochCheckpoint, run: Run, kept_by: str = "val_loss") -> "Progress | None":
+        """The run's state after its last finished epoch, loaded into its model, optimizer, scheduler,
         EMA and torch's RNG; None when this run has no checkpoint."""
         resumed = checkpoint.load()
-        if resumed is None:
-            return None
-        tensors, record = resumed
-        model.load_state_dict(tensors["model"])
-        if ema is not None:
-            ema.load_state_dict(tensors["ema"])
-        optimizer.load_state_dict(checkpoints.optimizer_from_flat(tensors.get("optimizer", {}),
-                                                                  record["optimizer"]))
-        scheduler.load_state_dict(record["scheduler"])
+        return None if resumed is None else cls.restore(*resumed, run, kept_by)
+
+    @classmethod
+    def restore(cls, tensors: dict, record: dict, run: Run, kept_by: str) -> "Progress":
+        """`state`'s inverse: load the live state into `run` and torch's RNG; the progress."""
+        run.model.load_state_dict(tensors["model"])
+        if run.ema is not None:
+            run.ema.load_state_dict(tensors["ema"])
+        run.optimizer.load_state_dict(checkpoints.optimizer_from_flat(tensors.get("optimizer", {}),
+                                                                      record["optimizer"]))
+        run.scheduler.load_state_dict(record["scheduler"])
         torch.set_rng_state(tensors["rng"]["torch"])
         # `kept_by` follows from the manifest, which is in the checkpoint's key: the same as the record's
         return cls(record["history"], {**record["best"], "state": tensors["best"]}, record["epoch"],

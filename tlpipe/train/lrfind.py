@@ -15,7 +15,7 @@ for a slope, the LR at the minimum / 10 (never below the start LR). The rule use
 - `finetune`: LP-FT's start (tlpipe.finetuning.start_model, as the finetune stage), the
   blocks finetune trains (finetune.unfreeze: last_n's blocks; all for `all` and for `gradual`,
   whose last epochs train all), BatchNorm statistics frozen unless finetune.train_bn_stats, the
-  fine-tuning augmentation and optimizer (tlpipe.finetuning.make_optimizer), backbone LR = LR x finetune.backbone_lr_mult: the
+  fine-tuning augmentation, optimizer and loss of the stage's run (tlpipe.finetuning.make_run), backbone LR = LR x finetune.backbone_lr_mult: the
   suggestion is for finetune.lr. Nothing is saved.
 """
 
@@ -37,7 +37,7 @@ from tlpipe.nets.features import load_split
 from tlpipe.nets.models import Classifier
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError, device, progress, training_workers
-from tlpipe.train import finetuning
+from tlpipe.train import distributed, finetuning
 
 BETA = 0.9  # loss smoothing: exponential moving average (bias-corrected) over ~10 steps
 
@@ -148,21 +148,20 @@ def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     params = load_params("lr-find")
     f = params.finetune
     seed = params.seed
-    torch.manual_seed(seed)
-    start = finetuning.start_model(f, seed)
-    model, record, dev = start.model, start.source["preprocessing"], device()
+    start = finetuning.begin(f, seed)
+    record, dev = start.source["preprocessing"], device()
     loader = torch.utils.data.DataLoader(start.train_set, batch_size=f.batch_size, shuffle=True,
                                          drop_last=len(start.train_set) > f.batch_size,
                                          num_workers=training_workers(dev),
                                          generator=torch.Generator().manual_seed(seed))
-    model.to(dev, memory_format=torch.channels_last)
+    # The stage's training run (model on the device, optimizer, loss); its LR is set per step below.
+    run = finetuning.make_run(start, f, distributed.Group(0, 1, dev), seed)
+    model, optimizer, loss_fn = run.model, run.optimizer, run.loss_fn
     # The blocks finetune trains: last_n's, or all of them (gradual's widest epochs, which the LR
     # must survive too); BatchNorm statistics frozen unless train_bn_stats, as in finetune.
     n_blocks = len(start.blocks) if f.unfreeze == "gradual" else finetuning.trainable_blocks(
         f.unfreeze, f.unfreeze_last_n, 1, len(start.blocks))
     finetuning.set_trainable(model, start.blocks, n_blocks, f.train_bn_stats)
-    optimizer = finetuning.make_optimizer(model, f, start.blocks)
-    loss_fn = finetuning.make_loss(f, start.train_targets, len(start.source["classes"]))
 
     def batches():
         while True:  # each pass over the images is a new epoch of their seeded augmentation

@@ -1,0 +1,133 @@
+"""finetune.recipe: auto (tlpipe.train.recipe_search): the budgeted successive-halving search, through real dvc.
+
+The session's cold tiny project has 3 val images per class, below audit.MIN_VAL_PER_CLASS, where the
+search must not choose: it is used for the fallback and the rerun rule. The search itself needs a
+val of 20 per class, so one more small project (2 digit classes x 60 scans at 32 px, val 40 %) is
+built once per session."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import GIT_IDENTITY, built_once, copy_project, dvc, read_json, tiny_params, tool_env
+from tlpipe.train import recipe_search
+from tlpipe.tools.scaffold import create_project
+
+BUDGET = 6  # four candidates: rounds of 1 and 2 epochs, 4 x 1 + 2 x 1 epochs
+
+
+@pytest.mark.parametrize("n", range(1, 5))
+@pytest.mark.parametrize("budget", [0, 1, 2, 3, 5, 6, 7, 12, 13, 40])
+def test_plan_spends_at_most_its_budget(n, budget):
+    k, rungs, spent = recipe_search.plan(n, budget)
+    assert spent <= budget and 1 <= k <= n
+    assert (rungs == []) == (k == 1)
+    if rungs:  # spent is what the rounds train: each round's survivors, up to its epochs
+        alive, done, total = k, 0, 0
+        for epochs in rungs:
+            total, done, alive = total + alive * (epochs - done), epochs, -(-alive // 2)
+        assert total == spent and alive == 1
+    assert recipe_search.plan(4, 6) == (4, [1, 2], 6) and recipe_search.plan(4, 12) == (4, [2, 4], 12)
+
+
+def write_two_digits(root: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in (3, 8):
+        (root / f"class{label}").mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == label)[:60]:
+            Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8), "L").save(
+                root / f"class{label}" / f"{i:04d}.png")
+
+
+@pytest.fixture(scope="session")
+def search_project(tmp_path_factory) -> Path:
+    """A project whose val can choose (24 images per class), run to finetune with recipe auto."""
+    def build(root: Path) -> None:
+        write_two_digits(root / "images")
+        params = {**tiny_params(root / "images"), "data.val_fraction": 0.4, "data.test_fraction": 0.1,
+                  "finetune.recipe": "auto", "finetune.search_budget": BUDGET, "finetune.epochs": 3,
+                  "finetune.patience": 3}
+        project = create_project(root / "project", params)
+        cold = dvc(project, "repro", "finetune")
+        subprocess.run(["git", *GIT_IDENTITY, "add", "-A"], cwd=project, check=True, capture_output=True)
+        subprocess.run(["git", *GIT_IDENTITY, "commit", "-qm", "searched"], cwd=project, check=True,
+                       capture_output=True)
+        (root / "cold.txt").write_text(cold.stdout)
+
+    return built_once(tmp_path_factory, "search-project", build) / "project"
+
+
+def result_of(repo: Path) -> dict:
+    metrics = read_json(repo / "metrics" / "finetune.json")
+    metrics["search"].pop("seconds"), metrics["search"].pop("final_run_seconds")  # wall times
+    return {"metrics": metrics, "plot": (repo / "metrics" / "finetune_search.csv").read_text(),
+            "model": hashlib.sha256((repo / "models" / "finetuned.safetensors").read_bytes()).hexdigest()}
+
+
+def search_state(repo: Path) -> dict:
+    found = list((repo / "models" / ".resume").glob("*-search/state.json"))
+    try:
+        return json.loads(found[0].read_text()) if found else {}
+    except (OSError, ValueError):  # caught mid-rename
+        return {}
+
+
+@pytest.mark.slow
+def test_search_is_reported_within_budget_and_resumes_after_a_kill_with_the_same_result(search_project, tmp_path):
+    cold = result_of(search_project)
+    search = cold["metrics"]["search"]
+    assert search["searched"] and search["budget"] == BUDGET and search["epochs_spent"] <= BUDGET
+    # what each round trained adds up to what it spent: 4 candidates x 1 epoch, 2 survivors x 1 more
+    assert sorted((r["round"], r["epochs"]) for r in search["rounds"]) == [(1, 1)] * 4 + [(2, 2)] * 2
+    assert search["chosen"] in {r["candidate"] for r in search["rounds"] if r["round"] == 2}
+    assert cold["metrics"]["beats_probe_on_val"] in (True, False)
+    assert cold["plot"].splitlines()[0] == "epochs,probe,last_block,top_third,all,all_decay"
+    assert f"recipe auto: {search['chosen']}" in (search_project.parent / "cold.txt").read_text()
+
+    # patience 4 instead of 3: never reached in 3 epochs, so the same result, but a new run to kill
+    repo = copy_project(search_project, tmp_path / "project", finetune__patience=4)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "finetune"], cwd=repo,
+                            env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 900  # a loaded machine: the kill must still land mid-search
+    while len(search_state(repo).get("done", [])) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_in = search_state(repo)
+    assert killed_in.get("round") == 0 and 2 <= len(killed_in["done"]) < 4, f"not killed mid-search: {killed_in}"
+
+    resumed = dvc(repo, "repro", "finetune")
+    assert resumed.executed == ["finetune"] and "search: resuming in round 1" in resumed.stdout
+    assert not (repo / "models" / ".resume").exists()  # the search's state too, once the outputs exist
+    # deterministic for the seed: the killed and resumed run ends where the cold one did
+    assert result_of(repo) == cold
+
+
+@pytest.mark.slow
+def test_too_small_val_falls_back_and_search_budget_reruns_fine_tuning_and_what_follows(cold_copy):
+    repo = cold_copy(finetune__recipe="auto")
+    assert dvc(repo, "repro").executed == ["finetune", "infer", "export_finetuned", "evaluate"]
+    search = read_json(repo / "metrics" / "finetune.json")["search"]
+    assert not search["searched"] and search["epochs_spent"] == 0 and search["rounds"] == []
+    assert search["reason"].startswith("val too small to choose") and search["chosen"] == search["order"][0]
+    assert read_json(repo / "metrics" / "finetune.json")["beats_probe_on_val"] is None  # kept by schedule
+
+    params = (repo / "params.yaml").read_text()
+    assert "search_budget: 6.0" in params
+    (repo / "params.yaml").write_text(params.replace("search_budget: 6.0", "search_budget: 3.0"))
+    # finetune reruns, and what follows it at most; here (no search: val too small) the budget does
+    # not change the model, so DVC stops where the outputs come out the same (evaluate's inputs did)
+    executed = dvc(repo, "repro").executed
+    assert executed[0] == "finetune" and set(executed) <= {"finetune", "infer", "export_finetuned", "evaluate"}
