@@ -48,6 +48,7 @@ def pytest_configure(config):
 # that builds the cold project leads; the second needs none, so the other worker never waits on it.
 LONGEST_FIRST = ["test_pipeline_dvc.py", "test_hymenoptera.py", "test_backbone_pipeline.py", "test_experiments.py",
                  "test_hostile.py", "test_distributed.py", "test_trust.py", "test_layers.py", "test_sharing.py",
+                 "test_recipe_search.py", "test_disk.py",
                  "test_class_balance.py", "test_bench_finetune.py", "test_small_data.py", "test_finetune_resume.py",
                  "test_bench_gpu.py", "test_integrity.py", "test_fault.py"]
 

@@ -724,6 +724,7 @@ def test_band_crop_gives_the_pixels_of_the_full_resize(tmp_path, size):
 
 # --- 10. errors that blame the right thing ----------------------------------------------------------
 
+@pytest.mark.slow  # four stage processes (data, decode, stats, features)
 def test_constant_channel_with_dataset_normalization_blames_the_statistics(tmp_path):
     root = tmp_path / "src"
     for c, label in enumerate(("a", "b")):

@@ -66,6 +66,7 @@ def other_class_image(project: Path, images: Path) -> tuple[str, bytes]:
 
 # --- serious 1: a source image altered in place -------------------------------------------------------
 
+@pytest.mark.slow  # stage processes: data, decode, then decode again on the altered image
 @pytest.mark.parametrize("damage", ["another class's pixels", "zeroed after the first half"])
 def test_an_image_altered_in_place_is_refused_by_the_decode_stage(tmp_path, digit_folder, damage):
     source = private_source(tmp_path, digit_folder)
@@ -275,6 +276,7 @@ def test_the_label_conflict_example_shows_two_different_labels(tmp_path):
             "b/z.png (b)") in proc.stdout.splitlines()
 
 
+@pytest.mark.slow  # four stage processes (data, decode, stats, features)
 def test_every_constant_channel_is_named(tmp_path):
     root = tmp_path / "src"
     for c, label in enumerate(("a", "b")):
