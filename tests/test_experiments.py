@@ -373,11 +373,7 @@ def test_predict_matches_evaluate_on_the_test_images(repo, tmp_path, model):
     ok = got[got["error"] == ""]
     assert ok["path"].tolist() == images
     assert ok["label_1"].tolist() == expected["predicted"].tolist()
-    # The fine-tuned model's evaluate probabilities come from `infer` on the JPEG shards (image.decoded_quality
-    # 95); predict decodes each file exactly: measured up to 0.0124 apart here (issue 31). The head's come from
-    # features of the same shards too, but differ by less than 1e-4 on this project.
-    tolerance = 0.02 if "finetuned" in model else 1e-4
-    assert ok["prob_1"].astype(float).to_numpy() == pytest.approx(expected["confidence"].to_numpy(), abs=tolerance)
+    assert ok["prob_1"].astype(float).to_numpy() == pytest.approx(expected["confidence"].to_numpy(), abs=1e-4)
     assert (ok["prob_1"].astype(float) >= ok["prob_2"].astype(float)).all()
     errors = got[got["error"] != ""]
     assert len(errors) == 2 and (errors["label_1"] == "").all()

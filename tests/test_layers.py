@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import copy_project, dvc, read_json, tool_env
+from tlpipe.manifest import image_root
 from tlpipe.nets import backbones, layers
 from tlpipe.params import load_params
 from tlpipe.runtime import TlpipeError
@@ -169,7 +170,8 @@ def test_a_head_layers_change_reruns_head_export_and_evaluate_only(project):
 
     # tlpipe predict --model head and the ONNX file: evaluate's calibrated probabilities, per test image
     evaluated = pd.read_csv(project / "metrics" / "predictions" / "head.csv")
-    paths = [str(project / "data" / "prepared" / "images" / p) for p in evaluated["path"]]
+    root = image_root(project / "data" / "prepared")  # the images stay at data.root: no copy
+    paths = [str(root / p) for p in evaluated["path"]]
     for model in ("head", "models/head.onnx"):
         out = project / f"predicted-{model.replace('/', '-')}.csv"
         proc = subprocess.run([sys.executable, "-m", "tlpipe.tools.cli", "predict", *paths, "--model", model,

@@ -251,8 +251,7 @@ def test_predict_and_the_onnx_file_apply_the_same_t_of_1(small_project, tmp_path
         proba = np.zeros_like(as_trained)
         for rank in (1, 2):
             proba[np.arange(len(got)), [classes.index(c) for c in got[f"label_{rank}"]]] = got[f"prob_{rank}"]
-        # infer read the JPEG shards (image.decoded_quality 95), predict decodes each file exactly (issue 31)
-        assert proba == pytest.approx(as_trained, abs=0.02), model
+        assert proba == pytest.approx(as_trained, abs=1e-4), model
 
 
 @pytest.mark.slow
