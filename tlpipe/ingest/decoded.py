@@ -23,7 +23,6 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from tlpipe.io import read_json, sha256_file, verify_sha256, writing
 from tlpipe.paths import DECODED, PREPARED
@@ -67,6 +66,8 @@ class ShardWriter:
         while len(images):
             take = min(len(images), self.capacity - self.filled)
             if self.quality:
+                from torchvision.io import encode_jpeg  # torchvision takes a second to import: JPEG shards only
+
                 jpegs = encode_jpeg(list(images[:take]), quality=self.quality) if take else []
                 self.encoded += jpegs
                 self.encoded_bytes += sum(len(j) for j in jpegs)
@@ -173,6 +174,8 @@ class DecodedSplit:
         data = f.get_slice("jpeg")[int(offsets[0]):int(offsets[-1])]
         jpegs = torch.split(data, torch.diff(offsets).tolist())
         try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
             return torch.stack(decode_jpeg(list(jpegs), mode=ImageReadMode.RGB))
         except RuntimeError as e:  # verified shards decode; this is a libjpeg failure on this machine
             raise TlpipeError(f"{self.folder}: a {self.split} image does not decode ({e}); rerun the decode stage"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +96,28 @@ def create_project(dest: str | Path, overrides: dict[str, Any] | None = None) ->
     (dest / ".gitignore").write_text("__pycache__/\n/models/\n/data/downloads/\n/compare.html\n/lr_find/\n/dvc_plots/\n")
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     run("git", "init", "-q", "-b", "main")
-    run(sys.executable, "-m", "dvc", "init", "-q")
-    # the outputs in the workspace are links to DVC's cache, not a second copy (docs/sharing.md)
-    run(sys.executable, "-m", "dvc", "config", "cache.type", CACHE_TYPE)
+    init_dvc(dest)
     run("git", "add", "-A")
     run("git", *GIT_IDENTITY, "commit", "-qm", "new tlpipe project")
     return dest
+
+
+def init_dvc(dest: Path) -> None:
+    """`dvc init -q` and `dvc config cache.type`, through DVC's API: in tests, which make dozens of
+    projects, two `dvc` processes per project cost more CPU than the rest of the project's set-up."""
+    import logging
+
+    from dvc.repo import Repo
+
+    log = logging.getLogger("dvc")
+    level = log.level
+    log.setLevel(logging.WARNING)  # what -q does: no "Initialized DVC repository"
+    try:
+        with Repo.init(str(dest)) as repo, repo.config.edit() as conf:
+            # the outputs in the workspace are links to DVC's cache, not a second copy (docs/sharing.md)
+            conf["cache"]["type"] = CACHE_TYPE
+    finally:
+        log.setLevel(level)
 
 
 def main() -> None:
