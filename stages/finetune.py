@@ -28,7 +28,7 @@ from dvclive import Live
 from tlpipe import preprocessing
 from tlpipe.ingest.decoded import DecodedSplit
 from tlpipe.io import sha256_file, write_json, writing
-from tlpipe.nets.features import source_of
+from tlpipe.nets.features import provenance_of
 from tlpipe.nets.models import save_classifier
 from tlpipe.params import load_params
 from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNE_SEARCH_PLOT, FINETUNED,
@@ -42,11 +42,11 @@ def main() -> None:
     if distributed.requested() != (1, 1) and not distributed.launched():
         distributed.launch("stages.finetune")
         return
-    group, f, seed = distributed.join(), params.finetune, params.seed
-    settings = {"seed": seed, "finetune": f.dump()}
-    finetuning.check_batch_size(f, group.world)
-    start = finetuning.begin(f, seed)
-    model, record, dev = start.model, start.source["preprocessing"], group.device
+    group, finetune, seed = distributed.join(), params.finetune, params.seed
+    settings = {"seed": seed, "finetune": finetune.dump()}
+    finetuning.check_batch_size(finetune, group.world)
+    start = finetuning.begin(finetune, seed)
+    model, record, dev = start.model, start.provenance["preprocessing"], group.device
     val = DecodedSplit("val")
     preprocessing.check(record, val.geometry, FEATURES / "meta.json", "rerun the features stage")
     val_batches = val.batches(inference_batch_size(dev), group.rank, group.world)
@@ -60,13 +60,13 @@ def main() -> None:
         checkpoint.remove_others()
     say = print if group.is_main else (lambda *_: None)
     search = None
-    if f.recipe == "auto":  # the family's knobs from a budgeted search on val (tlpipe.train.recipe_search)
-        f, search = recipe_search.search(start, f, group, seed, val_batches, checkpoint.folder.name, say)
+    if finetune.recipe == "auto":  # the family's knobs from a budgeted search on val (tlpipe.train.recipe_search)
+        finetune, search = recipe_search.search(start, finetune, group, seed, val_batches, checkpoint.folder.name, say)
         say(f"recipe auto: {search['chosen']} ({search['reason']})")
     began = time.perf_counter()
-    run = finetuning.make_run(start, f, group, seed)
+    run = finetuning.make_run(start, finetune, group, seed)
     run.checkpoint_folder = checkpoint.folder
-    kept_by, why = finetuning.kept_by(start.source["classes"], run.ema is not None)
+    kept_by, why = finetuning.kept_by(start.provenance["classes"], run.ema is not None)
     say(f"kept by {kept_by.replace('_', ' ')}: {why}")
     progress = finetuning.Progress.resume(checkpoint, run, kept_by)
     if progress is None:
@@ -77,29 +77,29 @@ def main() -> None:
     else:
         say(f"resuming after epoch {progress.epoch} from {checkpoint.folder}")
 
-    for epoch in range(progress.epoch + 1, f.epochs + 1):
+    for epoch in range(progress.epoch + 1, finetune.epochs + 1):
         if progress.stopped:
             break
         train_loss = finetuning.train_one_epoch(run, epoch)
         scores = finetuning.score_on_val(model, run.ema, val_batches, start.targets, record, group)
         run.step_scheduler(scores["val/loss"])
         say(f"epoch {epoch}: train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, **run.lrs()}, model, f, run.ema)
+        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, **run.lrs()}, model, finetune, run.ema)
         if progress.stopped:
-            say(f"early stop: val loss has not improved for {f.patience} epochs")
+            say(f"early stop: val loss has not improved for {finetune.patience} epochs")
         if group.is_main:
             progress.save(checkpoint, run)
     distributed.barrier(group)  # every rank finished cleanly before anything is written
     if group.is_main:
         if search is not None:  # the search's cost against the run it chose (this process's share)
             search["final_run_seconds"] = round(time.perf_counter() - began, 1)
-        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name, why, search)
+        write_outputs(model, progress, start.provenance, finetune.probe_l2, checkpoint.folder.name, why, search)
         recipe_search.search_checkpoint(checkpoint.folder.name).remove()
         checkpoint.remove()
     distributed.leave(group)
 
 
-def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: float, resume_key: str,
+def write_outputs(model, progress: finetuning.Progress, provenance: dict, probe_l2: float, resume_key: str,
                   why: str, search: dict | None) -> None:
     with writing(FINETUNE_CURVES), Live(str(FINETUNE_CURVES), dvcyaml=False, save_dvc_exp=False) as live:
         for step, record in enumerate(progress.history):
@@ -108,7 +108,7 @@ def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: 
                 live.log_metric(name, value)
     best = progress.best
     model.load_state_dict(best["state"])
-    save_classifier(model, FINETUNED, FINETUNED_CONFIG, {**source_of(source), "probe_l2": probe_l2,
+    save_classifier(model, FINETUNED, FINETUNED_CONFIG, {**provenance_of(provenance), "probe_l2": probe_l2,
                                                           "best_epoch": best["epoch"], "weights": best["weights"],
                                                           "kept_by": progress.kept_by, "kept_reason": why,
                                                           # its checkpoint is stale once these outputs exist

@@ -25,7 +25,7 @@ from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, sha256_file, write_json
 from tlpipe.manifest import hashes_by_path, read_manifest
 from tlpipe.nets import calibration, layers, linear
-from tlpipe.nets.features import load_split, source_of
+from tlpipe.nets.features import load_split, provenance_of
 from tlpipe.params import load_params
 from tlpipe.paths import (FEATURES, HEAD, HEAD_CONFIG, HEAD_GRID, HEAD_LAYERS, HEAD_LAYERS_PLOT, HEAD_METRICS,
                           SUSPECTS, SUSPECTS_GALLERY)
@@ -148,7 +148,7 @@ def main() -> None:
         save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}, str(tmp))
     best = rows[c["best"]]
     modules = [st["module"] for st in (meta.get("layers") or {}).get("stages", [])]
-    write_json(HEAD_CONFIG, {"type": "linear", **source_of(meta), "layers": c["keys"], "input_dim": c["dims"],
+    write_json(HEAD_CONFIG, {"type": "linear", **provenance_of(meta), "layers": c["keys"], "input_dim": c["dims"],
                              "layer_modules": modules if c["keys"] != [layers.LAST] else [],
                              "l2": best["l2"], "fitted_on": fitted_on, **fit.record(),
                              "sha256": sha256_file(HEAD)})  # of head.safetensors, checked by its readers

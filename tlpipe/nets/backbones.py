@@ -462,17 +462,17 @@ def check_input_size(b: Backbone, img_size: int) -> str:
     return ""
 
 
-def weights_param_of(source: dict) -> str:
+def weights_param_of(provenance: dict) -> str:
     """The `backbone.weights` a features metadata or model config was made with ('' if none)."""
-    return source.get("weights_file", "") if source.get("weights_source") == "file" else ""
+    return provenance.get("weights_file", "") if provenance.get("weights_source") == "file" else ""
 
 
-def pretrained_for(source: dict, where: str) -> Backbone:
-    """The pretrained backbone that `source` (features metadata or a model config) was made with;
-    its weights file must still be the one whose sha256 the source recorded."""
-    backbone = build(source["backbone"], weights=weights_param_of(source))
-    if backbone.weights_sha256 != source["weights_sha256"]:
-        raise TlpipeError(f"{where}: made with other {source['backbone']} weights than "
+def pretrained_for(provenance: dict, where: str) -> Backbone:
+    """The pretrained backbone that `provenance` (features metadata or a model config) was made
+    with; its weights file must still be the one whose sha256 it recorded."""
+    backbone = build(provenance["backbone"], weights=weights_param_of(provenance))
+    if backbone.weights_sha256 != provenance["weights_sha256"]:
+        raise TlpipeError(f"{where}: made with other {provenance['backbone']} weights than "
                           f"{backbone.weights_file} now holds (sha256 differs); rerun the features stage "
                           f"(dvc repro -f features: DVC does not watch files outside the repository)")
     return backbone
