@@ -17,6 +17,7 @@ too. Test accuracy of tlpipe is the stage's saved head.
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import time
@@ -74,10 +75,8 @@ def run(project: Project, workdir: Path, args=None) -> Section:
         return float(((x_test.double() @ w.T + b).argmax(1) == y_test).double().mean())
 
     # The one-off imports of both sides, before any clock.
-    import scipy.optimize  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-    import sklearn.metrics  # noqa: F401
-    import sklearn.model_selection  # noqa: F401
+    for module in ("scipy.optimize", "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection"):
+        importlib.import_module(module)
 
     if folds >= 2:
         # What stages/head.py runs: stratified k-fold CV on train + val, then the final fit on both.
