@@ -17,7 +17,7 @@ loops train on its train split. Each loop runs in its own process (`--measure`, 
 interpreter, watched with psutil for peak RSS):
 
 - tlpipe: the finetune stage's training loop, in-process as stages/finetune.py runs it
-  (tlpipe.finetuning.begin, make_run: the stage's batches, optimizer, scheduler and loss; the
+  (tlpipe.train.finetuning.begin, make_run: the stage's batches, optimizer, scheduler and loss; the
   run's DataLoader with the stage's workers; train_one_epoch(run, epoch)), without the stage's val pass and checkpoint after each epoch.
 - plain: torchvision ImageFolder (symlinks to the same train images) + RandomResizedCrop + flip +
   ToTensor + Normalize, DataLoader(batch_size=32, num_workers=2, shuffle=True), model.train(),

@@ -12,10 +12,10 @@ for a slope, the LR at the minimum / 10 (never below the start LR). The rule use
 - `head`: a zero-initialized linear layer on the cached train features (data/features), with the
   fine-tuning optimizer settings (finetune.optimizer, weight_decay, momentum, batch_size,
   label_smoothing): the head LR (finetune.lr) when the head trains alone. Seconds.
-- `finetune`: LP-FT's start (tlpipe.finetuning.start_model, as the finetune stage), the
+- `finetune`: LP-FT's start (tlpipe.train.finetuning.start_model, as the finetune stage), the
   blocks finetune trains (finetune.unfreeze: last_n's blocks; all for `all` and for `gradual`,
   whose last epochs train all), BatchNorm statistics frozen unless finetune.train_bn_stats, the
-  fine-tuning augmentation, optimizer and loss of the stage's run (tlpipe.finetuning.make_run), backbone LR = LR x finetune.backbone_lr_mult: the
+  fine-tuning augmentation, optimizer and loss of the stage's run (tlpipe.train.finetuning.make_run), backbone LR = LR x finetune.backbone_lr_mult: the
   suggestion is for finetune.lr. Nothing is saved.
 """
 

@@ -2,7 +2,7 @@
 
 A seeded successive-halving search (Jamieson & Talwalkar 2016; Li et al.'s Hyperband uses it as its
 inner loop) over a small family of fine-tuning settings (`FAMILY`, the `finetune.search_family`
-param names which). Every candidate is a training run (tlpipe.finetuning.make_run) from the same
+param names which). Every candidate is a training run (tlpipe.train.finetuning.make_run) from the same
 LP start; each round trains the survivors further and scores them on val, and the worse half
 (by their best val loss so far) is dropped, until one is left. Round r trains its candidates to
 e0 x 2^r epochs in all, with the largest whole e0 whose total cost fits `finetune.search_budget`
@@ -18,7 +18,7 @@ order decides which candidates enter when the budget cannot afford the whole fam
 and, where val is too small to choose (fewer than audit.MIN_VAL_PER_CLASS images in some class), is
 the whole choice: the first in order runs without a search, and the stage says so.
 
-After every candidate's round the search state goes to models/.resume/ (tlpipe.checkpoints), so a
+After every candidate's round the search state goes to models/.resume/ (tlpipe.train.checkpoints), so a
 killed search resumes after the last candidate-round it finished, with the result of an
 uninterrupted one. Under torchrun
 every candidate trains on all ranks (DDP, as the full run).
