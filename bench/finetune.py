@@ -17,7 +17,7 @@ loops train on its train split. Each loop runs in its own process (`--measure`, 
 interpreter, watched with psutil for peak RSS):
 
 - tlpipe: the finetune stage's training loop, in-process as stages/finetune.py runs it
-  (tlpipe.finetuning.begin, make_run: the stage's batches, optimizer, scheduler and loss; the
+  (tlpipe.train.finetuning.begin, make_run: the stage's batches, optimizer, scheduler and loss; the
   run's DataLoader with the stage's workers; train_one_epoch(run, epoch)), without the stage's val pass and checkpoint after each epoch.
 - plain: torchvision ImageFolder (symlinks to the same train images) + RandomResizedCrop + flip +
   ToTensor + Normalize, DataLoader(batch_size=32, num_workers=2, shuffle=True), model.train(),
@@ -66,10 +66,10 @@ def tlpipe_loop(args) -> dict:
     from tlpipe.train import distributed, finetuning
 
     params = load_params("finetune")
-    group, f, seed = distributed.join(), params.finetune, params.seed
-    finetuning.check_batch_size(f, group.world)
-    start = finetuning.begin(f, seed)
-    run = finetuning.make_run(start, f, group, seed)
+    group, finetune, seed = distributed.join(), params.finetune, params.seed
+    finetuning.check_batch_size(finetune, group.world)
+    start = finetuning.begin(finetune, seed)
+    run = finetuning.make_run(start, finetune, group, seed)
     dev = group.device
     seen = common.watch_first_conv(start.model)
 
@@ -83,7 +83,7 @@ def tlpipe_loop(args) -> dict:
         images.append(sum(len(b) for b in run.batches.global_batches()))
         pinned |= loader.pinned
     return {"train_images": len(start.train_set), "images": images[args.warmup_epochs:],
-            "seconds": seconds[args.warmup_epochs:], "workers": training_workers(dev), "batch": f.batch_size,
+            "seconds": seconds[args.warmup_epochs:], "workers": training_workers(dev), "batch": finetune.batch_size,
             "observed": {**seen, "pinned": sorted(pinned)}}
 
 
@@ -96,9 +96,9 @@ def plain_loop(args) -> dict:
 
     from tlpipe.nets import backbones
 
-    p = yaml.safe_load(Path("params.yaml").read_text())
-    image, f = p["image"], p["finetune"]
-    torch.manual_seed(p["seed"])
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    image, finetune = params["image"], params["finetune"]
+    torch.manual_seed(params["seed"])
     backbone = backbones.build(BACKBONE)
     mode = {"bicubic": transforms.InterpolationMode.BICUBIC,
             "bilinear": transforms.InterpolationMode.BILINEAR}[image["interpolation"]]
@@ -108,12 +108,13 @@ def plain_loop(args) -> dict:
         transforms.ToTensor(),
         transforms.Normalize(backbone.mean, backbone.std),
     ]))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=f["batch_size"], num_workers=2, shuffle=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=finetune["batch_size"], num_workers=2, shuffle=True)
     model = nn.Sequential(backbone.trunk, nn.Linear(backbone.feature_dim, len(dataset.classes)))
-    optimizer = torch.optim.AdamW([{"params": model[0].parameters(), "lr": f["lr"] * f["backbone_lr_mult"]},
-                                   {"params": model[1].parameters(), "lr": f["lr"]}],
-                                  weight_decay=f["weight_decay"])
-    criterion = nn.CrossEntropyLoss(label_smoothing=f["label_smoothing"])
+    optimizer = torch.optim.AdamW([{"params": model[0].parameters(),
+                                    "lr": finetune["lr"] * finetune["backbone_lr_mult"]},
+                                   {"params": model[1].parameters(), "lr": finetune["lr"]}],
+                                  weight_decay=finetune["weight_decay"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=finetune["label_smoothing"])
 
     seconds, images = [], []
     for _ in range(args.warmup_epochs + args.epochs):
@@ -143,21 +144,21 @@ def compute_limit(args) -> dict:
     from tlpipe.train import distributed, finetuning
 
     params = load_params("finetune")
-    f, seed, dev = params.finetune, params.seed, device()
+    finetune, seed, dev = params.finetune, params.seed, device()
     amp = dev.type == "cuda"
-    start = finetuning.begin(f, seed)
-    run = finetuning.make_run(start, f, distributed.Group(0, 1, dev), seed)
-    model, record, optimizer, loss_fn = start.model, start.source["preprocessing"], run.optimizer, run.loss_fn
+    start = finetuning.begin(finetune, seed)
+    run = finetuning.make_run(start, finetune, distributed.Group(0, 1, dev), seed)
+    model, record, optimizer, loss_fn = start.model, start.provenance["preprocessing"], run.optimizer, run.loss_fn
     seen = common.watch_first_conv(model)
-    finetuning.set_trainable(model, start.blocks, len(start.blocks), f.train_bn_stats)
+    finetuning.set_trainable(model, start.blocks, len(start.blocks), finetune.train_bn_stats)
 
     train = DecodedSplit("train")
     n = min(len(train), args.limit_images)
-    n = max(min(n, f.batch_size), n - n % f.batch_size)  # whole batches, or one short one
+    n = max(min(n, finetune.batch_size), n - n % finetune.batch_size)  # whole batches, or one short one
     pixels, ids = train.rows(0, n)
     x = normalize_batch(pixels.to(dev), record["mean"], record["std"]).contiguous(memory_format=torch.channels_last)
     y = start.targets[ids].to(dev)
-    batches = [(x[i:i + f.batch_size], y[i:i + f.batch_size]) for i in range(0, n, f.batch_size)]
+    batches = [(x[i:i + finetune.batch_size], y[i:i + finetune.batch_size]) for i in range(0, n, finetune.batch_size)]
 
     def step(xb, yb) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -177,7 +178,7 @@ def compute_limit(args) -> dict:
         common.synchronize(dev)
         seconds.append(time.perf_counter() - began)
     return {"train_images": len(train), "images": [n] * len(seconds), "seconds": seconds, "workers": 0,
-            "batch": f.batch_size, "observed": seen}
+            "batch": finetune.batch_size, "observed": seen}
 
 
 LOOPS = {"tlpipe": tlpipe_loop, "plain": plain_loop, "limit": compute_limit}

@@ -17,6 +17,7 @@ too. Test accuracy of tlpipe is the stage's saved head.
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import time
@@ -57,10 +58,10 @@ def run(project: Project, workdir: Path, args=None) -> Section:
         # scikit-learn's side fits the last layer: so does the head here (bench/layers.py times the rest)
         params["head"]["layers"] = "last"
         (project.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    h, seed = params["head"], params["seed"]
-    grid = np.logspace(h["l2_min_log10"], h["l2_max_log10"], h["l2_steps"])[::-1]  # as stages/head.py
+    head, seed = params["head"], params["seed"]
+    grid = np.logspace(head["l2_min_log10"], head["l2_max_log10"], head["l2_steps"])[::-1]  # as stages/head.py
     repeats = getattr(args, "repeats", None) or REPEATS
-    folds = h.get("cv_folds", 0)
+    folds = head.get("cv_folds", 0)
     stage = project.run("head")
 
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (split_features(project, s)
@@ -74,10 +75,8 @@ def run(project: Project, workdir: Path, args=None) -> Section:
         return float(((x_test.double() @ w.T + b).argmax(1) == y_test).double().mean())
 
     # The one-off imports of both sides, before any clock.
-    import scipy.optimize  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-    import sklearn.metrics  # noqa: F401
-    import sklearn.model_selection  # noqa: F401
+    for module in ("scipy.optimize", "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection"):
+        importlib.import_module(module)
 
     if folds >= 2:
         # What stages/head.py runs: stratified k-fold CV on train + val, then the final fit on both.
@@ -87,25 +86,25 @@ def run(project: Project, workdir: Path, args=None) -> Section:
         protocol = f"{folds}-fold CV on train + val (the same folds), refit on both"
 
         def ours() -> dict:
-            rows, best, _, (w, b) = linear.cv_sweep(x_fit, y_fit, n_classes, grid, h["max_iter"], folds, seed)
+            rows, best, _, (w, b) = linear.cv_sweep(x_fit, y_fit, n_classes, grid, head["max_iter"], folds, seed)
             return {"l2": rows[best]["l2"], "cv_log_loss": rows[best]["cv_log_loss"],
                     "cv_accuracy": rows[best]["cv_accuracy"], "fits": len(rows) * folds + 1, "w": w, "b": b}
 
         def theirs() -> dict:
             return reference.sklearn_cv_logistic(x_fit.numpy(), y_fit.numpy(), x_test.numpy(), y_test.numpy(),
-                                                 grid, h["max_iter"], split)
+                                                 grid, head["max_iter"], split)
         held = "CV"
     else:
         protocol = "chosen on val, fitted on train"
 
         def ours() -> dict:
-            rows, best, (w, b) = linear.sweep(x_train, y_train, x_val, y_val, n_classes, grid, h["max_iter"])
+            rows, best, (w, b) = linear.sweep(x_train, y_train, x_val, y_val, n_classes, grid, head["max_iter"])
             return {"l2": rows[best]["l2"], "cv_log_loss": rows[best]["val_log_loss"],
                     "cv_accuracy": rows[best]["val_accuracy"], "fits": len(grid), "w": w, "b": b}
 
         def theirs() -> dict:
             return reference.sklearn_tuned_logistic(x_train.numpy(), y_train.numpy(), x_val.numpy(), y_val.numpy(),
-                                                    x_test.numpy(), y_test.numpy(), grid, h["max_iter"])
+                                                    x_test.numpy(), y_test.numpy(), grid, head["max_iter"])
         held = "val"
 
     say(f"{project.label}: tlpipe.nets.linear and scikit-learn in-process, {repeats} times each, alternately "
@@ -124,7 +123,7 @@ def run(project: Project, workdir: Path, args=None) -> Section:
     n = f"{len(y_train)}/{len(y_val)}/{len(y_test)}"
     section = Section(f"head: {project.label} ({n} train/val/test images, {x_train.shape[1]}-d features)")
     section.parts.append(f"Protocol on both sides: {len(grid)}-point L2 grid, {protocol}; max_iter "
-                         f"{h['max_iter']}. '{held} log loss' and '{held} accuracy' are of the chosen L2.")
+                         f"{head['max_iter']}. '{held} log loss' and '{held} accuracy' are of the chosen L2.")
     rows = [["tlpipe: head stage (python -m stages.head)", f"{chosen['l2']:.3g}",
              chosen.get("cv_log_loss", chosen.get("val_log_loss")), chosen.get("cv_accuracy", chosen.get("val_accuracy")),
              test_accuracy, stage.seconds, "", f"stage's own time (reads, sweep, writes); wall {stage.wall:.1f}s"],

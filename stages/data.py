@@ -34,7 +34,7 @@ def check_all(items: list[sources.Item], root: Path) -> list[str | None]:
     n_workers = workers()
     bar = dict(total=len(paths), desc="decode check")
     if n_workers <= 1:
-        reasons = [check_image(p, r) for p, r in progress(zip(paths, roots), **bar)]
+        reasons = [check_image(path, r) for path, r in progress(zip(paths, roots), **bar)]
     else:
         with ProcessPoolExecutor(n_workers) as pool:
             reasons = list(progress(pool.map(check_image, paths, roots, chunksize=16), **bar))
@@ -79,13 +79,13 @@ def duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
 
 def main() -> None:
     params = load_params("data")
-    p = params.data
+    data = params.data
     seed = params.seed
-    val_fraction, test_fraction, on_bad_file = p.val_fraction, p.test_fraction, p.on_bad_file
+    val_fraction, test_fraction, on_bad_file = data.val_fraction, data.test_fraction, data.on_bad_file
 
     with atomic_dir(PREPARED) as out:
         images = out / "images"
-        items, root = sources.collect(p, images, DOWNLOADS)
+        items, root = sources.collect(data, images, DOWNLOADS)
         # Fractions that leave a class without a training image fail now, not after the decode check.
         sources.stratified_split(items, val_fraction, test_fraction, seed)
         reasons = check_all(items, root)

@@ -17,7 +17,7 @@ from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, load_tensors, read_json, write_json
 from tlpipe.manifest import hashes_by_path, read_manifest
 from tlpipe.nets import calibration, layers
-from tlpipe.nets.features import check_source, load_split
+from tlpipe.nets.features import check_provenance, load_split
 from tlpipe.params import load_params
 from tlpipe.paths import (DUPLICATES, FEATURES, FINETUNED_CALIBRATION, FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG,
                           PREDICTIONS_META, RELIABILITY, TEST_DUPLICATES, TEST_METRICS, TEST_PER_CLASS,
@@ -75,7 +75,7 @@ def main() -> None:
     manifest, classes = read_manifest()
     test, meta = load_split("test")
     head_cfg = read_json(HEAD_CONFIG)
-    check_source(HEAD_CONFIG, head_cfg, meta, "rerun the head stage")
+    check_provenance(HEAD_CONFIG, head_cfg, meta, "rerun the head stage")
     head = load_tensors(HEAD, "head", head_cfg.get("sha256"), HEAD_CONFIG)
     keys = layers.of_model(head_cfg)
     layers.check_keys(keys, meta, f"{HEAD_CONFIG} (rerun the head stage)")

@@ -3,38 +3,31 @@
 The probe is fitted here, from the cached features at `finetune.probe_l2`, rather than read from
 the head stage: it takes a second, and it keeps fine-tuning independent of the head's params, so
 sweeping the head never re-runs the expensive stage. With `probe_l2` equal to the head's chosen L2
-the two are the same classifier. The recipe (tlpipe.finetuning): backbone LR = head LR x
+the two are the same classifier. The recipe (tlpipe.train.finetuning): backbone LR = head LR x
 backbone_lr_mult; the checkpoint with the best val loss is kept; training stops after `patience`
 epochs without improvement (warmup epochs not counted). A val below audit.MIN_VAL_PER_CLASS images
 in some class chooses nothing: the schedule's last epoch is kept, with no early stopping
-(`kept_by: schedule` in the metrics, and why). After every epoch the whole training state
-goes to models/.resume/ (tlpipe.checkpoints), so a killed run continues from its last finished
-epoch with the result of an uninterrupted one.
+(`kept_by: schedule` in the metrics, and why). After every epoch the whole training state goes to
+models/.resume/ (tlpipe.train.checkpoints), so a killed run continues from its last finished epoch
+with the result of an uninterrupted one. The outputs are written by tlpipe.train.finetune_outputs.
 
 `recipe: auto` first runs a budgeted search on val (tlpipe.train.recipe_search) for how much of the
 backbone to train and how hard; its winner's settings drive the run, and its report goes into
 metrics/finetune.json and the plot metrics/finetune_search.csv.
 
 Several processes (GPUs or nodes): TLPIPE_NPROC / TLPIPE_NNODES relaunch this module under
-torchrun (tlpipe.distributed), as DistributedDataParallel. `batch_size` stays the global batch and
+torchrun (tlpipe.train.distributed), as DistributedDataParallel. `batch_size` stays the global batch and
 each optimizer step sees the same images however many processes share it; rank 0 alone writes.
 """
 
 import time
-from pathlib import Path
-
-from dvclive import Live
 
 from tlpipe import preprocessing
 from tlpipe.ingest.decoded import DecodedSplit
-from tlpipe.io import sha256_file, write_json, writing
-from tlpipe.nets.features import source_of
-from tlpipe.nets.models import save_classifier
 from tlpipe.params import load_params
-from tlpipe.paths import (DECODED, FEATURES, FINETUNE_CURVES, FINETUNE_METRICS, FINETUNE_SEARCH_PLOT, FINETUNED,
-                          FINETUNED_CONFIG, MANIFEST)
+from tlpipe.paths import FEATURES
 from tlpipe.runtime import inference_batch_size, run_stage
-from tlpipe.train import checkpoints, distributed, finetuning, recipe_search
+from tlpipe.train import checkpoints, distributed, finetune_outputs, finetuning, recipe_search
 
 
 def main() -> None:
@@ -42,31 +35,29 @@ def main() -> None:
     if distributed.requested() != (1, 1) and not distributed.launched():
         distributed.launch("stages.finetune")
         return
-    group, f, seed = distributed.join(), params.finetune, params.seed
-    settings = {"seed": seed, "finetune": f.dump()}
-    finetuning.check_batch_size(f, group.world)
-    start = finetuning.begin(f, seed)
-    model, record, dev = start.model, start.source["preprocessing"], group.device
+    group, finetune, seed = distributed.join(), params.finetune, params.seed
+    settings = {"seed": seed, "finetune": finetune.dump()}
+    finetuning.check_batch_size(finetune, group.world)
+    start = finetuning.begin(finetune, seed)
+    model, record, dev = start.model, start.provenance["preprocessing"], group.device
     val = DecodedSplit("val")
     preprocessing.check(record, val.geometry, FEATURES / "meta.json", "rerun the features stage")
     val_batches = val.batches(inference_batch_size(dev), group.rank, group.world)
 
     # Resume only a run with exactly these inputs, code and device (its results would differ else).
-    code = [Path("stages/finetune.py"), *sorted(Path("tlpipe").rglob("*.py"))]
-    checkpoint = checkpoints.EpochCheckpoint(checkpoints.run_key({
-        "params": settings, "device": dev.type, "inputs": {str(p): sha256_file(p) for p in [
-            *code, MANIFEST, DECODED / "meta.json", FEATURES / "train.safetensors"]}}))
+    checkpoint = checkpoints.EpochCheckpoint(checkpoints.finetune_run_key(settings, dev.type))
     if group.is_main:
         checkpoint.remove_others()
     say = print if group.is_main else (lambda *_: None)
     search = None
-    if f.recipe == "auto":  # the family's knobs from a budgeted search on val (tlpipe.train.recipe_search)
-        f, search = recipe_search.search(start, f, group, seed, val_batches, checkpoint.folder.name, say)
+    if finetune.recipe == "auto":  # the family's knobs from a budgeted search on val (tlpipe.train.recipe_search)
+        finetune, search = recipe_search.search(start, finetune, group, seed, val_batches, checkpoint.folder.name,
+                                                say)
         say(f"recipe auto: {search['chosen']} ({search['reason']})")
     began = time.perf_counter()
-    run = finetuning.make_run(start, f, group, seed)
+    run = finetuning.make_run(start, finetune, group, seed)
     run.checkpoint_folder = checkpoint.folder
-    kept_by, why = finetuning.kept_by(start.source["classes"], run.ema is not None)
+    kept_by, why = finetuning.kept_by(start.provenance["classes"], run.ema is not None)
     say(f"kept by {kept_by.replace('_', ' ')}: {why}")
     progress = finetuning.Progress.resume(checkpoint, run, kept_by)
     if progress is None:
@@ -77,57 +68,27 @@ def main() -> None:
     else:
         say(f"resuming after epoch {progress.epoch} from {checkpoint.folder}")
 
-    for epoch in range(progress.epoch + 1, f.epochs + 1):
+    for epoch in range(progress.epoch + 1, finetune.epochs + 1):
         if progress.stopped:
             break
         train_loss = finetuning.train_one_epoch(run, epoch)
         scores = finetuning.score_on_val(model, run.ema, val_batches, start.targets, record, group)
         run.step_scheduler(scores["val/loss"])
         say(f"epoch {epoch}: train loss {train_loss:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, **run.lrs()}, model, f, run.ema)
+        progress.end_epoch(epoch, {"train/loss": train_loss, **scores, **run.lrs()}, model, finetune, run.ema)
         if progress.stopped:
-            say(f"early stop: val loss has not improved for {f.patience} epochs")
+            say(f"early stop: val loss has not improved for {finetune.patience} epochs")
         if group.is_main:
             progress.save(checkpoint, run)
     distributed.barrier(group)  # every rank finished cleanly before anything is written
     if group.is_main:
         if search is not None:  # the search's cost against the run it chose (this process's share)
             search["final_run_seconds"] = round(time.perf_counter() - began, 1)
-        write_outputs(model, progress, start.source, f.probe_l2, checkpoint.folder.name, why, search)
+        finetune_outputs.write(model, progress, start.provenance, finetune.probe_l2, checkpoint.folder.name, why,
+                               search)
         recipe_search.search_checkpoint(checkpoint.folder.name).remove()
         checkpoint.remove()
     distributed.leave(group)
-
-
-def write_outputs(model, progress: finetuning.Progress, source: dict, probe_l2: float, resume_key: str,
-                  why: str, search: dict | None) -> None:
-    with writing(FINETUNE_CURVES), Live(str(FINETUNE_CURVES), dvcyaml=False, save_dvc_exp=False) as live:
-        for step, record in enumerate(progress.history):
-            live.step = step
-            for name, value in record.items():
-                live.log_metric(name, value)
-    best = progress.best
-    model.load_state_dict(best["state"])
-    save_classifier(model, FINETUNED, FINETUNED_CONFIG, {**source_of(source), "probe_l2": probe_l2,
-                                                          "best_epoch": best["epoch"], "weights": best["weights"],
-                                                          "kept_by": progress.kept_by, "kept_reason": why,
-                                                          # its checkpoint is stale once these outputs exist
-                                                          "resume_key": resume_key})
-    first = progress.history[0]
-    beats = best["epoch"] > 0 and best["val_loss"] < first["val/loss"]
-    recipe_search.write_plot(FINETUNE_SEARCH_PLOT, first["val/loss"], search)
-    write_json(FINETUNE_METRICS, {
-        "initial_val_accuracy": round(first["val/accuracy"], 6), "initial_val_loss": round(first["val/loss"], 6),
-        "best_epoch": best["epoch"], "kept_weights": best["weights"], "kept_by": progress.kept_by, "kept_reason": why,
-        "epochs_run": len(progress.history) - 1,
-        "val_loss": round(best["val_loss"], 6), "val_accuracy": round(best["val_accuracy"], 6),
-        "beats_probe_on_val": beats if progress.kept_by == "val_loss" else None,
-        **({"search": search} if search is not None else {})})
-    print(f"kept epoch {best['epoch']} ({best['weights']} weights) by {progress.kept_by.replace('_', ' ')}: "
-          f"val loss {best['val_loss']:.4f} acc {best['val_accuracy']:.4f}")
-    if progress.kept_by == "val_loss" and not beats:
-        print(f"fine-tuning did not beat the probe on val (val loss {first['val/loss']:.4f}): the probe is kept; "
-              "ship the head (models/head.*) and save the training")
 
 
 if __name__ == "__main__":

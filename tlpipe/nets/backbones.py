@@ -202,7 +202,7 @@ def downloads_allowed() -> bool:
 
 
 def resolve_weights(name: str, e: Entry, weights: str, pretrained_cfg: dict | None) -> tuple[str, Path]:
-    """(source, file) of the weights to load, in the order of the module docstring."""
+    """(weights_source, file) of the weights to load, in the order of the module docstring."""
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -309,16 +309,16 @@ def _build_timm(name: str, e: Entry, pretrained: bool, weights: str) -> Backbone
     except RuntimeError as err:  # e.g. a pretrained tag timm does not have for this architecture
         raise TlpipeError(f"backbone.name: {name}: {str(err).splitlines()[0]}") from None
     cfg = dict(model.pretrained_cfg or {})
-    source, file, sha = "none", "", ""
+    weights_source, file, sha = "none", "", ""
     have_head = False
     classifier_prefix = cfg.get("classifier") or "classifier"
     if pretrained:
-        source, path = resolve_weights(name, e, weights, cfg)
+        weights_source, path = resolve_weights(name, e, weights, cfg)
         state = read_state_dict(path)
         if e.convert is not None:
             state = e.convert(state)
         have_head = _load(model, state, classifier_prefix, path, name)
-        file, sha = (weights if source == "file" else path.name), sha256_file(path)
+        file, sha = (weights if weights_source == "file" else path.name), sha256_file(path)
     classifier = model.get_classifier()
     model.reset_classifier(0)
     data = resolve_model_data_config(model)
@@ -331,7 +331,7 @@ def _build_timm(name: str, e: Entry, pretrained: bool, weights: str) -> Backbone
     return Backbone(name, model, classifier if (have_head or not pretrained) else None, dim,
                     tuple(data["mean"]), tuple(data["std"]), size, round(size / data["crop_pct"]),
                     data["interpolation"] if data["interpolation"] in ("bilinear", "bicubic") else "bicubic",
-                    bool(cfg.get("fixed_input_size")), source, file, sha)
+                    bool(cfg.get("fixed_input_size")), weights_source, file, sha)
 
 
 def _timm_blocks(trunk: nn.Module) -> list[list]:
@@ -381,13 +381,13 @@ def _build_torchvision(name: str, e: Entry, pretrained: bool, weights: str) -> B
 
     api = torchvision.models.get_model_weights(name).DEFAULT
     model = torchvision.models.get_model(name, weights=None)
-    source, file, sha, have_head = "none", "", "", True
+    weights_source, file, sha, have_head = "none", "", "", True
     if pretrained:
         if weights:
-            source, path = resolve_weights(name, e, weights, None)
+            weights_source, path = resolve_weights(name, e, weights, None)
         else:
             path = torch_hub_checkpoints() / os.path.basename(api.url)
-            source = "torch-hub"
+            weights_source = "torch-hub"
             if not path.is_file():
                 if not downloads_allowed():
                     raise TlpipeError(f"backbone {name}: no weights found; looked in: torch hub cache {path}; "
@@ -398,12 +398,12 @@ def _build_torchvision(name: str, e: Entry, pretrained: bool, weights: str) -> B
                 except Exception as err:  # network errors come in many types; all mean the same here
                     raise TlpipeError(f"backbone {name}: cannot download {api.url}: {err}") from None
         have_head = _load(model, read_state_dict(path), e.classifier, path, name)
-        file, sha = (weights if source == "file" else path.name), sha256_file(path)
+        file, sha = (weights if weights_source == "file" else path.name), sha256_file(path)
     classifier = _split_classifier(model, e.classifier)
     t = api.transforms()
     return Backbone(name, model, classifier if have_head else None, classifier.in_features,
                     tuple(t.mean), tuple(t.std), int(t.crop_size[0]), int(t.resize_size[0]),
-                    t.interpolation.value, False, source, file, sha)
+                    t.interpolation.value, False, weights_source, file, sha)
 
 
 # --- what the rest of tlpipe uses ---------------------------------------------------------------
@@ -462,17 +462,17 @@ def check_input_size(b: Backbone, img_size: int) -> str:
     return ""
 
 
-def weights_param_of(source: dict) -> str:
+def weights_param_of(provenance: dict) -> str:
     """The `backbone.weights` a features metadata or model config was made with ('' if none)."""
-    return source.get("weights_file", "") if source.get("weights_source") == "file" else ""
+    return provenance.get("weights_file", "") if provenance.get("weights_source") == "file" else ""
 
 
-def pretrained_for(source: dict, where: str) -> Backbone:
-    """The pretrained backbone that `source` (features metadata or a model config) was made with;
-    its weights file must still be the one whose sha256 the source recorded."""
-    backbone = build(source["backbone"], weights=weights_param_of(source))
-    if backbone.weights_sha256 != source["weights_sha256"]:
-        raise TlpipeError(f"{where}: made with other {source['backbone']} weights than "
+def pretrained_for(provenance: dict, where: str) -> Backbone:
+    """The pretrained backbone that `provenance` (features metadata or a model config) was made
+    with; its weights file must still be the one whose sha256 it recorded."""
+    backbone = build(provenance["backbone"], weights=weights_param_of(provenance))
+    if backbone.weights_sha256 != provenance["weights_sha256"]:
+        raise TlpipeError(f"{where}: made with other {provenance['backbone']} weights than "
                           f"{backbone.weights_file} now holds (sha256 differs); rerun the features stage "
                           f"(dvc repro -f features: DVC does not watch files outside the repository)")
     return backbone

@@ -4,9 +4,11 @@ Each split file holds `features` (N x D float32), `labels` (N int64 class indice
 (N int64 row numbers in the manifest); its header carries the metadata as JSON, the same that
 `meta.json` holds, so a file copied on its own still says what produced it.
 
-The metadata's SOURCE_KEYS say what the features are features *of*: the backbone and its weights,
-the classes, and the preprocessing record. Both model configs (head.json, finetuned.json) carry
-the same keys, and `check_source` is the one check that a model meets the inputs it was made for.
+The metadata's PROVENANCE_KEYS, the features' provenance, say what the features are features *of*:
+the backbone and its weights (`weights_source`: where the weights came from), the classes, and the
+preprocessing record. Both model configs (head.json, finetuned.json) carry the same keys
+(`provenance_of`), and `check_provenance` is the one check that a model meets the inputs it was made
+for. ("source" alone means the data source, params.yaml's `data.source`.)
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ from tlpipe.io import atomic_path, check_finite, read_json, verify_sha256
 from tlpipe.paths import FEATURES
 from tlpipe.runtime import TlpipeError
 
-SOURCE_KEYS = ("backbone", "weights_source", "weights_file", "weights_sha256", "feature_dim", "classes",
-               "preprocessing")
+PROVENANCE_KEYS = ("backbone", "weights_source", "weights_file", "weights_sha256", "feature_dim", "classes",
+                   "preprocessing")
 
 
-def source_of(meta: dict) -> dict:
+def provenance_of(meta: dict) -> dict:
     """The part of the features metadata a model trained on them records, verbatim."""
-    return {key: meta[key] for key in SOURCE_KEYS}
+    return {key: meta[key] for key in PROVENANCE_KEYS}
 
 
-def check_source(where: str | Path, found: dict, expected: dict, fix: str) -> None:
-    """`found` (an artifact's metadata or a model config) must name the same source as `expected`."""
-    for key in SOURCE_KEYS:
+def check_provenance(where: str | Path, found: dict, expected: dict, fix: str) -> None:
+    """`found` (an artifact's metadata or a model config) must have the same provenance as `expected`."""
+    for key in PROVENANCE_KEYS:
         if found.get(key) != expected.get(key):
             raise TlpipeError(f"{where}: made from {key}={found.get(key)!r}, but the current features "
                               f"have {expected.get(key)!r}; {fix}")
@@ -60,7 +62,7 @@ def load_split(split: str, folder: Path = FEATURES) -> tuple[dict[str, torch.Ten
         raise TlpipeError(f"{e.filename}: missing; run the features stage first (dvc repro features)") from None
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as e:
         raise TlpipeError(f"{path}: unreadable features ({e}); rerun the features stage") from None
-    for key in SOURCE_KEYS:
+    for key in PROVENANCE_KEYS:
         if header.get(key) != meta.get(key):
             raise TlpipeError(f"{path}: metadata {key!r} disagrees with {folder / 'meta.json'} "
                               "(features from different runs mixed?); rerun the features stage")

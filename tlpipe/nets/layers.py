@@ -1,4 +1,4 @@
-"""The backbone's intermediate layers as probe features (Head2Toe, Evci et al. ICML 2022).
+"""The backbone's intermediate layers as features for the head (Head2Toe, Evci et al. ICML 2022).
 
 The last pooled layer of an ImageNet backbone is what ImageNet's classes needed; on images far from
 ImageNet (hand signs, scans) an earlier stage often separates the classes better. The features

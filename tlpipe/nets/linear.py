@@ -1,10 +1,10 @@
 """Multinomial logistic regression on cached features, by full-batch L-BFGS (the linear probe).
 
 Features are standardized with train statistics while fitting (it conditions L-BFGS well and makes
-one L2 grid fit every backbone); the standardization is folded back into the weights at the end, so
-the saved head is a plain Linear layer on raw backbone features, ready to sit on the backbone.
-Statistics and folding are float64; the head's sweep fits in float32, about 3x faster than float64
-(bench/head.py) and choosing the same L2 with the same accuracies: standardized features keep the
+one L2 grid fit every backbone); the standardization is undone in the weights at the end
+(`raw_weights`), so the saved head is a plain Linear layer on raw backbone features, ready to sit on
+the backbone. Statistics and `raw_weights` are float64; the head's sweep fits in float32, about 3x
+faster than float64 (bench/head.py) and choosing the same L2 with the same accuracies: standardized features keep the
 problem well conditioned. The single probe fine-tuning starts from stays float64.
 """
 

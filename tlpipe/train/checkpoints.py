@@ -26,12 +26,20 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tlpipe.io import atomic_dir, check_finite, read_json, write_json, writing
-from tlpipe.paths import RESUME
+from tlpipe.io import atomic_dir, check_finite, read_json, sha256_file, write_json, writing
+from tlpipe.paths import DECODED, FEATURES, MANIFEST, RESUME
 
 
 def run_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def finetune_run_key(settings: dict, device: str) -> str:
+    """The key of a fine-tuning run: its params (`settings`), device, code and inputs. A run resumes
+    only from a checkpoint with exactly these (its results would differ else)."""
+    code = [Path("stages/finetune.py"), *sorted(Path("tlpipe").rglob("*.py"))]
+    return run_key({"params": settings, "device": device, "inputs": {str(p): sha256_file(p) for p in [
+        *code, MANIFEST, DECODED / "meta.json", FEATURES / "train.safetensors"]}})
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -55,20 +55,20 @@ from tlpipe.train import checkpoints, distributed
 class Start:
     model: Classifier               # the probe on the pretrained backbone, on the CPU
     blocks: list[list]              # the backbone's blocks, input to output: the units of unfreezing
-    source: dict                    # the features metadata: backbone, weights, classes, preprocessing
+    provenance: dict                # the features metadata's PROVENANCE_KEYS: backbone, weights, classes, preprocessing
     train_set: TrainImages          # training images -> (uint8 image, position, repeat), and their augmentation
     train_targets: torch.Tensor     # class index of each training image, by position
     targets: torch.Tensor           # class index of every manifest row (val batches carry row ids)
 
 
-def start_model(f, seed: int) -> Start:
-    """LP-FT's starting point from params.yaml's `finetune` section `f`. `seed` seeds each image's
+def start_model(finetune, seed: int) -> Start:
+    """LP-FT's starting point from params.yaml's `finetune` section. `seed` seeds each image's
     augmentation by (seed, epoch, image)."""
-    train_features, source = load_split("train")
-    classes = source["classes"]
+    train_features, provenance = load_split("train")
+    classes = provenance["classes"]
     weight, bias = linear.fit_probe(train_features["features"], train_features["labels"], len(classes),
-                                    f.probe_l2)
-    backbone = backbones.pretrained_for(source, str(FEATURES / "meta.json"))
+                                    finetune.probe_l2)
+    backbone = backbones.pretrained_for(provenance, str(FEATURES / "meta.json"))
     model = Classifier(backbone.trunk, linear_from(weight.float(), bias.float()))
     manifest, manifest_classes = read_manifest()
     if manifest_classes != classes:
@@ -79,10 +79,11 @@ def start_model(f, seed: int) -> Start:
     if not torch.equal(source_pixels.ids(), rows):
         raise TlpipeError(f"{source_pixels.folder}: its {TRAIN_SOURCE} images are not the manifest's train split; "
                           "rerun the decode stage")
-    record = source["preprocessing"]
+    record = provenance["preprocessing"]
     train_set = TrainImages(source_pixels, train_transform(
-        record["img_size"], record["interpolation"], f.crop_scale_min, f.hflip, f.randaugment_magnitude), seed)
-    return Start(model, backbones.blocks(source["backbone"], model.trunk), source, train_set,
+        record["img_size"], record["interpolation"], finetune.crop_scale_min, finetune.hflip,
+        finetune.randaugment_magnitude), seed)
+    return Start(model, backbones.blocks(provenance["backbone"], model.trunk), provenance, train_set,
                  targets[rows], targets)
 
 
@@ -98,13 +99,13 @@ def kept_by(classes: list[str], ema: bool) -> tuple[str, str]:
                         f"{'one (its EMA)' if ema else 'one'} is kept, no early stopping")
 
 
-def check_batch_size(f, world: int) -> None:
+def check_batch_size(finetune, world: int) -> None:
     """`finetune.batch_size` is the global batch, shared by `world` processes."""
-    if f.train_bn_stats and f.batch_size < 2 * world:
+    if finetune.train_bn_stats and finetune.batch_size < 2 * world:
         raise TlpipeError(f"finetune.train_bn_stats needs at least 2 images per process and batch: "
-                          f"finetune.batch_size ({f.batch_size}) < 2 x {world} processes")
-    if f.batch_size < world:
-        raise TlpipeError(f"finetune.batch_size ({f.batch_size}) is the global batch: it must be at least "
+                          f"finetune.batch_size ({finetune.batch_size}) < 2 x {world} processes")
+    if finetune.batch_size < world:
+        raise TlpipeError(f"finetune.batch_size ({finetune.batch_size}) is the global batch: it must be at least "
                           f"the number of processes ({world})")
 
 
@@ -140,39 +141,39 @@ def set_trainable(model: Classifier, blocks: list[list], n: int, train_bn_stats:
     model.head.train()
 
 
-def lr_multipliers(model: Classifier, blocks: list[list], f) -> list[tuple[list, float]]:
+def lr_multipliers(model: Classifier, blocks: list[list], finetune) -> list[tuple[list, float]]:
     """(parameters, LR / head LR) pairs, backbone first and the head last.
 
     With `layer_decay` < 1 (layer-wise LR decay, as timm and BEiT do it) the backbone is split into
     its blocks, top first: the top block gets `backbone_lr_mult`, each block below `layer_decay`
     times the one above, so the generic low-level features move least."""
     head = (list(model.head.parameters()), 1.0)
-    if f.layer_decay == 1 or not blocks:
-        return [(list(model.trunk.parameters()), f.backbone_lr_mult), head]
+    if finetune.layer_decay == 1 or not blocks:
+        return [(list(model.trunk.parameters()), finetune.backbone_lr_mult), head]
     parts, seen = [], set()
     for depth, block in enumerate(reversed(blocks)):
         params = [p for item in block for p in backbones.parameters(item) if id(p) not in seen]
         seen.update(id(p) for p in params)
-        parts.append((params, f.backbone_lr_mult * f.layer_decay ** depth))
+        parts.append((params, finetune.backbone_lr_mult * finetune.layer_decay ** depth))
     rest = [p for p in model.trunk.parameters() if id(p) not in seen]  # none for the known backbones
-    return parts + ([(rest, f.backbone_lr_mult * f.layer_decay ** len(blocks))] if rest else []) + [head]
+    return parts + ([(rest, finetune.backbone_lr_mult * finetune.layer_decay ** len(blocks))] if rest else []) + [head]
 
 
-def make_optimizer(model: Classifier, f, blocks: list[list] = ()) -> torch.optim.Optimizer:
+def make_optimizer(model: Classifier, finetune, blocks: list[list] = ()) -> torch.optim.Optimizer:
     """AdamW or SGD over parameter groups (`lr_multipliers`), each split into weights with weight
-    decay and biases and norms without. Each group's `lr_mult` is its LR over the head's (`f.lr`),
+    decay and biases and norms without. Each group's `lr_mult` is its LR over the head's (`finetune.lr`),
     so an LR schedule or a range test sets every group from one number. Frozen parameters stay in
     the groups (the optimizer skips them while they have no gradient), so unfreezing needs no new
     optimizer."""
     groups = []
-    for params, mult in lr_multipliers(model, list(blocks), f):
-        groups += [{"params": [p for p in params if p.ndim > 1], "lr": f.lr * mult, "lr_mult": mult,
-                    "weight_decay": f.weight_decay},
-                   {"params": [p for p in params if p.ndim <= 1], "lr": f.lr * mult, "lr_mult": mult,
+    for params, mult in lr_multipliers(model, list(blocks), finetune):
+        groups += [{"params": [p for p in params if p.ndim > 1], "lr": finetune.lr * mult, "lr_mult": mult,
+                    "weight_decay": finetune.weight_decay},
+                   {"params": [p for p in params if p.ndim <= 1], "lr": finetune.lr * mult, "lr_mult": mult,
                     "weight_decay": 0.0}]
-    if f.optimizer == "adamw":
+    if finetune.optimizer == "adamw":
         return torch.optim.AdamW(groups)
-    return torch.optim.SGD(groups, momentum=f.momentum, nesterov=f.momentum > 0)
+    return torch.optim.SGD(groups, momentum=finetune.momentum, nesterov=finetune.momentum > 0)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -184,13 +185,13 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, f, steps_per_epoch: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, finetune, steps_per_epoch: int):
     """Cosine (stepped per batch, after `warmup_epochs` of linear warmup) or reduce-on-plateau
     (stepped per epoch on val loss)."""
-    if f.schedule == "cosine":
+    if finetune.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(f.warmup_epochs * steps_per_epoch, f.epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=max(1, f.patience // 2))
+            optimizer, warmup_cosine(finetune.warmup_epochs * steps_per_epoch, finetune.epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=max(1, finetune.patience // 2))
 
 
 def class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -199,66 +200,66 @@ def class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
     return (len(targets) / (n_classes * counts.clamp(min=1))).float()
 
 
-def make_loss(f, train_targets: torch.Tensor, n_classes: int):
+def make_loss(finetune, train_targets: torch.Tensor, n_classes: int):
     """Summed cross-entropy with label smoothing and, for `class_balance: loss_weights`, class
     weights; it takes class indices or (mixed) class probabilities as targets."""
-    weight = class_weights(train_targets, n_classes) if f.class_balance == "loss_weights" else None
+    weight = class_weights(train_targets, n_classes) if finetune.class_balance == "loss_weights" else None
 
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w = None if weight is None else weight.to(logits.device)
-        return F.cross_entropy(logits, y, weight=w, label_smoothing=f.label_smoothing, reduction="sum")
+        return F.cross_entropy(logits, y, weight=w, label_smoothing=finetune.label_smoothing, reduction="sum")
     return loss
 
 
-def make_mixing(f, n_classes: int):
+def make_mixing(finetune, n_classes: int):
     """MixUp and/or CutMix (torchvision transforms.v2) on a share `mix_prob` of the batches, or None.
 
     They draw from torch's global RNG in the main process, whose state the checkpoint keeps, so a
     resumed run mixes the same batches the same way."""
     from torchvision.transforms import v2
 
-    mixes = ([v2.MixUp(alpha=f.mixup_alpha, num_classes=n_classes)] if f.mixup_alpha > 0 else []) + \
-            ([v2.CutMix(alpha=f.cutmix_alpha, num_classes=n_classes)] if f.cutmix_alpha > 0 else [])
-    if not mixes or f.mix_prob == 0:
+    mixes = ([v2.MixUp(alpha=finetune.mixup_alpha, num_classes=n_classes)] if finetune.mixup_alpha > 0 else []) + \
+            ([v2.CutMix(alpha=finetune.cutmix_alpha, num_classes=n_classes)] if finetune.cutmix_alpha > 0 else [])
+    if not mixes or finetune.mix_prob == 0:
         return None
     mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
     def apply(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if float(torch.rand(())) >= f.mix_prob:
+        if float(torch.rand(())) >= finetune.mix_prob:
             return x, F.one_hot(y, n_classes).float()
         return mix(x, y)
     return apply
 
 
-def make_ema(model: nn.Module, f):
+def make_ema(model: nn.Module, finetune):
     """An exponential moving average of the weights, updated after every step, or None.
 
     torch's AveragedModel with `use_buffers`, so BatchNorm statistics are averaged with the
     weights; the first update copies the model."""
-    if f.ema_decay == 0:
+    if finetune.ema_decay == 0:
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(f.ema_decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(finetune.ema_decay), use_buffers=True)
 
 
 
-def begin(f, seed: int) -> Start:
+def begin(finetune, seed: int) -> Start:
     """Seed every RNG from `seed` (Python, numpy, torch; cuDNN's autotuner off) and build LP-FT's
     start: the one opening of the finetune stage, `tlpipe lr-find finetune` and bench/finetune.py."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = False
-    return start_model(f, seed)
+    return start_model(finetune, seed)
 
 
 @dataclass
 class Run:
-    """One training run from a `Start` with one set of `finetune` params `f`: the batches
+    """One training run from a `Start` with one set of `finetune` params: the batches
     (class-balanced draws when `class_balance: sampler`), optimizer, scheduler, loss, MixUp/CutMix
     and EMA. Built by `make_run`; `train_one_epoch(run, epoch)` trains it for an epoch."""
     start: Start
-    f: Any                                   # the finetune params (tlpipe.params' section, or the same fields)
+    finetune: Any                            # the finetune params (tlpipe.params' section, or the same fields)
     group: distributed.Group
     batches: distributed.GlobalBatches
     optimizer: torch.optim.Optimizer
@@ -275,9 +276,9 @@ class Run:
     def step_scheduler(self, val_loss: float | None = None) -> None:
         """The one place the LR schedule moves: cosine after every optimizer step (`val_loss` None),
         plateau after every epoch, on its val loss."""
-        if self.f.schedule == "cosine" and val_loss is None:
+        if self.finetune.schedule == "cosine" and val_loss is None:
             self.scheduler.step()
-        elif self.f.schedule == "plateau" and val_loss is not None:
+        elif self.finetune.schedule == "plateau" and val_loss is not None:
             self.scheduler.step(val_loss)
 
     def loader(self, epoch: int) -> torch.utils.data.DataLoader:
@@ -291,29 +292,31 @@ class Run:
         return {"lr/head": self.optimizer.param_groups[-1]["lr"], "lr/backbone": self.optimizer.param_groups[0]["lr"]}
 
 
-def make_run(start: Start, f, group: distributed.Group, seed: int) -> Run:
-    """The training run `start` trains with params `f`; the model moves to the device, channels_last.
+def make_run(start: Start, finetune, group: distributed.Group, seed: int) -> Run:
+    """The training run `start` trains with the `finetune` params; the model moves to the device, channels_last.
     The finetune stage, the recipe search, lr-find and bench/finetune.py all build it here."""
-    n_classes = len(start.source["classes"])
+    n_classes = len(start.provenance["classes"])
     balance = class_weights(start.train_targets, n_classes)[start.train_targets]
-    batches = distributed.GlobalBatches(len(start.train_set), f.batch_size, group, seed,
-                                        weights=balance if f.class_balance == "sampler" else None)
+    batches = distributed.GlobalBatches(len(start.train_set), finetune.batch_size, group, seed,
+                                        weights=balance if finetune.class_balance == "sampler" else None)
     start.model.to(group.device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(start.model, f, start.blocks)
-    scheduler = make_scheduler(optimizer, f, len(batches))
-    return Run(start, f, group, batches, optimizer, scheduler, make_loss(f, start.train_targets, n_classes),
-               make_mixing(f, n_classes), make_ema(start.model, f))
+    optimizer = make_optimizer(start.model, finetune, start.blocks)
+    scheduler = make_scheduler(optimizer, finetune, len(batches))
+    return Run(start, finetune, group, batches, optimizer, scheduler,
+               make_loss(finetune, start.train_targets, n_classes), make_mixing(finetune, n_classes),
+               make_ema(start.model, finetune))
 
 
 def train_one_epoch(run: Run, epoch: int, loader=None) -> float:
     """One pass over the training batches of `epoch` (1-based) with the blocks it trains; the mean
     training loss over all ranks' images. `loader`: `run.loader(epoch)` unless given (a benchmark
     wraps it)."""
-    start, f, group = run.start, run.f, run.group
+    start, finetune, group = run.start, run.finetune, run.group
     model, dev, amp = start.model, group.device, group.device.type == "cuda"
-    record = start.source["preprocessing"]
-    set_trainable(model, start.blocks, trainable_blocks(f.unfreeze, f.unfreeze_last_n, epoch, len(start.blocks)),
-                  f.train_bn_stats)
+    record = start.provenance["preprocessing"]
+    set_trainable(model, start.blocks,
+                  trainable_blocks(finetune.unfreeze, finetune.unfreeze_last_n, epoch, len(start.blocks)),
+                  finetune.train_bn_stats)
     # DDP registers the parameters that train when it is built, and that set changes with the
     # unfreeze strategy, so it wraps the model afresh each epoch (its weights stay in sync).
     net = model if group.world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -323,7 +326,7 @@ def train_one_epoch(run: Run, epoch: int, loader=None) -> float:
     kept = (f"the checkpoint of epoch {epoch - 1} stays in {run.checkpoint_folder}"
             if epoch > 1 and run.checkpoint_folder is not None else "no epoch had finished")
     loss_sum, seen = 0.0, 0
-    bar = progress(loader, desc=f"epoch {epoch}/{f.epochs}", enabled=group.is_main)
+    bar = progress(loader, desc=f"epoch {epoch}/{finetune.epochs}", enabled=group.is_main)
     for step, (images, idx, repeats) in enumerate(bar, start=1):
         images = loader.dataset.augment(images.to(dev, non_blocking=True), idx, repeats)  # tlpipe.ingest.images.TrainImages
         x = normalize_batch(images, record["mean"], record["std"])
@@ -413,7 +416,7 @@ class Progress:
                    {"epoch": 0, "weights": "probe", "val_loss": val_loss, "val_accuracy": val_acc,
                     "state": copy.deepcopy(model.state_dict())}, kept_by=kept_by)
 
-    def end_epoch(self, epoch: int, record: dict, model: nn.Module, f, ema=None) -> None:
+    def end_epoch(self, epoch: int, record: dict, model: nn.Module, finetune, ema=None) -> None:
         """Record an epoch; keep its weights when val loss improved (or, kept by schedule, always),
         else count it toward patience."""
         self.epoch = epoch
@@ -431,9 +434,9 @@ class Progress:
             self.best = {"epoch": epoch, "weights": weights, "val_loss": val_loss, "val_accuracy": val_acc,
                          "state": copy.deepcopy(module.state_dict())}
             self.stale = 0
-        elif counts_toward_patience(epoch, f.schedule, f.warmup_epochs):
+        elif counts_toward_patience(epoch, finetune.schedule, finetune.warmup_epochs):
             self.stale += 1
-            self.stopped = self.stale >= f.patience
+            self.stopped = self.stale >= finetune.patience
 
     def save(self, checkpoint: checkpoints.EpochCheckpoint, run: Run) -> None:
         checkpoint.save(*self.state(run))

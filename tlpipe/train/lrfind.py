@@ -12,10 +12,10 @@ for a slope, the LR at the minimum / 10 (never below the start LR). The rule use
 - `head`: a zero-initialized linear layer on the cached train features (data/features), with the
   fine-tuning optimizer settings (finetune.optimizer, weight_decay, momentum, batch_size,
   label_smoothing): the head LR (finetune.lr) when the head trains alone. Seconds.
-- `finetune`: LP-FT's start (tlpipe.finetuning.start_model, as the finetune stage), the
+- `finetune`: LP-FT's start (tlpipe.train.finetuning.start_model, as the finetune stage), the
   blocks finetune trains (finetune.unfreeze: last_n's blocks; all for `all` and for `gradual`,
   whose last epochs train all), BatchNorm statistics frozen unless finetune.train_bn_stats, the
-  fine-tuning augmentation, optimizer and loss of the stage's run (tlpipe.finetuning.make_run), backbone LR = LR x finetune.backbone_lr_mult: the
+  fine-tuning augmentation, optimizer and loss of the stage's run (tlpipe.train.finetuning.make_run), backbone LR = LR x finetune.backbone_lr_mult: the
   suggestion is for finetune.lr. Nothing is saved.
 """
 
@@ -126,7 +126,7 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
 
 def head_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     params = load_params("lr-find")
-    f = params.finetune
+    finetune = params.finetune
     torch.manual_seed(params.seed)
     train, meta = load_split("train")
     x, y = train["features"], train["labels"]
@@ -134,9 +134,9 @@ def head_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     # the fine-tuning optimizer on the head alone (an empty backbone), so its settings apply as there
-    optimizer = finetuning.make_optimizer(Classifier(torch.nn.Identity(), head), f)
-    batches = _batches(len(x), f.batch_size, torch.Generator().manual_seed(params.seed))
-    label_smoothing = f.label_smoothing
+    optimizer = finetuning.make_optimizer(Classifier(torch.nn.Identity(), head), finetune)
+    batches = _batches(len(x), finetune.batch_size, torch.Generator().manual_seed(params.seed))
+    label_smoothing = finetune.label_smoothing
 
     def step():
         idx = next(batches)
@@ -146,22 +146,22 @@ def head_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
 
 def finetune_test(lrs: np.ndarray, stop_factor: float) -> pd.DataFrame:
     params = load_params("lr-find")
-    f = params.finetune
+    finetune = params.finetune
     seed = params.seed
-    start = finetuning.begin(f, seed)
-    record, dev = start.source["preprocessing"], device()
-    loader = torch.utils.data.DataLoader(start.train_set, batch_size=f.batch_size, shuffle=True,
-                                         drop_last=len(start.train_set) > f.batch_size,
+    start = finetuning.begin(finetune, seed)
+    record, dev = start.provenance["preprocessing"], device()
+    loader = torch.utils.data.DataLoader(start.train_set, batch_size=finetune.batch_size, shuffle=True,
+                                         drop_last=len(start.train_set) > finetune.batch_size,
                                          num_workers=training_workers(dev),
                                          generator=torch.Generator().manual_seed(seed))
     # The stage's training run (model on the device, optimizer, loss); its LR is set per step below.
-    run = finetuning.make_run(start, f, distributed.Group(0, 1, dev), seed)
+    run = finetuning.make_run(start, finetune, distributed.Group(0, 1, dev), seed)
     model, optimizer, loss_fn = run.model, run.optimizer, run.loss_fn
     # The blocks finetune trains: last_n's, or all of them (gradual's widest epochs, which the LR
     # must survive too); BatchNorm statistics frozen unless train_bn_stats, as in finetune.
-    n_blocks = len(start.blocks) if f.unfreeze == "gradual" else finetuning.trainable_blocks(
-        f.unfreeze, f.unfreeze_last_n, 1, len(start.blocks))
-    finetuning.set_trainable(model, start.blocks, n_blocks, f.train_bn_stats)
+    n_blocks = len(start.blocks) if finetune.unfreeze == "gradual" else finetuning.trainable_blocks(
+        finetune.unfreeze, finetune.unfreeze_last_n, 1, len(start.blocks))
+    finetuning.set_trainable(model, start.blocks, n_blocks, finetune.train_bn_stats)
 
     def batches():
         while True:  # each pass over the images is a new epoch of their seeded augmentation

@@ -2,7 +2,7 @@
 
 A seeded successive-halving search (Jamieson & Talwalkar 2016; Li et al.'s Hyperband uses it as its
 inner loop) over a small family of fine-tuning settings (`FAMILY`, the `finetune.search_family`
-param names which). Every candidate is a training run (tlpipe.finetuning.make_run) from the same
+param names which). Every candidate is a training run (tlpipe.train.finetuning.make_run) from the same
 LP start; each round trains the survivors further and scores them on val, and the worse half
 (by their best val loss so far) is dropped, until one is left. Round r trains its candidates to
 e0 x 2^r epochs in all, with the largest whole e0 whose total cost fits `finetune.search_budget`
@@ -18,7 +18,7 @@ order decides which candidates enter when the budget cannot afford the whole fam
 and, where val is too small to choose (fewer than audit.MIN_VAL_PER_CLASS images in some class), is
 the whole choice: the first in order runs without a search, and the stage says so.
 
-After every candidate's round the search state goes to models/.resume/ (tlpipe.checkpoints), so a
+After every candidate's round the search state goes to models/.resume/ (tlpipe.train.checkpoints), so a
 killed search resumes after the last candidate-round it finished, with the result of an
 uninterrupted one. Under torchrun
 every candidate trains on all ranks (DDP, as the full run).
@@ -60,13 +60,13 @@ CV_FOLDS = 5
 class Settings:
     """The finetune params with some leaves replaced: what a candidate (or the winner) trains with."""
 
-    def __init__(self, f, **overrides):
-        self._f, self._overrides = f, overrides
+    def __init__(self, finetune, **overrides):
+        self._finetune, self._overrides = finetune, overrides
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
-        return self._overrides[name] if name in self._overrides else getattr(self._f, name)
+        return self._overrides[name] if name in self._overrides else getattr(self._finetune, name)
 
 
 def check_family(names) -> None:
@@ -82,15 +82,15 @@ def knobs(name: str, n_blocks: int) -> dict[str, Any]:
     return chosen
 
 
-def signals(start: finetuning.Start, f, seed: int) -> dict[str, float]:
+def signals(start: finetuning.Start, finetune, seed: int) -> dict[str, float]:
     """Training images per class, and the probe's CV accuracy and log loss on the cached train
     features at finetune.probe_l2 (seconds)."""
-    counts = torch.bincount(start.train_targets, minlength=len(start.source["classes"]))
+    counts = torch.bincount(start.train_targets, minlength=len(start.provenance["classes"]))
     out = {"train_per_class_min": int(counts.min()), "train_per_class_median": float(counts.float().median())}
     folds = min(CV_FOLDS, int(counts.min()))
     if folds >= 2:
         train, _ = load_split("train")
-        rows, *_ = linear.cv_curve(train["features"], train["labels"], len(counts), [f.probe_l2],
+        rows, *_ = linear.cv_curve(train["features"], train["labels"], len(counts), [finetune.probe_l2],
                                    linear.PROBE_MAX_ITER, folds, seed)
         out.update(probe_cv_accuracy=rows[0]["cv_accuracy"], probe_cv_log_loss=rows[0]["cv_log_loss"])
     return out
@@ -128,41 +128,42 @@ def plan(n: int, budget: float) -> tuple[int, list[int], int]:
     return k, *cost(k, e0)
 
 
-def search(start: finetuning.Start, f, group: distributed.Group, seed: int, val_batches, run_key: str,
+def search(start: finetuning.Start, finetune, group: distributed.Group, seed: int, val_batches, run_key: str,
            say=print) -> tuple[Settings, dict]:
     """The winner's settings and the search's report (candidates, val losses per round, cost). The
     model is left at the probe and torch's RNG reseeded, so the full run starts as it would unsearched,
     however far a resumed search had got."""
-    chosen = _search(start, f, group, seed, val_batches, run_key, say)
+    chosen = _search(start, finetune, group, seed, val_batches, run_key, say)
     torch.manual_seed(seed)
     return chosen
 
 
-def _search(start, f, group, seed, val_batches, run_key, say):
+def _search(start, finetune, group, seed, val_batches, run_key, say):
     import time
 
     began = time.perf_counter()
-    names = list(f.search_family)
+    names = list(finetune.search_family)
     check_family(names)
-    record = start.source["preprocessing"]
-    signal = signals(start, f, seed)
+    record = start.provenance["preprocessing"]
+    signal = signals(start, finetune, seed)
     order, why_order = prior(names, signal)
-    kept_by, _ = finetuning.kept_by(start.source["classes"], f.ema_decay > 0)
+    kept_by, _ = finetuning.kept_by(start.provenance["classes"], finetune.ema_decay > 0)
     n_blocks = len(start.blocks)
-    report = {"family": names, "budget": f.search_budget, "signals": signal, "order": order, "order_reason": why_order}
+    report = {"family": names, "budget": finetune.search_budget, "signals": signal, "order": order,
+              "order_reason": why_order}
     if kept_by == "schedule":
         winner = order[0]
         report.update(chosen=winner, searched=False, reason=(
             "val too small to choose between candidates (fewer than audit.MIN_VAL_PER_CLASS images in a class): "
             f"the signals' first choice, {winner}"), rounds=[], epochs_spent=0, seconds=0.0)
-        return Settings(f, **knobs(winner, n_blocks)), report
-    k, rungs, planned = plan(len(order), f.search_budget)
+        return Settings(finetune, **knobs(winner, n_blocks)), report
+    k, rungs, planned = plan(len(order), finetune.search_budget)
     entrants = order[:k]
     if k == 1:
         report.update(chosen=entrants[0], searched=False, rounds=[], epochs_spent=0, seconds=0.0, reason=(
-            f"finetune.search_budget {f.search_budget:g} cannot train two candidates an epoch each: "
+            f"finetune.search_budget {finetune.search_budget:g} cannot train two candidates an epoch each: "
             f"the signals' first choice, {entrants[0]}"))
-        return Settings(f, **knobs(entrants[0], n_blocks)), report
+        return Settings(finetune, **knobs(entrants[0], n_blocks)), report
 
     start.model.to(group.device, memory_format=torch.channels_last)
     probe_state = copy.deepcopy(start.model.state_dict())
@@ -183,7 +184,7 @@ def _search(start, f, group, seed, val_batches, run_key, say):
         for name in state["alive"]:
             if name in state["done"]:
                 continue
-            cand = Settings(f, **knobs(name, n_blocks), epochs=rungs[-1])
+            cand = Settings(finetune, **knobs(name, n_blocks), epochs=rungs[-1])
             start.model.load_state_dict(probe_state)
             if name not in saved:
                 torch.manual_seed(seed)  # each candidate's mixing draws, whatever ran before it
@@ -218,7 +219,7 @@ def _search(start, f, group, seed, val_batches, run_key, say):
                   rounds=[{"candidate": n, **s} for n in entrants for s in state["scores"][n]],
                   epochs_spent=planned, beats_probe=best < probe_loss, seconds=round(time.perf_counter() - began, 1),
                   reason=f"lowest val loss after {rungs[-1]} epoch(s): {best:.4f} (the probe: {probe_loss:.4f})")
-    return Settings(f, **knobs(winner, n_blocks)), report
+    return Settings(finetune, **knobs(winner, n_blocks)), report
 
 
 def search_checkpoint(run_key: str) -> checkpoints.EpochCheckpoint:
