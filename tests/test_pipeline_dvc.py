@@ -3,7 +3,6 @@
 import hashlib
 import json
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import onnx
