@@ -16,10 +16,9 @@ repro: $(VENV)/.installed
 	@echo
 	@tlpipe summary
 
-# One pytest worker (pytest-xdist) per core and one more, one test file each at a time: the suite is
-# CPU-bound (process start-up, torch imports), but tests also wait (dvc's queue, torchrun's rendezvous,
-# kill-and-resume), and the extra worker fills those gaps. TEST_WORKERS=0 runs in one process.
-TEST_WORKERS ?= $(shell python3 -c "import os; print(len(os.sched_getaffinity(0)) + 1)")
+# Two pytest workers (pytest-xdist), one test file each at a time: much of a test's time is process
+# start-up and waiting on `dvc`, so two workers keep 2 cores busy. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 -m "slow or not slow"
 
