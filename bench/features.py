@@ -37,6 +37,9 @@ COMPUTE_LIMIT_IMAGES = 256  # pre-decoded images the forward alone is timed on (
 # differ in the last bits; identical pixels must agree to this.
 MIN_COSINE = 0.9999
 MAX_ABS = 1e-4
+# The stage stores features as float16 (tlpipe.nets.features.stored): rounding to nearest moves a value
+# by at most this fraction of itself, allowed on top of MAX_ABS.
+STORED_ROUNDING = 2.0 ** -11
 
 
 def stage_features(project: Project) -> dict[int, torch.Tensor]:
@@ -44,17 +47,18 @@ def stage_features(project: Project) -> dict[int, torch.Tensor]:
     out = {}
     for split in SPLITS:
         t = load_file(str(project.path / "data" / "features" / f"{split}.safetensors"))
-        out.update(zip(t["ids"].tolist(), t["features"]))
+        out.update(zip(t["ids"].tolist(), t["features"].float()))
     return out
 
 
 def compare(ours: dict[int, torch.Tensor], ref: torch.Tensor, ref_rows: list[int]) -> tuple[int, float, float]:
-    """(images compared, max abs diff, min cosine) over the rows both have."""
+    """(images compared, max abs diff beyond float16 storage's rounding, min cosine) over the rows both have."""
     rows = [i for i, r in enumerate(ref_rows) if r in ours]
     a = torch.stack([ours[ref_rows[i]] for i in rows])
     b = ref[rows]
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=1)
-    return len(rows), (a - b).abs().max().item(), cosine.min().item()
+    beyond = ((a - b).abs() - b.abs() * STORED_ROUNDING).clamp(min=0)
+    return len(rows), beyond.max().item(), cosine.min().item()
 
 
 def hot_loop(project: Project, trunk: torch.nn.Module, mean, std, splits=SPLITS,
@@ -170,10 +174,11 @@ def run(project: Project, workdir: Path, args=None) -> Section:
         exact = compare(exact_features, ref, ref_rows)
         agree.append(["hot loop, jpeg_draft=False (first train images)", exact[0], f"{exact[1]:.2e}",
                       f"{exact[2]:.6f}"])
-    section.parts.append(table(["tlpipe features vs the plain loop's", "images", "max abs diff",
+    section.parts.append(table(["tlpipe features vs the plain loop's", "images", "max abs diff beyond float16 rounding",
                                 "min cosine"], agree))
     section.parts.append(f"Identical pixels must agree to max abs diff <= {MAX_ABS:g} and cosine >= "
-                         f"{MIN_COSINE} (NCHW and channels_last kernels round differently in float32). "
+                         f"{MIN_COSINE} (NCHW and channels_last kernels round differently in float32), beyond the stored "
+                         "features' float16 rounding (at most 2^-11 of each value). "
                          + ("jpeg_draft=True decodes large JPEGs at reduced DCT scale: slightly different "
                             "pixels, so its row is reported, not judged." if project.jpeg_draft() else ""))
 

@@ -38,7 +38,7 @@ REPEATS = 5
 
 def split_features(project: Project, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     t = load_file(str(project.path / "data" / "features" / f"{split}.safetensors"))
-    return t["features"], t["labels"]
+    return t["features"].float(), t["labels"]  # stored as float16
 
 
 def timed(fn, seconds: list[float]) -> dict:

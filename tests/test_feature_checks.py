@@ -148,3 +148,31 @@ def test_evaluate_refuses_a_test_file_from_another_backbone(trained):
     write_features(base_meta(), {"test": base_meta(backbone="vgg16")})
     with pytest.raises(TlpipeError, match=r"^data/features/test.safetensors: metadata 'backbone' disagrees"):
         evaluate.main()
+
+
+def test_features_are_stored_as_float16_and_read_back_as_float32(workdir):
+    """Half the bytes on disk; every reader computes in float32 (tlpipe.nets.features.stored / loaded).
+    A tensor with a value beyond float16's range stays float32, exact, rather than become inf."""
+    from tlpipe.nets import layers
+    from tlpipe.nets.features import load_split
+
+    meta = base_meta(layers={"stages": [], "pools": [1, 2], "dims": {"stage0@1": 2}})
+    write_features(meta)
+    x = torch.tensor([[1.0, 1 / 3], [7e4, -2.5]])  # the second row is beyond float16
+    ids = torch.arange(0, 6)
+    layers.save(FEATURES, "train", {"stage0@1": x[:1].repeat(6, 1)}, ids, meta)
+    layers.save(FEATURES, "val", {"stage0@1": x.repeat(3, 1)}, ids, meta)
+    names = [f"{s}.safetensors" for s in SIZES] + [layers.file_name(s) for s in ("train", "val")]
+    meta = {**meta, "files": file_hashes(FEATURES, names)}
+    write_json(FEATURES / "meta.json", meta)
+
+    assert load_file(str(FEATURES / "train.safetensors"))["features"].dtype == torch.float16
+    train, _ = load_split("train")
+    assert train["features"].dtype == torch.float32
+    stored = load_file(str(FEATURES / layers.file_name("train")))["stage0@1"]
+    assert stored.dtype == torch.float16
+    read = layers.read("train", ["stage0@1"], {**train, "ids": ids}, meta, FEATURES)["stage0@1"]
+    assert read.dtype == torch.float32 and torch.equal(read[0], torch.tensor([1.0, 1 / 3]).half().float())
+    assert load_file(str(FEATURES / layers.file_name("val")))["stage0@1"].dtype == torch.float32
+    assert torch.equal(layers.read("val", ["stage0@1"], {**train, "ids": ids}, meta, FEATURES)["stage0@1"],
+                       x.repeat(3, 1))

@@ -1,8 +1,13 @@
 """Cached backbone features ("CNN codes"): one safetensors file per split, plus shared metadata.
 
-Each split file holds `features` (N x D float32), `labels` (N int64 class indices) and `ids`
+Each split file holds `features` (N x D), `labels` (N int64 class indices) and `ids`
 (N int64 row numbers in the manifest); its header carries the metadata as JSON, the same that
 `meta.json` holds, so a file copied on its own still says what produced it.
+
+Features are computed in float32 and stored as float16 (`stored`: half the bytes; float16 keeps 11
+significant bits, a relative rounding of at most 2^-11 = 0.05 %, far below what JPEG crops change, and the
+head's predictions were the same on hymenoptera and sign-digits: docs/sharing.md#disk); a tensor with a
+value beyond float16's range (65,504) stays float32. Every reader gets float32 back (`loaded`).
 
 The metadata's PROVENANCE_KEYS, the features' provenance, say what the features are features *of*:
 the backbone and its weights (`weights_source`: where the weights came from), the classes, and the
@@ -41,10 +46,27 @@ def check_provenance(where: str | Path, found: dict, expected: dict, fix: str) -
                               f"have {expected.get(key)!r}; {fix}")
 
 
+STORED_DTYPE = torch.float16
+STORED_MAX = torch.finfo(STORED_DTYPE).max
+
+
+def stored(t: torch.Tensor) -> torch.Tensor:
+    """A float32 features tensor as it is written: float16 (round to nearest), unless a value is beyond
+    float16's range (it would become inf): then float32, as computed. Deterministic, like the features."""
+    if not t.is_floating_point() or (t.numel() and float(t.abs().max()) > STORED_MAX):
+        return t.contiguous()
+    return t.to(STORED_DTYPE).contiguous()
+
+
+def loaded(t: torch.Tensor) -> torch.Tensor:
+    """A stored features tensor as every consumer computes with it: float32."""
+    return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
+
+
 def save_split(folder: Path, split: str, features: torch.Tensor, labels: torch.Tensor,
                ids: torch.Tensor, meta: dict) -> None:
     with atomic_path(folder / f"{split}.safetensors") as tmp:
-        save_file({"features": features.contiguous(), "labels": labels.contiguous(),
+        save_file({"features": stored(features), "labels": labels.contiguous(),
                    "ids": ids.contiguous()}, str(tmp), metadata={"tlpipe": json.dumps(meta, sort_keys=True)})
 
 
@@ -72,4 +94,5 @@ def load_split(split: str, folder: Path = FEATURES) -> tuple[dict[str, torch.Ten
     if tensors["features"].shape[1:] != (meta["feature_dim"],) or len(tensors["labels"]) != n:
         raise TlpipeError(f"{path}: tensor shapes do not match its metadata")
     check_finite(path, tensors)
+    tensors["features"] = loaded(tensors["features"])
     return tensors, meta

@@ -5,7 +5,8 @@ ImageNet (hand signs, scans) an earlier stage often separates the classes better
 stage therefore also caches, in the same forward pass, every stage's output (tlpipe.nets.backbones.
 layer_modules) average-pooled to 1x1 and to 2x2 cells (POOLS), one tensor per layer key
 ("stage3@2": stage 3, pooled to 2x2, flattened channel-major), in `layers-{split}.safetensors`
-beside the last-layer files, which stay as they were. The head (head.layers) reads any subset by
+beside the last-layer files, which stay as they were; stored as float16 like them
+(tlpipe.nets.features.stored), read back as float32. The head (head.layers) reads any subset by
 key; "last" names the last-layer features. A model on several layers is the same Linear on the
 concatenation, in the order of its keys, of what `Tapped` computes from pixels.
 """
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tlpipe.io import atomic_path, check_finite, verify_sha256
+from tlpipe.nets.features import loaded, stored
 from tlpipe.runtime import TlpipeError
 
 LAST = "last"
@@ -131,7 +133,7 @@ def stage_keys(stages: list[dict]) -> dict[str, int]:
 
 def save(folder: Path, split: str, tensors: dict[str, torch.Tensor], ids: torch.Tensor, meta: dict) -> None:
     with atomic_path(folder / file_name(split)) as tmp:
-        save_file({**{k: v.contiguous() for k, v in tensors.items()}, "ids": ids.contiguous()}, str(tmp),
+        save_file({**{k: stored(v) for k, v in tensors.items()}, "ids": ids.contiguous()}, str(tmp),
                   metadata={"tlpipe": json.dumps(meta, sort_keys=True)})
 
 
@@ -155,7 +157,7 @@ def check_keys(keys: list[str], meta: dict, where: str) -> None:
 def read(split: str, keys: list[str], last: dict, meta: dict, folder: Path) -> dict[str, torch.Tensor]:
     """{key: N x dim} of `keys` for one split; `last` is the split's load_split tensors, whose ids the
     layers file must match (same rows, same order). A model reads torch.cat of them in its keys' order."""
-    parts = {LAST: last["features"]} if LAST in keys else {}
+    parts = {LAST: loaded(last["features"])} if LAST in keys else {}
     wanted = [k for k in keys if k != LAST]
     if wanted:
         path = folder / file_name(split)
@@ -171,7 +173,7 @@ def read(split: str, keys: list[str], last: dict, meta: dict, folder: Path) -> d
         for k in wanted:
             if k not in tensors or tensors[k].shape != (len(last["ids"]), dims[k]):
                 raise TlpipeError(f"{path}: no {k} of {dims[k]} dims per image; rerun the features stage")
-            parts[k] = tensors[k]
+            parts[k] = loaded(tensors[k])
     return parts
 
 
