@@ -47,14 +47,19 @@ def check_provenance(where: str | Path, found: dict, expected: dict, fix: str) -
 
 
 STORED_DTYPE = torch.float16
-STORED_MAX = torch.finfo(STORED_DTYPE).max
+STORED_LIMIT = 65520.0  # float16 rounds a magnitude from here up to inf (its largest finite is 65,504)
 
 
 def stored(t: torch.Tensor) -> torch.Tensor:
-    """A float32 features tensor as it is written: float16 (round to nearest), unless a value is beyond
-    float16's range (it would become inf): then float32, as computed. Deterministic, like the features."""
-    if not t.is_floating_point() or (t.numel() and float(t.abs().max()) > STORED_MAX):
+    """A finite float32 features tensor as it is written: float16 (round to nearest), unless a value is
+    beyond float16's range (it would become inf): then float32, as computed. Deterministic, like the
+    features."""
+    if not t.is_floating_point():
         return t.contiguous()
+    if t.numel():
+        lo, hi = torch.aminmax(t)  # one vectorized pass (float16 has no fast isfinite on the CPU)
+        if max(-float(lo), float(hi)) >= STORED_LIMIT:
+            return t.contiguous()
     return t.to(STORED_DTYPE).contiguous()
 
 
