@@ -8,65 +8,19 @@ change takes a second. metrics/test.json holds one block per model ({"head": {..
 duplicates found (docs/trust.md); per-class scores and per-image predictions sit beside it.
 """
 
-from pathlib import Path
-
 import pandas as pd
-import torch
 
 from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, load_tensors, read_json, write_json
-from tlpipe.manifest import hashes_by_path, read_manifest
+from tlpipe.manifest import read_manifest
 from tlpipe.nets import calibration, layers
 from tlpipe.nets.features import check_provenance, load_split
 from tlpipe.params import load_params
-from tlpipe.paths import (DUPLICATES, FEATURES, FINETUNED_CALIBRATION, FINETUNED_TEST, GALLERY, HEAD, HEAD_CONFIG,
-                          PREDICTIONS_META, RELIABILITY, TEST_DUPLICATES, TEST_METRICS, TEST_PER_CLASS,
-                          TEST_PREDICTIONS)
-from tlpipe.report import gallery
+from tlpipe.paths import (DUPLICATES, FEATURES, FINETUNED_CALIBRATION, HEAD, HEAD_CONFIG, RELIABILITY,
+                          TEST_DUPLICATES, TEST_METRICS, TEST_PER_CLASS)
+from tlpipe.report import test_scores
 from tlpipe.report.metrics import mcnemar, per_class, with_intervals
 from tlpipe.runtime import TlpipeError, run_stage
-
-
-def write_predictions(path: Path, manifest: pd.DataFrame, ids, y_true, proba, classes) -> None:
-    rows = manifest.loc[ids.numpy()]
-    table = pd.DataFrame({
-        "path": rows["path"].to_numpy(),
-        "actual": [classes[i] for i in y_true],
-        "predicted": [classes[i] for i in proba.argmax(1)],
-        "confidence": proba.max(1).round(6),
-    })
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-
-
-def finetuned_logits(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor:
-    record = PREDICTIONS_META
-    if not FINETUNED_TEST.exists():
-        raise TlpipeError(f"{FINETUNED_TEST}: missing; run the infer stage first") from None
-    try:
-        expected = read_json(record).get("sha256")
-    except FileNotFoundError:
-        raise TlpipeError(f"{record}: missing; run the infer stage first (dvc repro infer)") from None
-    predictions = load_tensors(FINETUNED_TEST, "infer", expected, record)
-    if ("logits" not in predictions or "ids" not in predictions or not torch.equal(predictions["ids"], test_ids)
-            or predictions["logits"].shape[1] != len(classes)):
-        raise TlpipeError(f"{FINETUNED_TEST}: not the test images of the current features; "
-                          "rerun the infer stage")
-    return predictions["logits"].double()
-
-
-def verdict(paired: dict) -> str:
-    if not paired["significant"]:
-        return "no significant difference"
-    return "finetuned better" if paired["finetuned_only_right"] > paired["head_only_right"] else "finetuned worse"
-
-
-def describe(model: str, s: dict, images: int) -> str:
-    calibrated = (f"{s['log_loss_calibrated']:.4f} and {s['ece_calibrated']:.4f} at temperature {s['temperature']:.3f}"
-                  if s["calibrated"] else f"not calibrated: {s['calibration_reason']}")
-    return (f"{model}: test accuracy {s['accuracy']:.4f} (95 % interval {s['accuracy_low']:.4f}-{s['accuracy_high']:.4f}), "
-            f"macro-F1 {s['macro_f1']:.4f}, log loss {s['log_loss']:.4f}, ECE {s['ece']:.4f} ({calibrated}) "
-            f"({images} images)")
 
 
 def main() -> None:
@@ -85,7 +39,7 @@ def main() -> None:
                           f"{x_head.shape[1]}; rerun the head stage")
     y_true = test["labels"].numpy()
     logits = {"head": x_head.double() @ head["weight"].double().T + head["bias"].double(),
-              "finetuned": finetuned_logits(test["ids"], classes)}
+              "finetuned": test_scores.finetuned_logits(test["ids"], classes)}
     fits = {"head": head_cfg, "finetuned": read_json(FINETUNED_CALIBRATION)}  # temperature, calibrated, reason
     temperature = {name: fit["temperature"] for name, fit in fits.items()}
 
@@ -105,7 +59,7 @@ def main() -> None:
 
     paired = mcnemar(y_true, probas["head"].argmax(1), probas["finetuned"].argmax(1))
     paired = {"head_only_right": paired.pop("a_only"), "finetuned_only_right": paired.pop("b_only"), **paired}
-    scores["paired"] = {**paired, "verdict": verdict(paired)}
+    scores["paired"] = {**paired, "verdict": test_scores.verdict(paired)}
 
     scores["val"] = audit.val_counts(manifest, classes)
     splits = {s: load_split(s)[0] for s in ("train", "val")} | {"test": test}
@@ -118,19 +72,9 @@ def main() -> None:
     write_json(TEST_METRICS, scores)
 
     write_json(TEST_PER_CLASS, {name: per_class(y_true, pr, classes) for name, pr in probas.items()})
-    for name, pr in calibrated.items():  # per image, the calibrated confidence (as `tlpipe predict`)
-        write_predictions(TEST_PREDICTIONS / f"{name}.csv", manifest, test["ids"], y_true, pr, classes)
-        gallery.write(TEST_PREDICTIONS / f"{name}.csv", GALLERY / f"{name}.png", f"{name} model",
-                      hashes=hashes_by_path(manifest))
-    for model in probas:
-        print(describe(model, scores[model], len(y_true)))
-    print(f"head vs fine-tuned (exact McNemar, {paired['head_only_right']} vs {paired['finetuned_only_right']} "
-          f"images right by one model only): {scores['paired']['verdict']} (p = {paired['p_value']:.3g})")
-    v = scores["val"]
-    if v["val_too_small"]:
-        print(audit.val_warning(v))
-    for line in audit.describe(report):
-        print(line + f"; listed in {TEST_DUPLICATES}")
+    test_scores.write_per_image(calibrated, manifest, test["ids"], y_true, classes)
+    for line in test_scores.closing_lines(scores, list(probas), len(y_true), report):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 `sources` lists a data source (folder, pre-split folders, CSV, archive URL, the built-in digits)
 and splits it; `pixels` decodes and verifies image bytes without torch (the data stage's only
 reader); `images` turns them into tensors at the pipeline's geometry; `decoded` writes and reads
-the decode stage's uint8 shards; `moments` streams per-channel mean and std; `audit` finds
-duplicates and small val splits. Imports the core only.
+the decode stage's uint8 shards; `moments` streams per-channel mean and std; `screening` is the data
+stage's check of every file, its skips and byte-identical copies; `audit` finds suspect labels,
+near-duplicates and small val splits from the features. Imports the core only.
 """

@@ -107,6 +107,22 @@ def all_sum(group: Group, *values: float) -> list[float]:
     return t.tolist()
 
 
+def gather_batches(group: Group, mine: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """All ranks' outputs in image order on rank 0 (batch k, of lengths[k] images, was computed by
+    rank k % world); an empty tensor on the other ranks."""
+    if group.world == 1:
+        return mine
+    if not lengths:  # an empty split: every rank knows, so none gathers
+        return torch.empty(0)
+    everyone = [None] * group.world if group.is_main else None
+    dist.gather_object(mine, everyone, dst=0)
+    if not group.is_main:
+        return torch.empty(0)
+    per_rank = [list(torch.split(t, lengths[r::group.world])) if lengths[r::group.world] else []
+                for r, t in enumerate(everyone)]
+    return torch.cat([per_rank[k % group.world][k // group.world] for k in range(len(lengths))])
+
+
 def barrier(group: Group) -> None:
     if group.world > 1:
         dist.barrier()
