@@ -39,7 +39,10 @@ def main() -> None:
     from safetensors.torch import load_file
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-    from stages.features import tap_layers
+    try:
+        from tlpipe.nets.extraction import tap_layers
+    except ImportError:  # a project of a tlpipe before 85fd7e2 (the taps in the features stage)
+        from stages.features import tap_layers
     from tlpipe.ingest.decoded import DecodedSplit, read_meta
     from tlpipe.ingest.pixels import eval_load, eval_pixels
     from tlpipe.manifest import image_paths, read_manifest
