@@ -182,7 +182,10 @@ def test_a_head_layers_change_reruns_head_export_and_evaluate_only(project):
         got = pd.read_csv(out, keep_default_na=False)
         assert (got["error"] == "").all(), got["error"]
         assert list(got["label_1"]) == list(evaluated["predicted"]), model
-        np.testing.assert_allclose(got["prob_1"].astype(float), evaluated["confidence"], atol=1e-4)
+        # evaluate's probabilities come from the cached features, stored as float16 (tlpipe.nets.features.stored),
+        # predict's from pixels in float32: up to 1.5e-4 apart here, 1.8e-4 and 2.0e-4 on hymenoptera and
+        # sign-digits (docs/sharing.md#disk); the labels above are the same
+        np.testing.assert_allclose(got["prob_1"].astype(float), evaluated["confidence"], atol=5e-4)
 
     # back to the last layer: DVC's run-cache restores the first run's head, export and evaluation
     set_layers(project, "last")
