@@ -39,6 +39,53 @@ def test_plan_spends_at_most_its_budget(n, budget):
     assert recipe_search.plan(4, 6) == (4, [1, 2], 6) and recipe_search.plan(4, 12) == (4, [2, 4], 12)
 
 
+@pytest.mark.parametrize("steps", [1, 9, 44, 200])
+@pytest.mark.parametrize("budget", [3, 6, 12, 24])
+def test_plan_gives_every_candidate_real_steps_past_the_warmup_within_its_budget(steps, budget):
+    """The first round is judged after MIN_STEPS_PAST_WARMUP steps at the full schedule's shape (its
+    warmup shrunk to the search's length), or there is no search."""
+    share, least = 1 / 12, recipe_search.MIN_STEPS_PAST_WARMUP
+    k, rungs, spent = recipe_search.plan(4, budget, steps, share, least)
+    assert spent <= budget and (rungs == []) == (k == 1)
+    if rungs:
+        assert recipe_search.steps_past_warmup(rungs, steps, share) >= least
+    # the measured sets, at scaffold's 12 epochs and budget 0.5 (6 epochs): sign-digits' 44 steps an
+    # epoch keep the whole family (rounds of 1 and 2 epochs); the 31-per-class cut's 9 steps afford two
+    # candidates for 3 epochs (27 steps, 25 past a 2-step warmup) instead of four inside the warmup
+    assert recipe_search.plan(4, 6, 44, share, least) == (4, [1, 2], 6)
+    assert recipe_search.plan(4, 6, 9, share, least) == (2, [3], 6)
+
+
+def test_a_signal_within_its_noise_of_the_threshold_is_undecided():
+    family = list(recipe_search.BOLDNESS)
+    timid, bold = family, family[::-1]
+    # hymenoptera's two seeds (206 training photos): both inside the 95 % interval of 0.95
+    for acc in (0.942, 0.962):
+        order, why = recipe_search.prior(family, {"probe_cv_accuracy": acc, "train_images": 206})
+        assert order == timid and "undecided" in why
+    assert recipe_search.prior(family, {"probe_cv_accuracy": 0.825, "train_images": 308})[0] == bold
+    assert recipe_search.prior(family, {"probe_cv_accuracy": 0.99, "train_images": 5000})[0] == timid
+    assert "undecided" not in recipe_search.prior(family, {"probe_cv_accuracy": 0.99, "train_images": 5000})[1]
+
+
+def test_val_losses_within_a_paired_standard_error_tie_and_the_signals_order_decides():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(310, generator=gen, dtype=torch.float64)
+    noise = 0.05 * torch.randn(310, generator=gen, dtype=torch.float64)
+    noise -= noise.mean()  # its standard error 0.05 / sqrt(310) = 0.003
+    near = {"all": base, "all_decay": base + noise + 0.0004}  # sign-digits' 0.2815 vs 0.2819
+    loss = {n: float(t.mean()) for n, t in near.items()}
+    order = ["all_decay", "all"]
+    ranked, tied, se = recipe_search.rank(["all", "all_decay"], loss, near, order)
+    assert loss["all"] < loss["all_decay"] and ranked == order and sorted(tied) == sorted(order) and se > 0
+    far = {"all": base, "all_decay": base + noise + 0.05}  # many standard errors apart: the loss decides
+    loss = {n: float(t.mean()) for n, t in far.items()}
+    ranked, tied, _ = recipe_search.rank(["all", "all_decay"], loss, far, order)
+    assert ranked == ["all", "all_decay"] and tied == ["all"]
+
+
 def write_two_digits(root: Path) -> None:
     from sklearn.datasets import load_digits
 
