@@ -22,7 +22,9 @@ from conftest import GIT_IDENTITY, built_once, copy_project, dvc, read_json, tin
 from tlpipe.train import recipe_search
 from tlpipe.tools.scaffold import create_project
 
-BUDGET = 6  # four candidates: rounds of 1 and 2 epochs, 4 x 1 + 2 x 1 epochs
+# 2 x the full run's 3 epochs: four candidates, rounds of 1 and 2 epochs (4 x 1 + 2 x 1 epochs); at
+# batch 2 without warmup an epoch of the 60 training scans is 30 steps, above MIN_STEPS_PAST_WARMUP
+BUDGET = 2
 
 
 @pytest.mark.parametrize("n", range(1, 5))
@@ -104,7 +106,7 @@ def search_project(tmp_path_factory) -> Path:
         write_two_digits(root / "images")
         params = {**tiny_params(root / "images"), "data.val_fraction": 0.4, "data.test_fraction": 0.1,
                   "finetune.recipe": "auto", "finetune.search_budget": BUDGET, "finetune.epochs": 3,
-                  "finetune.patience": 3}
+                  "finetune.patience": 3, "finetune.batch_size": 2, "finetune.warmup_epochs": 0}
         project = create_project(root / "project", params)
         cold = dvc(project, "repro", "finetune")
         subprocess.run(["git", *GIT_IDENTITY, "add", "-A"], cwd=project, check=True, capture_output=True)
@@ -117,7 +119,8 @@ def search_project(tmp_path_factory) -> Path:
 
 def result_of(repo: Path) -> dict:
     metrics = read_json(repo / "metrics" / "finetune.json")
-    metrics["search"].pop("seconds"), metrics["search"].pop("final_run_seconds")  # wall times
+    for wall in ("seconds", "final_run_seconds", "signals_seconds", "fraction_of_final_run"):  # wall times
+        metrics["search"].pop(wall)
     return {"metrics": metrics, "plot": (repo / "metrics" / "finetune_search.csv").read_text(),
             "model": hashlib.sha256((repo / "models" / "finetuned.safetensors").read_bytes()).hexdigest()}
 
@@ -134,7 +137,10 @@ def search_state(repo: Path) -> dict:
 def test_search_is_reported_within_budget_and_resumes_after_a_kill_with_the_same_result(search_project, tmp_path):
     cold = result_of(search_project)
     search = cold["metrics"]["search"]
-    assert search["searched"] and search["budget"] == BUDGET and search["epochs_spent"] <= BUDGET
+    assert search["searched"] and search["budget"] == BUDGET and search["epochs_spent"] <= BUDGET * 3
+    assert search["first_round_steps_past_warmup"] >= recipe_search.MIN_STEPS_PAST_WARMUP
+    assert search["planned_fraction"] <= BUDGET
+    assert read_json(search_project / "metrics" / "finetune.json")["search"]["fraction_of_final_run"] > 0
     # what each round trained adds up to what it spent: 4 candidates x 1 epoch, 2 survivors x 1 more
     assert sorted((r["round"], r["epochs"]) for r in search["rounds"]) == [(1, 1)] * 4 + [(2, 2)] * 2
     assert search["chosen"] in {r["candidate"] for r in search["rounds"] if r["round"] == 2}
@@ -172,8 +178,8 @@ def test_too_small_val_falls_back_and_search_budget_reruns_fine_tuning_and_what_
     assert read_json(repo / "metrics" / "finetune.json")["beats_probe_on_val"] is None  # kept by schedule
 
     params = (repo / "params.yaml").read_text()
-    assert "search_budget: 6.0" in params
-    (repo / "params.yaml").write_text(params.replace("search_budget: 6.0", "search_budget: 3.0"))
+    assert "search_budget: 0.5" in params
+    (repo / "params.yaml").write_text(params.replace("search_budget: 0.5", "search_budget: 0.25"))
     # finetune reruns, and what follows it at most; here (no search: val too small) the budget does
     # not change the model, so DVC stops where the outputs come out the same (evaluate's inputs did)
     executed = dvc(repo, "repro").executed
