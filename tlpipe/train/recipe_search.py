@@ -133,7 +133,8 @@ def prior(names, signal: dict) -> tuple[list[str], str]:
     if acc >= SEPARABLE:
         return timid_first, (f"probe CV accuracy {acc:.3f} ({band}) >= {SEPARABLE}: the features separate "
                              "the classes, timid first")
-    return timid_first[::-1], f"probe CV accuracy {acc:.3f} ({band}) < {SEPARABLE}: the features need adapting, bold first"
+    return timid_first[::-1], (f"probe CV accuracy {acc:.3f} ({band}) < {SEPARABLE}: the features need adapting, "
+                               "bold first")
 
 
 def plan(n: int, budget: float, steps_per_epoch: int = 1, warmup_share: float = 0.0,
@@ -195,7 +196,8 @@ def rank(alive: list[str], loss: dict[str, float], per_image: dict[str, torch.Te
 
 
 @torch.inference_mode()
-def val_losses(model, batches, targets: torch.Tensor, record: dict, group: distributed.Group) -> tuple[torch.Tensor, float]:
+def val_losses(model, batches, targets: torch.Tensor, record: dict,
+               group: distributed.Group) -> tuple[torch.Tensor, float]:
     """Every val image's cross-entropy (in the order of the manifest's ids) and the val accuracy,
     over all ranks."""
     import torch.nn.functional as F
@@ -298,7 +300,7 @@ def _search(start, finetune, group, seed, val_batches, run_key, say):
             for epoch in range(done_before + 1, target + 1):
                 train_loss = finetuning.train_one_epoch(run, epoch)
                 scores = {}
-                for key, module in (("val", start.model), ("val_ema", run.ema.module if run.ema else None)):
+                for key, module in (("val", start.model), ("val_ema", None if run.ema is None else run.ema.module)):
                     if module is None:
                         continue
                     losses, acc = val_losses(module, val_batches, start.targets, record, group)
