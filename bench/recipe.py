@@ -8,7 +8,8 @@ Each (set, seed) is a project made by tlpipe.tools.scaffold and run with `dvc re
 - sign-digits: folder source (../shared/datasets/sign-digits/images, 70/15/15), 128 px, `--recipe auto`
   (the fixed `far` recipe's comparison point: docs/finetuning.md);
 - sign-digits-tiny: the same with data.test_fraction 0.7 (31 training images per class);
-- hymenoptera: presplit source, `--photos` (recipe auto is its default).
+- hymenoptera: presplit source, `--photos` (recipe auto is its default);
+- sign-digits-tiny-far: the tiny cut with the fixed `far` recipe (no search), the comparison point.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ SETS = {
                             "image.img_size": 128, "image.resize_size": 128},
     "sign-digits-tiny": lambda: {**SETS["sign-digits"](), "data.test_fraction": 0.7},
     "hymenoptera": lambda: {**photo_settings(), "data.source": "presplit", "data.root": str(HYMENOPTERA)},
+    # the comparison points: the fixed `far` recipe on the same projects (no search)
+    "sign-digits-tiny-far": lambda: {**{k: v for k, v in SETS["sign-digits-tiny"]().items()
+                                        if not k.startswith("finetune.")}, **RECIPES["far"]},
 }
 
 
@@ -49,16 +53,20 @@ def run_one(name: str, seed: int, workdir: Path) -> dict:
 
 
 def row(r: dict) -> list:
-    s, test = r["finetune"]["search"], r["test"]
-    losses = "; ".join(f"{c['candidate']} {c['val_loss']:.3f} @{c['epochs']}" for c in s["rounds"]) or "-"
+    s, test, ft = r["finetune"].get("search"), r["test"], r["finetune"]
     paired = test["paired"]
+    common_cells = [f"{ft['val_loss']:.3f} (epoch {ft['best_epoch']})", f"{test['head']['accuracy']:.3f}",
+                    f"{test['finetuned']['accuracy']:.3f}",
+                    f"{paired['head_only_right']} / {paired['finetuned_only_right']}, p {paired['p_value']:.2g}"]
+    if s is None:  # a fixed recipe
+        return [r["set"], r["seed"], "-", "(fixed)", f"{ft['initial_val_loss']:.3f}", "-", *common_cells,
+                "-", "-", "-", "-"]
+    losses = "; ".join(f"{c['candidate']} {c['val_loss']:.4f} @{c['epochs']}" for c in s["rounds"]) or "-"
+    ties = "; ".join(f"round {t['round']}: {', '.join(t['tied'])} (se {t['paired_se']:.4f})" for t in s.get("ties", []))
     return [r["set"], r["seed"], f"{s['signals'].get('probe_cv_accuracy', float('nan')):.3f}", s["chosen"],
-            f"{s.get('probe_val_loss', r['finetune']['initial_val_loss']):.3f}", losses,
-            f"{r['finetune']['val_loss']:.3f} (epoch {r['finetune']['best_epoch']})",
-            f"{test['head']['accuracy']:.3f}", f"{test['finetuned']['accuracy']:.3f}",
-            f"{paired['head_only_right']} / {paired['finetuned_only_right']}, p {paired['p_value']:.2g}",
-            f"{s['seconds'] / 60:.1f}", f"{s['final_run_seconds'] / 60:.1f}",
-            f"{s['seconds'] / max(s['final_run_seconds'], 1e-9):.2f}"]
+            f"{s.get('probe_val_loss', ft['initial_val_loss']):.3f}", losses, *common_cells, ties or "-",
+            f"{s['seconds'] / 60:.2f}", f"{s['final_run_seconds'] / 60:.2f}",
+            f"{s['seconds'] / max(s['final_run_seconds'], 1e-9):.2f} (planned {s.get('planned_fraction', '-')})"]
 
 
 def main() -> None:
@@ -75,7 +83,7 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in results[-1].items()}), flush=True)
     print(table(["set", "seed", "probe CV acc", "chose", "probe val loss", "search: best val loss @ epochs",
                  "kept val loss", "probe test acc", "fine-tuned test acc", "probe only / fine-tuned only",
-                 "search min", "full run min", "search / full run"], [row(r) for r in results]))
+                 "ties", "search min", "full run min", "search / full run"], [row(r) for r in results]))
 
 
 if __name__ == "__main__":

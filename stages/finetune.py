@@ -84,6 +84,10 @@ def main() -> None:
     if group.is_main:
         if search is not None:  # the search's cost against the run it chose (this process's share)
             search["final_run_seconds"] = round(time.perf_counter() - began, 1)
+            search["fraction_of_final_run"] = round(search["seconds"] / max(search["final_run_seconds"], 1e-9), 3)
+            say(f"recipe auto: the search took {search['seconds']:.0f} s, {search['fraction_of_final_run']:.2f} x "
+                f"the {search['final_run_seconds']:.0f} s of the run it chose (planned: "
+                f"{search.get('planned_fraction', 0):.2f} x its {finetune.epochs} epochs)")
         finetune_outputs.write(model, progress, start.provenance, finetune.probe_l2, checkpoint.folder.name, why,
                                search)
         recipe_search.search_checkpoint(checkpoint.folder.name).remove()

@@ -22,7 +22,9 @@ from conftest import GIT_IDENTITY, built_once, copy_project, dvc, read_json, tin
 from tlpipe.train import recipe_search
 from tlpipe.tools.scaffold import create_project
 
-BUDGET = 6  # four candidates: rounds of 1 and 2 epochs, 4 x 1 + 2 x 1 epochs
+# 2 x the full run's 3 epochs: four candidates, rounds of 1 and 2 epochs (4 x 1 + 2 x 1 epochs); at
+# batch 2 without warmup an epoch of the 60 training scans is 30 steps, above MIN_STEPS_PAST_WARMUP
+BUDGET = 2
 
 
 @pytest.mark.parametrize("n", range(1, 5))
@@ -37,6 +39,53 @@ def test_plan_spends_at_most_its_budget(n, budget):
             total, done, alive = total + alive * (epochs - done), epochs, -(-alive // 2)
         assert total == spent and alive == 1
     assert recipe_search.plan(4, 6) == (4, [1, 2], 6) and recipe_search.plan(4, 12) == (4, [2, 4], 12)
+
+
+@pytest.mark.parametrize("steps", [1, 9, 44, 200])
+@pytest.mark.parametrize("budget", [3, 6, 12, 24])
+def test_plan_gives_every_candidate_real_steps_past_the_warmup_within_its_budget(steps, budget):
+    """The first round is judged after MIN_STEPS_PAST_WARMUP steps at the full schedule's shape (its
+    warmup shrunk to the search's length), or there is no search."""
+    share, least = 1 / 12, recipe_search.MIN_STEPS_PAST_WARMUP
+    k, rungs, spent = recipe_search.plan(4, budget, steps, share, least)
+    assert spent <= budget and (rungs == []) == (k == 1)
+    if rungs:
+        assert recipe_search.steps_past_warmup(rungs, steps, share) >= least
+    # the measured sets, at scaffold's 12 epochs and budget 0.5 (6 epochs): sign-digits' 44 steps an
+    # epoch keep the whole family (rounds of 1 and 2 epochs); the 31-per-class cut's 9 steps afford two
+    # candidates for 3 epochs (27 steps, 25 past a 2-step warmup) instead of four inside the warmup
+    assert recipe_search.plan(4, 6, 44, share, least) == (4, [1, 2], 6)
+    assert recipe_search.plan(4, 6, 9, share, least) == (2, [3], 6)
+
+
+def test_a_signal_within_its_noise_of_the_threshold_is_undecided():
+    family = list(recipe_search.BOLDNESS)
+    timid, bold = family, family[::-1]
+    # hymenoptera's two seeds (206 training photos): both inside the 95 % interval of 0.95
+    for acc in (0.942, 0.962):
+        order, why = recipe_search.prior(family, {"probe_cv_accuracy": acc, "train_images": 206})
+        assert order == timid and "undecided" in why
+    assert recipe_search.prior(family, {"probe_cv_accuracy": 0.825, "train_images": 308})[0] == bold
+    assert recipe_search.prior(family, {"probe_cv_accuracy": 0.99, "train_images": 5000})[0] == timid
+    assert "undecided" not in recipe_search.prior(family, {"probe_cv_accuracy": 0.99, "train_images": 5000})[1]
+
+
+def test_val_losses_within_a_paired_standard_error_tie_and_the_signals_order_decides():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(310, generator=gen, dtype=torch.float64)
+    noise = 0.05 * torch.randn(310, generator=gen, dtype=torch.float64)
+    noise -= noise.mean()  # its standard error 0.05 / sqrt(310) = 0.003
+    near = {"all": base, "all_decay": base + noise + 0.0004}  # sign-digits' 0.2815 vs 0.2819
+    loss = {n: float(t.mean()) for n, t in near.items()}
+    order = ["all_decay", "all"]
+    ranked, tied, se = recipe_search.rank(["all", "all_decay"], loss, near, order)
+    assert loss["all"] < loss["all_decay"] and ranked == order and sorted(tied) == sorted(order) and se > 0
+    far = {"all": base, "all_decay": base + noise + 0.05}  # many standard errors apart: the loss decides
+    loss = {n: float(t.mean()) for n, t in far.items()}
+    ranked, tied, _ = recipe_search.rank(["all", "all_decay"], loss, far, order)
+    assert ranked == ["all", "all_decay"] and tied == ["all"]
 
 
 def write_two_digits(root: Path) -> None:
@@ -57,7 +106,7 @@ def search_project(tmp_path_factory) -> Path:
         write_two_digits(root / "images")
         params = {**tiny_params(root / "images"), "data.val_fraction": 0.4, "data.test_fraction": 0.1,
                   "finetune.recipe": "auto", "finetune.search_budget": BUDGET, "finetune.epochs": 3,
-                  "finetune.patience": 3}
+                  "finetune.patience": 3, "finetune.batch_size": 2, "finetune.warmup_epochs": 0}
         project = create_project(root / "project", params)
         cold = dvc(project, "repro", "finetune")
         subprocess.run(["git", *GIT_IDENTITY, "add", "-A"], cwd=project, check=True, capture_output=True)
@@ -70,7 +119,8 @@ def search_project(tmp_path_factory) -> Path:
 
 def result_of(repo: Path) -> dict:
     metrics = read_json(repo / "metrics" / "finetune.json")
-    metrics["search"].pop("seconds"), metrics["search"].pop("final_run_seconds")  # wall times
+    for wall in ("seconds", "final_run_seconds", "signals_seconds", "fraction_of_final_run"):  # wall times
+        metrics["search"].pop(wall)
     return {"metrics": metrics, "plot": (repo / "metrics" / "finetune_search.csv").read_text(),
             "model": hashlib.sha256((repo / "models" / "finetuned.safetensors").read_bytes()).hexdigest()}
 
@@ -87,7 +137,10 @@ def search_state(repo: Path) -> dict:
 def test_search_is_reported_within_budget_and_resumes_after_a_kill_with_the_same_result(search_project, tmp_path):
     cold = result_of(search_project)
     search = cold["metrics"]["search"]
-    assert search["searched"] and search["budget"] == BUDGET and search["epochs_spent"] <= BUDGET
+    assert search["searched"] and search["budget"] == BUDGET and search["epochs_spent"] <= BUDGET * 3
+    assert search["first_round_steps_past_warmup"] >= recipe_search.MIN_STEPS_PAST_WARMUP
+    assert search["planned_fraction"] <= BUDGET
+    assert read_json(search_project / "metrics" / "finetune.json")["search"]["fraction_of_final_run"] > 0
     # what each round trained adds up to what it spent: 4 candidates x 1 epoch, 2 survivors x 1 more
     assert sorted((r["round"], r["epochs"]) for r in search["rounds"]) == [(1, 1)] * 4 + [(2, 2)] * 2
     assert search["chosen"] in {r["candidate"] for r in search["rounds"] if r["round"] == 2}
@@ -125,8 +178,8 @@ def test_too_small_val_falls_back_and_search_budget_reruns_fine_tuning_and_what_
     assert read_json(repo / "metrics" / "finetune.json")["beats_probe_on_val"] is None  # kept by schedule
 
     params = (repo / "params.yaml").read_text()
-    assert "search_budget: 6.0" in params
-    (repo / "params.yaml").write_text(params.replace("search_budget: 6.0", "search_budget: 3.0"))
+    assert "search_budget: 0.5" in params
+    (repo / "params.yaml").write_text(params.replace("search_budget: 0.5", "search_budget: 0.25"))
     # finetune reruns, and what follows it at most; here (no search: val too small) the budget does
     # not change the model, so DVC stops where the outputs come out the same (evaluate's inputs did)
     executed = dvc(repo, "repro").executed

@@ -176,7 +176,8 @@ class FinetuneParams(_Section):
     # auto: before the run, a successive-halving search on val over `search_family` chooses unfreeze,
     # unfreeze_last_n, lr, backbone_lr_mult and layer_decay (tlpipe.train.recipe_search, docs/finetuning.md)
     recipe: Literal["manual", "auto"] = "manual"
-    search_budget: float = Field(6.0, ge=0, le=1000)  # epochs of the train split, summed over candidates
+    # the search's training, summed over candidates, as a fraction of the full run's (`epochs` epochs)
+    search_budget: float = Field(0.5, ge=0, le=100)
     # names from tlpipe.train.recipe_search.FAMILY (checked there, before any training)
     search_family: list[str] = ["last_block", "top_third", "all", "all_decay"]
 

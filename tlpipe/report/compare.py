@@ -147,6 +147,8 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
         if "search" in finetune:  # finetune.recipe auto: the candidate chosen, and what the search cost
             row["finetuned.recipe"] = finetune["search"].get("chosen")
             row["finetuned.search_seconds"] = finetune["search"].get("seconds")
+            if "fraction_of_final_run" in finetune["search"]:  # its wall time / the full run's
+                row["finetuned.search_fraction"] = finetune["search"]["fraction_of_final_run"]
         rows.append(row)
     return pd.DataFrame(rows, index=[e.name for e in exps])
 

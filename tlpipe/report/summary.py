@@ -65,7 +65,9 @@ def lines() -> list[str]:
     if "search" in finetune:
         search = finetune["search"]
         out.append(f"recipe auto chose {search['chosen']}: {search['reason']}"
-                   + (f" (search: {search['epochs_spent']} epochs, {search['seconds']:.0f} s)" if search["searched"] else ""))
+                   + (f" (search: {search['epochs_spent']} epochs, {search['seconds']:.0f} s"
+                      + (f", {search['fraction_of_final_run']:.2f} x the full run's time"
+                         if "fraction_of_final_run" in search else "") + ")" if search["searched"] else ""))
     v = test["val"]
     if v["val_too_small"]:
         from tlpipe.ingest.audit import val_warning

@@ -55,7 +55,7 @@ RECIPES = {
     # (last block .. every block with layer decay) sets unfreeze, lr, backbone_lr_mult, layer_decay;
     # the rest is far's, with room for a slower winner (12 epochs, patience 5).
     "auto": {"finetune.recipe": "auto", "finetune.probe_l2": 0.1, "finetune.crop_scale_min": 0.35,
-             "finetune.epochs": 12, "finetune.patience": 5, "finetune.search_budget": 6.0},
+             "finetune.epochs": 12, "finetune.patience": 5, "finetune.search_budget": 0.5},
 }
 PHOTO_SETTINGS = {**RECIPES["auto"], **PHOTO_GEOMETRY, **PHOTO_AUGMENTATION}  # the photo augmentation wins
 

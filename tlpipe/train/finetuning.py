@@ -186,11 +186,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, finetune, steps_per_epoch: int):
-    """Cosine (stepped per batch, after `warmup_epochs` of linear warmup) or reduce-on-plateau
-    (stepped per epoch on val loss)."""
+    """Cosine (stepped per batch, after `warmup_epochs` of linear warmup, rounded to whole steps: the
+    recipe search shrinks it to a fraction of an epoch) or reduce-on-plateau (stepped per epoch on val loss)."""
     if finetune.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(finetune.warmup_epochs * steps_per_epoch, finetune.epochs * steps_per_epoch))
+            optimizer, warmup_cosine(round(finetune.warmup_epochs * steps_per_epoch), finetune.epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=max(1, finetune.patience // 2))
 
 

@@ -55,6 +55,18 @@ BOLDNESS = ("last_block", "top_third", "all", "all_decay")
 # training every block gained 5-7 points).
 SEPARABLE = 0.95
 CV_FOLDS = 5
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile (as tlpipe.report.metrics)
+# Neither side of SEPARABLE: the CV accuracy's 95 % Wilson interval (over the training images) holds
+# it. Then the signal says nothing, and the order is UNDECIDED's: timid first, the candidate that moves
+# the pretrained model least, as the one-standard-error rule prefers the simplest model the data
+# cannot tell from the best (docs/finetuning.md says why).
+UNDECIDED = "timid first"
+# Every candidate's first round trains at least this many optimizer steps past the search's warmup
+# before it is judged (docs/finetuning.md: the measurement behind it), and at least one epoch.
+MIN_STEPS_PAST_WARMUP = 20
+# Two candidates' best val losses closer than this many standard errors of their paired per-image
+# difference are a tie, decided by the signals' order (the one-standard-error rule).
+TIE_SE = 1.0
 
 
 class Settings:
@@ -86,7 +98,8 @@ def signals(start: finetuning.Start, finetune, seed: int) -> dict[str, float]:
     """Training images per class, and the probe's CV accuracy and log loss on the cached train
     features at finetune.probe_l2 (seconds)."""
     counts = torch.bincount(start.train_targets, minlength=len(start.provenance["classes"]))
-    out = {"train_per_class_min": int(counts.min()), "train_per_class_median": float(counts.float().median())}
+    out = {"train_images": int(counts.sum()), "train_per_class_min": int(counts.min()),
+           "train_per_class_median": float(counts.float().median())}
     folds = min(CV_FOLDS, int(counts.min()))
     if folds >= 2:
         train, _ = load_split("train")
@@ -96,20 +109,41 @@ def signals(start: finetuning.Start, finetune, seed: int) -> dict[str, float]:
     return out
 
 
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion p observed on n trials (tlpipe.report.metrics.wilson's,
+    here so that a change to the report's code does not rerun fine-tuning)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def prior(names, signal: dict) -> tuple[list[str], str]:
     """The family in the order the signals favour, and why."""
     timid_first = sorted(names, key=BOLDNESS.index)
     acc = signal.get("probe_cv_accuracy")
     if acc is None:
         return timid_first[::-1], "too few training images per class for a CV probe: bold candidates first"
+    low, high = wilson(acc, int(signal.get("train_images", 0)))
+    band = f"95 % interval {low:.3f}-{high:.3f}"
+    if low <= SEPARABLE <= high:
+        return timid_first, (f"probe CV accuracy {acc:.3f} ({band}) is within its noise of {SEPARABLE}: "
+                             f"undecided, {UNDECIDED}")
     if acc >= SEPARABLE:
-        return timid_first, f"probe CV accuracy {acc:.3f} >= {SEPARABLE}: the features separate the classes, timid first"
-    return timid_first[::-1], f"probe CV accuracy {acc:.3f} < {SEPARABLE}: the features need adapting, bold first"
+        return timid_first, (f"probe CV accuracy {acc:.3f} ({band}) >= {SEPARABLE}: the features separate "
+                             "the classes, timid first")
+    return timid_first[::-1], (f"probe CV accuracy {acc:.3f} ({band}) < {SEPARABLE}: the features need adapting, "
+                               "bold first")
 
 
-def plan(n: int, budget: float) -> tuple[int, list[int], int]:
+def plan(n: int, budget: float, steps_per_epoch: int = 1, warmup_share: float = 0.0,
+         min_steps: int = 0) -> tuple[int, list[int], int]:
     """(candidates, cumulative epochs of each round, epochs spent) of the largest successive-halving
-    schedule within `budget`: first as many candidates as fit one epoch each, then the largest e0."""
+    schedule within `budget` epochs: first as many candidates as fit, then the longest first round.
+    A candidate trains the full run's schedule shrunk to the last round's length, so its warmup is
+    `warmup_share` of it; the first round must hold at least `min_steps` optimizer steps past that
+    warmup (and at least an epoch)."""
     def cost(k: int, e0: int) -> tuple[list[int], int]:
         rungs, spent, alive, done = [], 0, k, 0
         while alive > 1:
@@ -117,15 +151,76 @@ def plan(n: int, budget: float) -> tuple[int, list[int], int]:
             spent += alive * (rungs[-1] - done)
             done, alive = rungs[-1], math.ceil(alive / 2)
         return rungs, spent
-    k = n
-    while k > 1 and cost(k, 1)[1] > budget:
-        k -= 1
-    if k <= 1:
-        return 1, [], 0
-    e0 = 1
-    while cost(k, e0 + 1)[1] <= budget:
-        e0 += 1
-    return k, *cost(k, e0)
+
+    def enough(k: int, e0: int) -> bool:
+        rungs, _ = cost(k, e0)
+        return e0 * steps_per_epoch - round(warmup_share * rungs[-1] * steps_per_epoch) >= min_steps
+
+    for k in range(n, 1, -1):
+        e0 = 1
+        while cost(k, e0)[1] <= budget and not enough(k, e0):
+            e0 += 1
+        if cost(k, e0)[1] > budget:
+            continue
+        while cost(k, e0 + 1)[1] <= budget:
+            e0 += 1
+        return k, *cost(k, e0)
+    return 1, [], 0
+
+
+def steps_past_warmup(rungs: list[int], steps_per_epoch: int, warmup_share: float) -> int:
+    """Optimizer steps of the first round after the search's (shrunk) warmup."""
+    return rungs[0] * steps_per_epoch - round(warmup_share * rungs[-1] * steps_per_epoch) if rungs else 0
+
+
+def paired_se(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Standard error of the mean of the per-image differences a - b (the same val images)."""
+    d = (a - b).double()
+    return float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+
+
+def rank(alive: list[str], loss: dict[str, float], per_image: dict[str, torch.Tensor],
+         order: list[str]) -> tuple[list[str], list[str], float]:
+    """`alive` best first, the tie rule applied: every candidate within TIE_SE paired standard errors
+    of the lowest val loss ties with it, and the tied ones go first in the signals' `order`; the rest
+    follow by val loss. Also the tied names and the leader's largest standard error."""
+    leader = min(alive, key=lambda n: (loss[n], order.index(n)))
+    tied, widest = [], 0.0
+    for n in alive:
+        se = 0.0 if n == leader else paired_se(per_image[n], per_image[leader])
+        if loss[n] - loss[leader] <= TIE_SE * se:
+            tied.append(n)
+            widest = max(widest, se)
+    rest = sorted((n for n in alive if n not in tied), key=lambda n: (loss[n], order.index(n)))
+    return sorted(tied, key=order.index) + rest, tied, widest
+
+
+@torch.inference_mode()
+def val_losses(model, batches, targets: torch.Tensor, record: dict,
+               group: distributed.Group) -> tuple[torch.Tensor, float]:
+    """Every val image's cross-entropy (in the order of the manifest's ids) and the val accuracy,
+    over all ranks."""
+    import torch.nn.functional as F
+
+    from tlpipe.ingest.images import normalize_batch
+
+    model.eval()
+    dev, amp = group.device, group.device.type == "cuda"
+    dense = torch.zeros(2, len(targets), dtype=torch.float64)  # loss, present
+    correct = 0
+    for images, ids in batches:
+        x = normalize_batch(images.to(dev, non_blocking=True), record["mean"], record["std"])
+        y = targets[ids].to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        dense[0, ids] = F.cross_entropy(logits, y, reduction="none").double().cpu()
+        dense[1, ids] = 1.0
+        correct += int((logits.argmax(1) == y).sum())
+    if group.world > 1:
+        summed = distributed.all_sum(group, correct, *dense.flatten().tolist())
+        correct, dense = summed[0], torch.tensor(summed[1:], dtype=torch.float64).view(2, -1)
+    present = dense[1] > 0
+    return dense[0][present], correct / max(1, int(present.sum()))
 
 
 def search(start: finetuning.Start, finetune, group: distributed.Group, seed: int, val_batches, run_key: str,
@@ -146,30 +241,40 @@ def _search(start, finetune, group, seed, val_batches, run_key, say):
     check_family(names)
     record = start.provenance["preprocessing"]
     signal = signals(start, finetune, seed)
+    signals_seconds = round(time.perf_counter() - began, 1)
     order, why_order = prior(names, signal)
     kept_by, _ = finetuning.kept_by(start.provenance["classes"], finetune.ema_decay > 0)
     n_blocks = len(start.blocks)
-    report = {"family": names, "budget": finetune.search_budget, "signals": signal, "order": order,
-              "order_reason": why_order}
+    steps = max(1, len(start.train_set) // finetune.batch_size) if len(start.train_set) > finetune.batch_size else 1
+    share = finetune.warmup_epochs / finetune.epochs if finetune.schedule == "cosine" else 0.0
+    budget_epochs = finetune.search_budget * finetune.epochs
+    report = {"family": names, "budget": finetune.search_budget, "budget_epochs": round(budget_epochs, 3),
+              "signals": signal, "order": order, "order_reason": why_order, "steps_per_epoch": steps,
+              "min_steps_past_warmup": MIN_STEPS_PAST_WARMUP, "signals_seconds": signals_seconds}
     if kept_by == "schedule":
         winner = order[0]
         report.update(chosen=winner, searched=False, reason=(
             "val too small to choose between candidates (fewer than audit.MIN_VAL_PER_CLASS images in a class): "
             f"the signals' first choice, {winner}"), rounds=[], epochs_spent=0, seconds=0.0)
         return Settings(finetune, **knobs(winner, n_blocks)), report
-    k, rungs, planned = plan(len(order), finetune.search_budget)
+    k, rungs, planned = plan(len(order), budget_epochs, steps, share, MIN_STEPS_PAST_WARMUP)
     entrants = order[:k]
     if k == 1:
         report.update(chosen=entrants[0], searched=False, rounds=[], epochs_spent=0, seconds=0.0, reason=(
-            f"finetune.search_budget {finetune.search_budget:g} cannot train two candidates an epoch each: "
-            f"the signals' first choice, {entrants[0]}"))
+            f"finetune.search_budget {finetune.search_budget:g} x {finetune.epochs} epochs cannot train two "
+            f"candidates {MIN_STEPS_PAST_WARMUP} steps past their warmup: the signals' first choice, {entrants[0]}"))
         return Settings(finetune, **knobs(entrants[0], n_blocks)), report
+    # the full run's schedule shrunk to the search's length: its warmup the same share of it
+    warmup = share * rungs[-1] if finetune.schedule == "cosine" else finetune.warmup_epochs
+    report.update(warmup_steps=round(share * rungs[-1] * steps),
+                  first_round_steps_past_warmup=steps_past_warmup(rungs, steps, share))
 
     start.model.to(group.device, memory_format=torch.channels_last)
     probe_state = copy.deepcopy(start.model.state_dict())
     probe_loss, probe_acc = finetuning.evaluate(start.model, val_batches, start.targets, record, group)
     checkpoint = search_checkpoint(run_key)
-    state = {"round": 0, "alive": entrants, "done": [], "scores": {n: [] for n in entrants}, "seconds": 0.0}
+    state = {"round": 0, "alive": entrants, "done": [], "scores": {n: [] for n in entrants}, "seconds": 0.0,
+             "ties": [], "per_image": {}}
     saved: dict[str, tuple[dict, dict]] = {}
     resumed = checkpoint.load()
     if resumed is not None:
@@ -179,12 +284,13 @@ def _search(start, finetune, group, seed, val_batches, run_key, say):
         began -= state["seconds"]
         say(f"search: resuming in round {state['round'] + 1}" if state["round"] < len(rungs) else
             "search: finished before the run was stopped; its result stands")
+    per_image = {n: torch.tensor(v, dtype=torch.float64) for n, v in state["per_image"].items()}
     for r in range(state["round"], len(rungs)):
-        target, done_before = rungs[r], (rungs[r - 1] if r else 0)
+        target, done_before, last = rungs[r], (rungs[r - 1] if r else 0), r == len(rungs) - 1
         for name in state["alive"]:
             if name in state["done"]:
                 continue
-            cand = Settings(finetune, **knobs(name, n_blocks), epochs=rungs[-1])
+            cand = Settings(finetune, **knobs(name, n_blocks), epochs=rungs[-1], warmup_epochs=warmup)
             start.model.load_state_dict(probe_state)
             if name not in saved:
                 torch.manual_seed(seed)  # each candidate's mixing draws, whatever ran before it
@@ -193,21 +299,36 @@ def _search(start, finetune, group, seed, val_batches, run_key, say):
                         finetuning.Progress.restore(*_unprefixed(*saved[name], name), run, "val_loss"))
             for epoch in range(done_before + 1, target + 1):
                 train_loss = finetuning.train_one_epoch(run, epoch)
-                scores = finetuning.score_on_val(start.model, run.ema, val_batches, start.targets, record, group)
+                scores = {}
+                for key, module in (("val", start.model), ("val_ema", None if run.ema is None else run.ema.module)):
+                    if module is None:
+                        continue
+                    losses, acc = val_losses(module, val_batches, start.targets, record, group)
+                    scores.update({f"{key}/loss": float(losses.mean()), f"{key}/accuracy": acc})
+                    if name not in per_image or float(losses.mean()) < float(per_image[name].mean()):
+                        per_image[name] = losses  # the per-image losses of its best epoch so far
                 run.step_scheduler(scores["val/loss"])
                 progress.end_epoch(epoch, {"train/loss": train_loss, **scores}, start.model, cand, run.ema)
             loss = min(min(h["val/loss"], h.get("val_ema/loss", math.inf)) for h in progress.history[1:])
             state["scores"][name].append({"round": r + 1, "epochs": target, "val_loss": round(loss, 6)})
+            state["per_image"][name] = per_image[name].tolist()  # JSON keeps a float64 exactly
             say(f"search round {r + 1}: {name} after {target} epoch(s): best val loss {loss:.4f}")
             tensors, rec = progress.state(run)
-            saved[name] = ({f"{name}.{g}": {k: t.detach().clone() for k, t in named.items()}
-                            for g, named in tensors.items()}, rec)
+            # a candidate's weights are kept only while it may train again (not after the last round)
+            saved[name] = ({} if last else {f"{name}.{g}": {k: t.detach().clone() for k, t in named.items()}
+                                            for g, named in tensors.items()}, rec)
             state["done"].append(name)
             state["seconds"] = time.perf_counter() - began
             if group.is_main:
                 _save(checkpoint, state, saved, probe_state)
-        ranked = sorted(state["alive"], key=lambda n: (state["scores"][n][-1]["val_loss"], order.index(n)))
+        losses_now = {n: state["scores"][n][-1]["val_loss"] for n in state["alive"]}
+        ranked, tied, se = rank(state["alive"], losses_now, per_image, order)
+        if len(tied) > 1:
+            state["ties"].append({"round": r + 1, "tied": tied, "paired_se": round(se, 6), "first": ranked[0]})
+            say(f"search round {r + 1}: {', '.join(tied)} within {TIE_SE:g} paired standard error of the lowest "
+                f"val loss: a tie, {ranked[0]} first by the signals' order")
         state["alive"], state["done"], state["round"] = ranked[:math.ceil(len(ranked) / 2)], [], r + 1
+        saved = {n: v for n, v in saved.items() if n in state["alive"]}  # the dropped never train again
         state["seconds"] = time.perf_counter() - began
         if group.is_main:
             _save(checkpoint, state, saved, probe_state)
@@ -215,10 +336,14 @@ def _search(start, finetune, group, seed, val_batches, run_key, say):
     winner = state["alive"][0]
     start.model.load_state_dict(probe_state)
     best = state["scores"][winner][-1]["val_loss"]
+    tie = [t for t in state["ties"] if t["round"] == len(rungs)]
     report.update(chosen=winner, searched=True, probe_val_loss=round(probe_loss, 6), rungs=rungs,
                   rounds=[{"candidate": n, **s} for n in entrants for s in state["scores"][n]],
-                  epochs_spent=planned, beats_probe=best < probe_loss, seconds=round(time.perf_counter() - began, 1),
-                  reason=f"lowest val loss after {rungs[-1]} epoch(s): {best:.4f} (the probe: {probe_loss:.4f})")
+                  ties=state["ties"], epochs_spent=planned, planned_fraction=round(planned / finetune.epochs, 3),
+                  beats_probe=best < probe_loss, seconds=round(time.perf_counter() - began, 1),
+                  reason=(f"lowest val loss after {rungs[-1]} epoch(s): {best:.4f} (the probe: {probe_loss:.4f})"
+                          if not tie else f"tied within {TIE_SE:g} paired standard error ({', '.join(tie[0]['tied'])}) "
+                          f"after {rungs[-1]} epoch(s): the signals' order; {best:.4f} (the probe: {probe_loss:.4f})"))
     return Settings(finetune, **knobs(winner, n_blocks)), report
 
 
