@@ -362,6 +362,10 @@ def test_extraction_is_all_or_nothing_and_then_reused(tmp_path):
                                         "1125899906842624"),
     ({"head.l2_min_log10": float("nan")}, "params.yaml: head.l2_min_log10: Input should be a finite number"),
     ({"finetune.lr": float("inf")}, "params.yaml: finetune.lr: Input should be a finite number"),
+    # the old default, when the budget was counted in epochs: now 6 full runs
+    ({"finetune.search_budget": 6.0}, "params.yaml: finetune.search_budget: 6 full runs is more than 4: it is a "
+                                      "fraction of the full run (finetune.epochs), 0.5 = half of it; it was counted "
+                                      "in epochs before"),
 ])
 def test_params_later_code_would_reject_are_refused_before_any_work(tmp_path, digit_folder, params, message):
     project = new_project(tmp_path, digit_folder, **{k.replace(".", "__"): v for k, v in params.items()})

@@ -146,6 +146,9 @@ class HeadParams(_Section):
         return self
 
 
+MAX_SEARCH_BUDGET = 4.0
+
+
 class FinetuneParams(_Section):
     epochs: int = Field(5, ge=0, le=1000)  # 0 = probe only: the probe is kept as the fine-tuned model
     batch_size: int = Field(32, ge=1, le=4096)
@@ -176,10 +179,19 @@ class FinetuneParams(_Section):
     # auto: before the run, a successive-halving search on val over `search_family` chooses unfreeze,
     # unfreeze_last_n, lr, backbone_lr_mult and layer_decay (tlpipe.train.recipe_search, docs/finetuning.md)
     recipe: Literal["manual", "auto"] = "manual"
-    # the search's training, summed over candidates, as a fraction of the full run's (`epochs` epochs)
-    search_budget: float = Field(0.5, ge=0, le=100)
+    # the search's training, summed over candidates, as a fraction of the full run's (`epochs` epochs);
+    # at most 4 full runs, which also refuses a budget written in the epochs it was counted in before
+    search_budget: float = Field(0.5, ge=0)
     # names from tlpipe.train.recipe_search.FAMILY (checked there, before any training)
     search_family: list[str] = ["last_block", "top_third", "all", "all_decay"]
+
+    @field_validator("search_budget")
+    @classmethod
+    def _budget_fraction(cls, value: float) -> float:
+        if value > MAX_SEARCH_BUDGET:
+            raise ValueError(f"{value:g} full runs is more than {MAX_SEARCH_BUDGET:g}: it is a fraction of the full "
+                             f"run (finetune.epochs), 0.5 = half of it; it was counted in epochs before")
+        return value
 
     @field_validator("search_family")
     @classmethod
