@@ -2,16 +2,16 @@
 run's schedule (finetune.epochs, its warmup) from the same LP start, no early stopping: where a bold
 candidate's val loss passes a timid one's. The evidence behind recipe_search.MIN_STEPS_PAST_WARMUP.
 
-    cd PROJECT && PYTHONPATH=REPO python REPO/bench/recipe_curves.py [EPOCHS [CANDIDATES [STOP]]]
+    cd PROJECT && PYTHONPATH=REPO python REPO/bench/recipe_curves.py [--epochs N] [--candidates A,B] [--stop N]
 
 PROJECT: a scaffolded project whose features and decode stages have run (e.g. one of bench/recipe.py's);
-EPOCHS: the schedule's length (default finetune.epochs); CANDIDATES: comma-separated names of
-recipe_search.FAMILY (default all); STOP: train only the first STOP epochs of that schedule.
+--epochs: the schedule's length (default finetune.epochs); --candidates: comma-separated names of
+recipe_search.FAMILY (default all); --stop: train only the first N epochs of that schedule.
 One JSON line per epoch (candidate, epoch, val loss, seconds) and one per candidate.
 """
 
+import argparse
 import json
-import sys
 import time
 
 import torch
@@ -23,6 +23,16 @@ from tlpipe.train import distributed, finetuning, recipe_search
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, help="the schedule's length (default finetune.epochs)")
+    parser.add_argument("--candidates", default=",".join(recipe_search.BOLDNESS),
+                        help="comma-separated names of recipe_search.FAMILY")
+    parser.add_argument("--stop", type=int, help="train only the first N epochs of the schedule")
+    args = parser.parse_args()
+    names = args.candidates.split(",")
+    unknown = [n for n in names if n not in recipe_search.FAMILY]
+    if unknown:  # one line, before any training
+        parser.error(f"--candidates: unknown {unknown[0]!r} (one of {', '.join(recipe_search.FAMILY)})")
     params = load_params("finetune")
     ft, seed = params.finetune, params.seed
     group = distributed.join()
@@ -33,9 +43,8 @@ def main() -> None:
     probe = {k: v.clone() for k, v in start.model.state_dict().items()}
     loss, acc = finetuning.evaluate(start.model, val_batches, start.targets, record, group)
     print(json.dumps({"probe": loss, "acc": acc}), flush=True)
-    epochs = int(sys.argv[1]) if len(sys.argv) > 1 else ft.epochs
-    names = sys.argv[2].split(",") if len(sys.argv) > 2 else recipe_search.BOLDNESS
-    stop = int(sys.argv[3]) if len(sys.argv) > 3 else epochs
+    epochs = args.epochs or ft.epochs
+    stop = args.stop or epochs
     for name in names:
         start.model.load_state_dict(probe)
         torch.manual_seed(seed)  # as the search does for each candidate
