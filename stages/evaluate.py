@@ -4,8 +4,9 @@ The head is scored on the cached test features of the layers it reads (head.json
 near-duplicate report compares last-layer features, whatever the head reads. The fine-tuned model by the logits the infer stage
 computed on the test images. Evaluate itself runs no network, so re-scoring after a head-only
 change takes a second. metrics/test.json holds one block per model ({"head": {...}, "finetuned":
-{...}}) with 95 % intervals and calibration, the paired McNemar verdict, the val size and the
-duplicates found (docs/trust.md); per-class scores and per-image predictions sit beside it.
+{...}}) with 95 % intervals and calibration, the paired McNemar verdict, the val size, which model
+to ship judged on val alone (`val_comparison`: test never chooses) and the duplicates found
+(docs/trust.md); per-class scores and per-image predictions sit beside it.
 """
 
 import pandas as pd
@@ -62,6 +63,7 @@ def main() -> None:
     scores["paired"] = {**paired, "verdict": test_scores.verdict(paired)}
 
     scores["val"] = audit.val_counts(manifest, classes)
+    scores["val_comparison"] = test_scores.val_comparison(head_cfg, manifest)  # which to ship, from val alone
     splits = {s: load_split(s)[0] for s in ("train", "val")} | {"test": test}
     report = audit.duplicate_report(manifest, {s: (t["features"], t["ids"]) for s, t in splits.items()},
                                     pd.read_csv(DUPLICATES, dtype=str, keep_default_na=False),

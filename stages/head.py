@@ -14,7 +14,8 @@ the classic protocol: fit on train, choose on val. Test is not read here.
 and keeps the set and L2 with the lowest held-out log loss (on val with cv_folds 0: the best val
 accuracy, then log loss), the last layer among them. Every set's curve is kept in
 metrics/head_layers.csv and drawn in metrics/head_layers.png. The choice is tlpipe.nets.head_search;
-the suspect labels and the curves are written by tlpipe.report.head_report.
+the suspect labels, the curves and the held-out logits (by which evaluate compares the head with the
+fine-tuned model on val) are written by tlpipe.report.head_report.
 """
 
 import pandas as pd
@@ -53,6 +54,7 @@ def main() -> None:
     temperature = fit.value
     held_proba = {t: calibration.scaled_proba(held_logits, t).numpy() for t in (1.0, temperature)}
 
+    heldout_sha256 = head_report.write_heldout(held_logits, held_labels, kept["ids"])  # evaluate's val comparison
     with atomic_path(HEAD) as tmp:
         save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}, str(tmp))
     best = rows[kept["best"]]
@@ -60,7 +62,7 @@ def main() -> None:
     write_json(HEAD_CONFIG, {"type": "linear", **provenance_of(meta), "layers": kept["keys"],
                              "input_dim": kept["dims"], "layer_modules": modules if kept["keys"] != [layers.LAST] else [],
                              "l2": best["l2"], "fitted_on": fitted_on, **fit.record(),
-                             "sha256": sha256_file(HEAD)})  # of head.safetensors, checked by its readers
+                             "sha256": sha256_file(HEAD), "heldout_sha256": heldout_sha256})  # checked by readers
     # Out-of-fold probabilities judge every train + val label; val logits of the classic protocol
     # come from a model that saw no val label either, so they serve the same way.
     suspects = head_report.write_suspects(held_proba[temperature], held_labels.numpy(), kept["ids"].numpy())

@@ -556,7 +556,8 @@ def test_non_finite_features_are_refused(copy):
 @pytest.mark.parametrize("artifact, record, reader, producer, back", [
     ("data/decoded/val-000.safetensors", "data/decoded/meta.json", "features", "decode", 5),
     ("data/predictions/finetuned_test.safetensors", "data/predictions/meta.json", "evaluate", "infer", 2),
-], ids=["decoded-shard", "predictions"])
+    ("data/head_heldout.safetensors", "models/head.json", "evaluate", "head", 2),
+], ids=["decoded-shard", "predictions", "head-heldout"])
 def test_artifact_altered_in_place_is_refused(copy, artifact, record, reader, producer, back):
     path = Path(artifact)
     old = tio.sha256_file(copy / path)

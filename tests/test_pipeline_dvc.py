@@ -9,6 +9,7 @@ import onnx
 import pandas as pd
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from conftest import STAGES, copy_project, dvc, read_json
 from tlpipe.nets.linear import PROBE_MAX_ITER
@@ -115,6 +116,17 @@ def test_metrics_say_how_sure_they_are(baseline):
         "path", "split", "given_label", "suspected_label", "given_probability", "suspected_probability"]
     calibration = read_json(baseline / "models" / "finetuned_calibration.json")
     assert calibration["val_log_loss_calibrated"] <= calibration["val_log_loss"]
+    # which model to ship, judged on val alone: the fine-tuned model by the same val logits the infer
+    # stage calibrated, the head by logits of models not fitted on those images; both as shipped
+    v = test["val_comparison"]
+    assert v["images"] == 9
+    assert v["finetuned_log_loss"] == pytest.approx(calibration["val_log_loss_calibrated"], abs=2e-6)
+    assert v["head_temperature"] == read_json(baseline / "models" / "head.json")["temperature"]
+    assert v["difference"] == pytest.approx(v["finetuned_log_loss"] - v["head_log_loss"], abs=2e-6)
+    assert v["verdict"] in ("head better", "finetuned better", "no clear difference")
+    assert v["ship"] == ("finetuned" if v["verdict"] == "finetuned better" else "head")
+    heldout = load_file(str(baseline / "data" / "head_heldout.safetensors"))
+    assert len(heldout["ids"]) == 9 + read_json(baseline / "metrics" / "data.json")["train_images"]  # out-of-fold
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import SIGN_DIGITS, TINY, dvc, needs_sign_digits, read_json
 from tlpipe.ingest import audit
 from tlpipe.nets import calibration, linear
-from tlpipe.report.metrics import intervals, mcnemar, wilson
+from tlpipe.report.metrics import intervals, mcnemar, paired_log_loss, wilson
 from tlpipe.tools.scaffold import create_project
 
 
@@ -107,6 +107,28 @@ def test_mcnemar_equals_hand_computed_values(a_only, b_only, p_value):
     assert (result["a_only"], result["b_only"], result["both_right"], result["both_wrong"]) == (a_only, b_only, 40, 7)
     assert result["p_value"] == pytest.approx(p_value, rel=1e-2)
     assert result["significant"] == (p_value < 0.05)
+
+
+def test_paired_log_loss_by_hand_and_its_verdicts():
+    y = np.array([0, 1, 0, 1])
+    # a: p(right) = 0.5 on every image (log 2); b: logits of 0 and log 3 give p(right) = 3/4 (log 4/3)
+    a = np.zeros((4, 2))
+    b = np.where(np.eye(2)[y] == 1, math.log(3), 0.0)
+    r = paired_log_loss(y, a, b)
+    assert r["log_loss_a"] == pytest.approx(math.log(2), abs=1e-6)
+    assert r["log_loss_b"] == pytest.approx(math.log(4 / 3), abs=1e-6)
+    assert r["difference"] == pytest.approx(math.log(4 / 3) - math.log(2), abs=1e-6)
+    assert r["difference_se"] == 0.0 and r["verdict"] == "b better"   # the same gain on every image
+    assert paired_log_loss(y, b, a)["verdict"] == "a better"
+    assert paired_log_loss(y, a, a)["verdict"] == "no clear difference"
+    # b badly wrong on one image, a little better on the other three: the mean favours a (+1.5),
+    # but by less than two standard errors of four images (1.9 each)
+    noisy = b.copy()
+    noisy[0] += [0.0, 9.0]
+    mixed = paired_log_loss(y, a, noisy)
+    assert mixed["difference"] == pytest.approx(1.5, abs=0.01) and mixed["difference_se"] == pytest.approx(1.9, abs=0.05)
+    assert mixed["verdict"] == "no clear difference"
+    assert (mixed["a_only"], mixed["b_only"]) == (1, 2)  # a's ties go to class 0: right on images 0 and 2
 
 
 # --- cross-validation -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ FINETUNED_TEST = PREDICTIONS / "finetuned_test.safetensors"
 FINETUNED_VAL = PREDICTIONS / "finetuned_val.safetensors"  # its temperature's fit
 PREDICTIONS_META = PREDICTIONS / "meta.json"  # both files' sha256, which evaluate checks
 DUPLICATES = PREPARED / "duplicates.csv"     # data: exact (sha256) copies
+HEAD_HELDOUT = Path("data/head_heldout.safetensors")  # head: its logits on images it was not fitted on (out-of-fold, or val)
 
 MODELS = Path("models")
 HEAD = MODELS / "head.safetensors"          # head

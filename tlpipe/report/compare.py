@@ -144,6 +144,8 @@ def headline(exps: list[Experiment]) -> pd.DataFrame:
             row["finetuned.val_accuracy"] = finetune["val_accuracy"]
         if finetune.get("beats_probe_on_val") is not None:  # kept by val loss: did any epoch beat the probe
             row["finetuned.beats_probe_on_val"] = finetune["beats_probe_on_val"]
+        if test.get("val_comparison.ship") is not None:  # the model val says to ship (evaluate)
+            row["ship (by val)"] = test["val_comparison.ship"]
         if "search" in finetune:  # finetune.recipe auto: the candidate chosen, and what the search cost
             row["finetuned.recipe"] = finetune["search"].get("chosen")
             row["finetuned.search_seconds"] = finetune["search"].get("seconds")

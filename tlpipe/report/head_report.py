@@ -1,6 +1,7 @@
 """What the head stage reports besides the head itself: suspect labels and the layer sets' curves.
 
-`write_suspects` turns the head's held-out (out-of-fold, or val) probabilities into
+`write_heldout` keeps the head's held-out (out-of-fold, or val) logits for evaluate, which compares
+the head with the fine-tuned model on val by them; `write_suspects` turns their probabilities into
 metrics/suspect_labels.csv and its gallery (tlpipe.ingest.audit's rule); `write_layer_curves` writes
 every layer set's L2 curve to metrics/head_layers.csv and draws metrics/head_layers.png. Only the
 head stage imports this module.
@@ -12,12 +13,22 @@ import numpy as np
 import pandas as pd
 
 from tlpipe.ingest import audit
-from tlpipe.io import atomic_path
+from tlpipe.io import atomic_path, sha256_file
 from tlpipe.manifest import hashes_by_path, read_manifest
-from tlpipe.paths import HEAD_LAYERS, HEAD_LAYERS_PLOT, SUSPECTS, SUSPECTS_GALLERY
+from tlpipe.paths import HEAD_HELDOUT, HEAD_LAYERS, HEAD_LAYERS_PLOT, SUSPECTS, SUSPECTS_GALLERY
 from tlpipe.report import gallery
 
 MAX_SUSPECTS_SHOWN = 40
+
+
+def write_heldout(logits, labels, ids) -> str:
+    """The held-out logits (float32), their labels and manifest ids; returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    with atomic_path(HEAD_HELDOUT) as tmp:
+        save_file({"logits": logits.float().contiguous(), "labels": labels.long().contiguous(),
+                   "ids": ids.long().contiguous()}, str(tmp))
+    return sha256_file(HEAD_HELDOUT)
 
 
 def write_suspects(proba: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> int:

@@ -1,8 +1,8 @@
 """`tlpipe summary`: the few lines of a run that matter, read from metrics/*.json.
 
-Each model's test accuracy with its 95 % interval, the paired verdict, whether each model's
-probabilities are calibrated (and why not), how the fine-tuned epoch was kept, the warnings about
-val's size and copies across splits, and where the plots and per-image results are. `make repro`
+Each model's test accuracy with its 95 % interval, the paired verdict, which model val says to ship,
+whether each model's probabilities are calibrated (and why not), how the fine-tuned epoch was kept,
+the warnings about val's size and copies across splits, and where the plots and per-image results are. `make repro`
 ends with it; every line fits in WIDTH characters (longer ones wrap, indented).
 """
 
@@ -37,6 +37,16 @@ def _calibration(s: dict) -> str:
     return f"log loss {s['log_loss']:.3f}, ECE {s['ece']:.3f}; not calibrated (T = 1): {s['calibration_reason']}"
 
 
+def ship_line(v: dict) -> str:
+    """What val says to ship, in one line (evaluate prints it too)."""
+    se = "n/a" if v["difference_se"] is None else f"{v['difference_se']:.4f}"
+    advice = ("ship the fine-tuned model (models/finetuned.*)" if v["ship"] == "finetuned" else
+              "ship the head (models/head.*): fine-tuning did not clearly beat it on val")
+    return (f"on {v['images']} val images, calibrated log loss: head {v['head_log_loss']:.4f} (held out) vs fine-tuned "
+            f"{v['finetuned_log_loss']:.4f} (difference {v['difference']:+.4f}, paired SE {se}; right by one "
+            f"only: {v['head_only_right']} vs {v['finetuned_only_right']}): {v['verdict']}; {advice}")
+
+
 def lines() -> list[str]:
     """The summary, unwrapped: one entry per statement."""
     try:
@@ -62,6 +72,8 @@ def lines() -> list[str]:
                    f"({finetune['kept_weights']} weights), kept by {how}")
         if finetune.get("beats_probe_on_val") is False:
             out.append("fine-tuning did not beat the probe on val: the probe is kept; ship the head")
+    if "val_comparison" in test:  # which model val says to ship (tlpipe.report.test_scores)
+        out.append(ship_line(test["val_comparison"]))
     if "search" in finetune:
         search = finetune["search"]
         out.append(f"recipe auto chose {search['chosen']}: {search['reason']}"

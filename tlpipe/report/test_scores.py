@@ -1,7 +1,8 @@
 """What the evaluate stage reads besides the features, and what it writes and prints about the test split.
 
-`finetuned_logits` reads the infer stage's test logits, checked against their record; the rest turns
-the scores into the per-image prediction tables, their galleries and the stage's closing lines.
+`finetuned_logits` reads the infer stage's test logits, checked against their record; `val_comparison`
+says which model to ship from val alone; the rest turns the scores into the per-image prediction
+tables, their galleries and the stage's closing lines.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import torch
 from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, load_tensors, read_json
 from tlpipe.manifest import hashes_by_path
-from tlpipe.paths import FINETUNED_TEST, GALLERY, PREDICTIONS_META, TEST_DUPLICATES, TEST_PREDICTIONS
+from tlpipe.paths import (FINETUNED_CALIBRATION, FINETUNED_TEST, FINETUNED_VAL, GALLERY, HEAD_CONFIG, HEAD_HELDOUT, PREDICTIONS_META,
+                          TEST_DUPLICATES, TEST_PREDICTIONS)
 from tlpipe.report import gallery
+from tlpipe.report.metrics import paired_log_loss
+from tlpipe.report.summary import ship_line
 from tlpipe.runtime import TlpipeError
 
 
@@ -35,6 +39,33 @@ def finetuned_logits(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor
         raise TlpipeError(f"{FINETUNED_TEST}: not the test images of the current features; "
                           "rerun the infer stage")
     return predictions["logits"].double()
+
+
+def val_comparison(head_cfg: dict, manifest: pd.DataFrame) -> dict:
+    """Head against fine-tuned model on the val images, by per-image log loss at each model's own
+    temperature (as shipped), paired: the head by its held-out logits (out-of-fold over train + val,
+    or on val: it was not fitted on these images), the fine-tuned model by the infer stage's val logits.
+    Val chose the fine-tuned model's kept epoch, so the comparison leans its way; `ship` is the
+    fine-tuned model only when it is clearly better."""
+    held = load_tensors(HEAD_HELDOUT, "head", head_cfg.get("heldout_sha256"), HEAD_CONFIG)
+    tuned = load_tensors(FINETUNED_VAL, "infer", read_json(PREDICTIONS_META).get("val_sha256"), PREDICTIONS_META)
+    temperature = {"head": head_cfg["temperature"], "finetuned": read_json(FINETUNED_CALIBRATION)["temperature"]}
+    position = {i: row for row, i in enumerate(held["ids"].tolist())}
+    missing = [i for i in tuned["ids"].tolist() if i not in position]
+    if missing or held["logits"].shape[1] != tuned["logits"].shape[1]:
+        raise TlpipeError(f"{HEAD_HELDOUT}: no held-out logits for {len(missing)} of the val images the infer stage "
+                          "scored; rerun the head stage")
+    rows = [position[i] for i in tuned["ids"].tolist()]
+    y = manifest.loc[tuned["ids"].numpy(), "target"].to_numpy()
+    p = paired_log_loss(y, held["logits"][rows].double().numpy() / temperature["head"],
+                        tuned["logits"].double().numpy() / temperature["finetuned"])
+    verdict = {"a better": "head better", "b better": "finetuned better"}.get(p["verdict"], p["verdict"])
+    return {"images": p["images"], "head_log_loss": p["log_loss_a"], "finetuned_log_loss": p["log_loss_b"],
+            "difference": p["difference"], "difference_se": p["difference_se"],
+            "head_accuracy": p["accuracy_a"], "finetuned_accuracy": p["accuracy_b"],
+            "head_only_right": p["a_only"], "finetuned_only_right": p["b_only"], "mcnemar_p_value": p["p_value"],
+            "head_temperature": temperature["head"], "finetuned_temperature": temperature["finetuned"],
+            "verdict": verdict, "ship": "finetuned" if verdict == "finetuned better" else "head"}
 
 
 def verdict(paired: dict) -> str:
@@ -77,6 +108,8 @@ def closing_lines(scores: dict, models: list[str], images: int, duplicates: pd.D
     lines = [describe(model, scores[model], images) for model in models]
     lines.append(f"head vs fine-tuned (exact McNemar, {paired['head_only_right']} vs {paired['finetuned_only_right']} "
                  f"images right by one model only): {paired['verdict']} (p = {paired['p_value']:.3g})")
+    if "val_comparison" in scores:
+        lines.append(ship_line(scores["val_comparison"]))
     if scores["val"]["val_too_small"]:
         lines.append(audit.val_warning(scores["val"]))
     return lines + [line + f"; listed in {TEST_DUPLICATES}" for line in audit.describe(duplicates)]
