@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import copy_project, dvc, read_json, tool_env
 from tlpipe.manifest import image_root
-from tlpipe.report import compare, gallery
+from tlpipe.report import compare, gallery, summary
 from tlpipe.tools.scaffold import GIT_IDENTITY
 
 CONFUSION = ["head confusion (test)", "fine-tuned confusion (test)",
@@ -335,6 +335,19 @@ def test_compare_ranks_only_within_the_same_data(tmp_path):
     for e in exps:
         e.manifest = None
     assert compare.data_groups(exps) == [["digits-a"], ["ants"], ["digits-b"]]  # data.root differs
+
+
+def test_the_model_val_says_to_ship_is_a_column_and_a_line():
+    v = {"images": 310, "head_log_loss": 0.1534, "finetuned_log_loss": 0.2734, "difference": 0.12,
+         "difference_se": 0.0392, "head_only_right": 22, "finetuned_only_right": 5, "verdict": "head better",
+         "ship": "head"}
+    exp = compare.Experiment("tiny", "workspace", {}, {"metrics/test.json": compare.flatten({"val_comparison": v})})
+    assert compare.headline([exp]).loc["tiny", "ship (by val)"] == "head"
+    assert summary.ship_line(v) == (
+        "on 310 val images, calibrated log loss: head 0.1534 (held out) vs fine-tuned 0.2734 (difference +0.1200, "
+        "paired SE 0.0392; right by one only: 22 vs 5): head better; ship the head (models/head.*): fine-tuning "
+        "did not clearly beat it on val")
+    assert "ship the fine-tuned model" in summary.ship_line({**v, "verdict": "finetuned better", "ship": "finetuned"})
 
 
 def test_best_marks_direction_and_ties():
