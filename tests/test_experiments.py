@@ -338,15 +338,15 @@ def test_compare_ranks_only_within_the_same_data(tmp_path):
 
 
 def test_the_model_val_says_to_ship_is_a_column_and_a_line():
-    v = {"images": 310, "head_log_loss": 0.1534, "finetuned_log_loss": 0.2734, "difference": 0.12,
-         "difference_se": 0.0392, "head_only_right": 22, "finetuned_only_right": 5, "verdict": "head better",
-         "ship": "head"}
+    v = {"images": 310, "head_accuracy": 0.961, "finetuned_accuracy": 0.906, "head_only_right": 22,
+         "finetuned_only_right": 5, "p_value": 0.00151, "head_log_loss": 0.1534, "finetuned_log_loss": 0.2734,
+         "log_loss_difference": 0.12, "log_loss_difference_se": 0.0392, "verdict": "finetuned worse", "ship": "head"}
     exp = compare.Experiment("tiny", "workspace", {}, {"metrics/test.json": compare.flatten({"val_comparison": v})})
     assert compare.headline([exp]).loc["tiny", "ship (by val)"] == "head"
     assert summary.ship_line(v) == (
-        "on 310 val images, calibrated log loss: head 0.1534 (held out) vs fine-tuned 0.2734 (difference +0.1200, "
-        "paired SE 0.0392; right by one only: 22 vs 5): head better; ship the head (models/head.*): fine-tuning "
-        "did not clearly beat it on val")
+        "on 310 val images: accuracy head 0.961 (held out) vs fine-tuned 0.906 (22 vs 5 right by one only, exact "
+        "McNemar p = 0.00151), calibrated log loss 0.1534 vs 0.2734 (+0.1200 ± 0.0392): finetuned worse; ship the "
+        "head (models/head.*): fine-tuning did not significantly beat it on val")
     assert "ship the fine-tuned model" in summary.ship_line({**v, "verdict": "finetuned better", "ship": "finetuned"})
 
 

@@ -122,8 +122,9 @@ def test_metrics_say_how_sure_they_are(baseline):
     assert v["images"] == 9
     assert v["finetuned_log_loss"] == pytest.approx(calibration["val_log_loss_calibrated"], abs=2e-6)
     assert v["head_temperature"] == read_json(baseline / "models" / "head.json")["temperature"]
-    assert v["difference"] == pytest.approx(v["finetuned_log_loss"] - v["head_log_loss"], abs=2e-6)
-    assert v["verdict"] in ("head better", "finetuned better", "no clear difference")
+    assert v["log_loss_difference"] == pytest.approx(v["finetuned_log_loss"] - v["head_log_loss"], abs=2e-6)
+    assert v["head_only_right"] + v["finetuned_only_right"] <= 9 and 0 < v["p_value"] <= 1
+    assert v["verdict"] in ("no significant difference", "finetuned better", "finetuned worse")
     assert v["ship"] == ("finetuned" if v["verdict"] == "finetuned better" else "head")
     heldout = load_file(str(baseline / "data" / "head_heldout.safetensors"))
     assert len(heldout["ids"]) == 9 + read_json(baseline / "metrics" / "data.json")["train_images"]  # out-of-fold

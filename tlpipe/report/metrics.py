@@ -149,30 +149,16 @@ def mcnemar(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, alpha: f
             "significant": bool(p < alpha)}
 
 
-def paired_log_loss(y_true: np.ndarray, logits_a: np.ndarray, logits_b: np.ndarray, z: float = Z95) -> dict:
-    """Two models' per-image log loss on the same images, paired: the mean difference (b - a) and its
-    standard error, which says "a better" or "b better" only when the difference is more than `z`
-    standard errors from 0 (a normal approximation: per-image differences are averaged), else "no clear
-    difference"; with McNemar's counts on accuracy beside it."""
+def paired_log_loss(y_true: np.ndarray, logits_a: np.ndarray, logits_b: np.ndarray) -> dict:
+    """Two models' mean per-image log loss on the same images, and the paired difference (b - a) with
+    its standard error (None for fewer than 2 images)."""
     def per_image(logits):
         shifted = logits - logits.max(axis=1, keepdims=True)
         return np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(y_true)), y_true]
 
     loss_a, loss_b = per_image(np.asarray(logits_a, dtype=np.float64)), per_image(np.asarray(logits_b, dtype=np.float64))
-    diff = loss_b - loss_a
-    n = len(diff)
-    mean = float(diff.mean()) if n else 0.0
-    se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
-    if mean + z * se < 0:
-        verdict = "b better"
-    elif mean - z * se > 0:
-        verdict = "a better"
-    else:
-        verdict = "no clear difference"
-    counts = mcnemar(y_true, logits_a.argmax(1), logits_b.argmax(1))
+    diff, n = loss_b - loss_a, len(y_true)
     return {"images": n, "log_loss_a": round(float(loss_a.mean()), 6) if n else None,
             "log_loss_b": round(float(loss_b.mean()), 6) if n else None,
-            "difference": round(mean, 6), "difference_se": round(se, 6) if np.isfinite(se) else None,
-            "accuracy_a": round(float((logits_a.argmax(1) == y_true).mean()), 6) if n else None,
-            "accuracy_b": round(float((logits_b.argmax(1) == y_true).mean()), 6) if n else None,
-            **counts, "verdict": verdict}
+            "difference": round(float(diff.mean()), 6) if n else None,
+            "difference_se": round(float(diff.std(ddof=1) / np.sqrt(n)), 6) if n > 1 else None}

@@ -39,12 +39,13 @@ def _calibration(s: dict) -> str:
 
 def ship_line(v: dict) -> str:
     """What val says to ship, in one line (evaluate prints it too)."""
-    se = "n/a" if v["difference_se"] is None else f"{v['difference_se']:.4f}"
+    se = "" if v["log_loss_difference_se"] is None else f" ± {v['log_loss_difference_se']:.4f}"
     advice = ("ship the fine-tuned model (models/finetuned.*)" if v["ship"] == "finetuned" else
-              "ship the head (models/head.*): fine-tuning did not clearly beat it on val")
-    return (f"on {v['images']} val images, calibrated log loss: head {v['head_log_loss']:.4f} (held out) vs fine-tuned "
-            f"{v['finetuned_log_loss']:.4f} (difference {v['difference']:+.4f}, paired SE {se}; right by one "
-            f"only: {v['head_only_right']} vs {v['finetuned_only_right']}): {v['verdict']}; {advice}")
+              "ship the head (models/head.*): fine-tuning did not significantly beat it on val")
+    return (f"on {v['images']} val images: accuracy head {v['head_accuracy']:.3f} (held out) vs fine-tuned "
+            f"{v['finetuned_accuracy']:.3f} ({v['head_only_right']} vs {v['finetuned_only_right']} right by one "
+            f"only, exact McNemar p = {v['p_value']:.3g}), calibrated log loss {v['head_log_loss']:.4f} vs "
+            f"{v['finetuned_log_loss']:.4f} ({v['log_loss_difference']:+.4f}{se}): {v['verdict']}; {advice}")
 
 
 def lines() -> list[str]:

@@ -19,7 +19,7 @@ from tlpipe.manifest import hashes_by_path
 from tlpipe.paths import (FINETUNED_CALIBRATION, FINETUNED_TEST, FINETUNED_VAL, GALLERY, HEAD_CONFIG, HEAD_HELDOUT, PREDICTIONS_META,
                           TEST_DUPLICATES, TEST_PREDICTIONS)
 from tlpipe.report import gallery
-from tlpipe.report.metrics import paired_log_loss
+from tlpipe.report.metrics import mcnemar, paired_log_loss
 from tlpipe.report.summary import ship_line
 from tlpipe.runtime import TlpipeError
 
@@ -42,11 +42,12 @@ def finetuned_logits(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor
 
 
 def val_comparison(head_cfg: dict, manifest: pd.DataFrame) -> dict:
-    """Head against fine-tuned model on the val images, by per-image log loss at each model's own
-    temperature (as shipped), paired: the head by its held-out logits (out-of-fold over train + val,
-    or on val: it was not fitted on these images), the fine-tuned model by the infer stage's val logits.
+    """Head against fine-tuned model on the val images, paired: the head by its held-out logits
+    (out-of-fold over train + val, or on val: it was not fitted on these images), the fine-tuned model
+    by the infer stage's val logits. The verdict is exact McNemar's on accuracy, as on test; each
+    model's log loss at its own temperature (as shipped) and their paired difference sit beside it.
     Val chose the fine-tuned model's kept epoch, so the comparison leans its way; `ship` is the
-    fine-tuned model only when it is clearly better."""
+    fine-tuned model only when it is significantly better."""
     held = load_tensors(HEAD_HELDOUT, "head", head_cfg.get("heldout_sha256"), HEAD_CONFIG)
     tuned = load_tensors(FINETUNED_VAL, "infer", read_json(PREDICTIONS_META).get("val_sha256"), PREDICTIONS_META)
     temperature = {"head": head_cfg["temperature"], "finetuned": read_json(FINETUNED_CALIBRATION)["temperature"]}
@@ -55,17 +56,19 @@ def val_comparison(head_cfg: dict, manifest: pd.DataFrame) -> dict:
     if missing or held["logits"].shape[1] != tuned["logits"].shape[1]:
         raise TlpipeError(f"{HEAD_HELDOUT}: no held-out logits for {len(missing)} of the val images the infer stage "
                           "scored; rerun the head stage")
-    rows = [position[i] for i in tuned["ids"].tolist()]
     y = manifest.loc[tuned["ids"].numpy(), "target"].to_numpy()
-    p = paired_log_loss(y, held["logits"][rows].double().numpy() / temperature["head"],
-                        tuned["logits"].double().numpy() / temperature["finetuned"])
-    verdict = {"a better": "head better", "b better": "finetuned better"}.get(p["verdict"], p["verdict"])
-    return {"images": p["images"], "head_log_loss": p["log_loss_a"], "finetuned_log_loss": p["log_loss_b"],
-            "difference": p["difference"], "difference_se": p["difference_se"],
-            "head_accuracy": p["accuracy_a"], "finetuned_accuracy": p["accuracy_b"],
-            "head_only_right": p["a_only"], "finetuned_only_right": p["b_only"], "mcnemar_p_value": p["p_value"],
-            "head_temperature": temperature["head"], "finetuned_temperature": temperature["finetuned"],
-            "verdict": verdict, "ship": "finetuned" if verdict == "finetuned better" else "head"}
+    z_head = held["logits"][[position[i] for i in tuned["ids"].tolist()]].double().numpy()
+    z_tuned = tuned["logits"].double().numpy()
+    losses = paired_log_loss(y, z_head / temperature["head"], z_tuned / temperature["finetuned"])
+    paired = mcnemar(y, z_head.argmax(1), z_tuned.argmax(1))
+    v = {"images": len(y), "head_accuracy": round(float((z_head.argmax(1) == y).mean()), 6),
+         "finetuned_accuracy": round(float((z_tuned.argmax(1) == y).mean()), 6),
+         "head_only_right": paired["a_only"], "finetuned_only_right": paired["b_only"], "p_value": paired["p_value"],
+         "head_log_loss": losses["log_loss_a"], "finetuned_log_loss": losses["log_loss_b"],
+         "log_loss_difference": losses["difference"], "log_loss_difference_se": losses["difference_se"],
+         "head_temperature": temperature["head"], "finetuned_temperature": temperature["finetuned"]}
+    v["verdict"] = verdict({**v, "significant": paired["significant"]})
+    return {**v, "ship": "finetuned" if v["verdict"] == "finetuned better" else "head"}
 
 
 def verdict(paired: dict) -> str:
