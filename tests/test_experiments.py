@@ -348,6 +348,8 @@ def test_the_model_val_says_to_ship_is_a_column_and_a_line():
         "McNemar p = 0.00151), calibrated log loss 0.1534 vs 0.2734 (+0.1200 ± 0.0392): finetuned worse; ship the "
         "head (models/head.*): fine-tuning did not significantly beat it on val")
     assert "ship the fine-tuned model" in summary.ship_line({**v, "verdict": "finetuned better", "ship": "finetuned"})
+    assert summary.ship_line({"images": 0, "verdict": "no val images", "ship": "head"}).startswith(
+        "no val images to compare the two models on: ship the head")
 
 
 def test_best_marks_direction_and_ties():

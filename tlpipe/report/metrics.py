@@ -156,7 +156,8 @@ def paired_log_loss(y_true: np.ndarray, logits_a: np.ndarray, logits_b: np.ndarr
         shifted = logits - logits.max(axis=1, keepdims=True)
         return np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(y_true)), y_true]
 
-    loss_a, loss_b = per_image(np.asarray(logits_a, dtype=np.float64)), per_image(np.asarray(logits_b, dtype=np.float64))
+    loss_a = per_image(np.asarray(logits_a, dtype=np.float64))
+    loss_b = per_image(np.asarray(logits_b, dtype=np.float64))
     diff, n = loss_b - loss_a, len(y_true)
     return {"images": n, "log_loss_a": round(float(loss_a.mean()), 6) if n else None,
             "log_loss_b": round(float(loss_b.mean()), 6) if n else None,

@@ -39,6 +39,8 @@ def _calibration(s: dict) -> str:
 
 def ship_line(v: dict) -> str:
     """What val says to ship, in one line (evaluate prints it too)."""
+    if not v["images"]:
+        return "no val images to compare the two models on: ship the head (models/head.*), which needs no fine-tuning"
     se = "" if v["log_loss_difference_se"] is None else f" ± {v['log_loss_difference_se']:.4f}"
     advice = ("ship the fine-tuned model (models/finetuned.*)" if v["ship"] == "finetuned" else
               "ship the head (models/head.*): fine-tuning did not significantly beat it on val")

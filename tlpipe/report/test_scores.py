@@ -16,8 +16,8 @@ import torch
 from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, load_tensors, read_json
 from tlpipe.manifest import hashes_by_path
-from tlpipe.paths import (FINETUNED_CALIBRATION, FINETUNED_TEST, FINETUNED_VAL, GALLERY, HEAD_CONFIG, HEAD_HELDOUT, PREDICTIONS_META,
-                          TEST_DUPLICATES, TEST_PREDICTIONS)
+from tlpipe.paths import (FINETUNED_CALIBRATION, FINETUNED_TEST, FINETUNED_VAL, GALLERY, HEAD_CONFIG, HEAD_HELDOUT,
+                          PREDICTIONS_META, TEST_DUPLICATES, TEST_PREDICTIONS)
 from tlpipe.report import gallery
 from tlpipe.report.metrics import mcnemar, paired_log_loss
 from tlpipe.report.summary import ship_line
@@ -57,6 +57,8 @@ def val_comparison(head_cfg: dict, manifest: pd.DataFrame) -> dict:
         raise TlpipeError(f"{HEAD_HELDOUT}: no held-out logits for {len(missing)} of the val images the infer stage "
                           "scored; rerun the head stage")
     y = manifest.loc[tuned["ids"].numpy(), "target"].to_numpy()
+    if not len(y):
+        return {"images": 0, "verdict": "no val images", "ship": "head"}
     z_head = held["logits"][[position[i] for i in tuned["ids"].tolist()]].double().numpy()
     z_tuned = tuned["logits"].double().numpy()
     losses = paired_log_loss(y, z_head / temperature["head"], z_tuned / temperature["finetuned"])
