@@ -63,7 +63,8 @@ def main() -> None:
     scores["paired"] = {**paired, "verdict": test_scores.verdict(paired)}
 
     scores["val"] = audit.val_counts(manifest, classes)
-    scores["val_comparison"] = test_scores.val_comparison(head_cfg, manifest)  # which to ship, from val alone
+    # which model to ship, judged on val alone
+    scores["val_comparison"] = test_scores.val_comparison(head_cfg, manifest, temperature)
     splits = {s: load_split(s)[0] for s in ("train", "val")} | {"test": test}
     report = audit.duplicate_report(manifest, {s: (t["features"], t["ids"]) for s, t in splits.items()},
                                     pd.read_csv(DUPLICATES, dtype=str, keep_default_na=False),

@@ -16,7 +16,7 @@ import torch
 from tlpipe.ingest import audit
 from tlpipe.io import atomic_path, load_tensors, read_json
 from tlpipe.manifest import hashes_by_path
-from tlpipe.paths import (FINETUNED_CALIBRATION, FINETUNED_TEST, FINETUNED_VAL, GALLERY, HEAD_CONFIG, HEAD_HELDOUT,
+from tlpipe.paths import (FINETUNED_TEST, FINETUNED_VAL, GALLERY, HEAD_CONFIG, HEAD_HELDOUT,
                           PREDICTIONS_META, TEST_DUPLICATES, TEST_PREDICTIONS)
 from tlpipe.report import gallery
 from tlpipe.report.metrics import mcnemar, paired_log_loss
@@ -41,16 +41,15 @@ def finetuned_logits(test_ids: torch.Tensor, classes: list[str]) -> torch.Tensor
     return predictions["logits"].double()
 
 
-def val_comparison(head_cfg: dict, manifest: pd.DataFrame) -> dict:
+def val_comparison(head_cfg: dict, manifest: pd.DataFrame, temperature: dict[str, float]) -> dict:
     """Head against fine-tuned model on the val images, paired: the head by its held-out logits
     (out-of-fold over train + val, or on val: it was not fitted on these images), the fine-tuned model
     by the infer stage's val logits. The verdict is exact McNemar's on accuracy, as on test; each
-    model's log loss at its own temperature (as shipped) and their paired difference sit beside it.
+    model's log loss at its own `temperature` (as shipped) and their paired difference sit beside it.
     Val chose the fine-tuned model's kept epoch, so the comparison leans its way; `ship` is the
     fine-tuned model only when it is significantly better."""
     held = load_tensors(HEAD_HELDOUT, "head", head_cfg.get("heldout_sha256"), HEAD_CONFIG)
     tuned = load_tensors(FINETUNED_VAL, "infer", read_json(PREDICTIONS_META).get("val_sha256"), PREDICTIONS_META)
-    temperature = {"head": head_cfg["temperature"], "finetuned": read_json(FINETUNED_CALIBRATION)["temperature"]}
     position = {i: row for row, i in enumerate(held["ids"].tolist())}
     missing = [i for i in tuned["ids"].tolist() if i not in position]
     if missing or held["logits"].shape[1] != tuned["logits"].shape[1]:
